@@ -1,0 +1,88 @@
+"""Scale / zero computation and (de)quantization in plain torch.
+
+Everything here works on a weight laid out as ``[out_features, in_features]`` (``nn.Linear``'s
+layout) and on groups of its columns. Scales are rounded to ``scale_dtype`` (the dtype the checkpoint
+stores them in) *before* codes are computed, so dequantizing with the stored scales reproduces exactly
+what the quantizer optimised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def find_qparams(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    clip_ratio: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min/max quantization parameters of ``w`` ([rows, cols]).
+
+    Returns ``scale`` (fp32 values representable in ``scale_dtype``) and integer ``zero`` (int32,
+    in ``[0, maxq]``), both of shape ``[rows]``. ``clip_ratio`` (scalar or [rows]) shrinks the range,
+    as in an MSE clipping search. Rows that are all zero get scale 1 instead of a division by zero.
+    """
+    maxq = (1 << bits) - 1
+    w = w.float()
+    xmin = w.amin(dim=1).clamp(max=0)
+    xmax = w.amax(dim=1).clamp(min=0)
+    if sym:
+        amax = torch.maximum(xmin.abs(), xmax)
+        xmin, xmax = -amax, amax
+    xmin = xmin * clip_ratio
+    xmax = xmax * clip_ratio
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
+    scale = ((xmax - xmin) / maxq).to(scale_dtype).float()
+    # an fp16 scale can underflow to zero for tiny ranges; keep it the smallest positive normal
+    tiny = torch.finfo(scale_dtype).tiny
+    scale = scale.clamp(min=tiny)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int32)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq).to(torch.int32)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of ``w`` ([rows, cols]) for per-row ``scale`` / ``zero``; int32 in [0, maxq]."""
+    q = torch.round(w.float() / scale.unsqueeze(1)) + zero.unsqueeze(1)
+    return q.clamp_(0, maxq).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize` (fp32)."""
+    return (q.float() - zero.unsqueeze(1).float()) * scale.unsqueeze(1)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
+
+
+def find_qparams_mse(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    grid: int = 20,
+    max_shrink: float = 0.2,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`find_qparams`, but each row's range is shrunk by the factor in
+    ``[1 - max_shrink, 1]`` that minimises the ``norm``-power error of its fake-quantized values
+    (the clipping search of the GPTQ reference implementation)."""
+    maxq = (1 << bits) - 1
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best_scale, best_zero = find_qparams(w, bits, sym, scale_dtype)
+    for i in range(int(max_shrink * grid) + 1):
+        ratio = 1.0 - i / grid
+        scale, zero = find_qparams(w, bits, sym, scale_dtype, clip_ratio=ratio)
+        err = (fake_quantize(w, scale, zero, maxq) - w.float()).abs_().pow_(norm).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero

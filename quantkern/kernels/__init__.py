@@ -1,0 +1,15 @@
+"""Kernel backends, their selection, op schemas and the pure-PyTorch references.
+
+Importing this package registers every backend. Backend modules import their optional toolchains
+(triton, the compiled extension) lazily, inside ``can_implement`` / ``__init__``, so that this import
+never fails for a missing optional dependency.
+"""
+
+from . import reference_backend  # noqa: F401  (registers the reference backend)
+from .reference import dequantize_gptq, gptq_gemm_reference
+from .registry import Backend, NoKernelError, QuantKernel, register_kernel, registered_kernels, select_kernel
+
+__all__ = [
+    "Backend", "NoKernelError", "QuantKernel", "register_kernel", "registered_kernels", "select_kernel",
+    "dequantize_gptq", "gptq_gemm_reference",
+]

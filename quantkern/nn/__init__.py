@@ -1,0 +1,5 @@
+"""Quantized modules."""
+
+from .quant_linear import QuantLinear
+
+__all__ = ["QuantLinear"]

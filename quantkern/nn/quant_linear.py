@@ -1,0 +1,139 @@
+"""``QuantLinear``: a drop-in replacement for ``nn.Linear`` holding GPTQ-layout packed weights.
+
+The module is thin: buffers in the canonical GPTQ layout (what checkpoints store, zeros in the v2
+"as-is" convention), the scheme, and a kernel chosen for the device / dtype it first runs on. A kernel
+may repack the buffers once into a private layout; that copy lives in the kernel object, never in the
+state dict, so saving always writes the standard format.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core import QuantizedWeight, WeightScheme
+from ..formats.gptq import gptq_shapes, pack_gptq, packable, unpack_gptq
+from ..kernels import Backend, select_kernel
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized Linear: ``y = x @ dequant(qweight).T + bias``.
+
+    Shapes (K = in_features, N = out_features, G = groups, b = bits): ``qweight`` int32
+    ``[K*b/32, N]``, ``qzeros`` int32 ``[G, N*b/32]``, ``scales`` ``[G, N]``, ``g_idx`` int32 ``[K]``,
+    ``bias`` ``[N]`` or None. Inputs may have any leading dims and be fp32 / fp16 / bf16; the output
+    has the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        desc_act: bool = False,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float16,
+        backend: Backend | str = Backend.AUTO,
+        device=None,
+    ):
+        super().__init__()
+        self.scheme = WeightScheme(bits=bits, group_size=group_size, sym=sym, act_order=desc_act)
+        reason = packable(in_features, out_features, bits)
+        if reason:
+            raise ValueError(f"QuantLinear({in_features}, {out_features}, bits={bits}): {reason}")
+        if group_size != -1 and group_size > in_features:
+            raise ValueError(f"group_size={group_size} is larger than in_features={in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = Backend.parse(backend)
+        self.name = ""
+        shapes = gptq_shapes(in_features, out_features, bits, self.scheme.num_groups(in_features))
+        self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(shapes["scales"], dtype=dtype, device=device))
+        g_idx = torch.arange(in_features, dtype=torch.int32, device=device)
+        self.register_buffer("g_idx", g_idx // (group_size if group_size != -1 else in_features))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._kernels: dict = {}
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                       dtype: torch.dtype | None = None, backend: Backend | str = Backend.AUTO) -> "QuantLinear":
+        """Build from the canonical form; ``dtype`` (default: the scales' dtype) is that of scales and bias."""
+        qw.validate()
+        dtype = dtype or qw.scales.dtype
+        s = qw.scheme
+        mod = cls(qw.in_features, qw.out_features, s.bits, s.group_size, s.sym, s.act_order,
+                  bias=bias is not None, dtype=dtype, backend=backend, device=qw.codes.device)
+        t = pack_gptq(qw)
+        if t.scales.shape != mod.scales.shape:  # act-order without static groups still has ceil(K/g) groups
+            raise ValueError(f"scales shape {tuple(t.scales.shape)} != expected {tuple(mod.scales.shape)}")
+        mod.qweight.copy_(t.qweight)
+        mod.qzeros.copy_(t.qzeros)
+        mod.scales.copy_(t.scales.to(dtype))
+        mod.g_idx.copy_(t.g_idx)
+        if bias is not None:
+            mod.bias.copy_(bias.detach().to(dtype))
+        return mod
+
+    def to_quantized(self) -> QuantizedWeight:
+        """The canonical form of this layer's weight (unpacks; for tests, export and repacking)."""
+        from ..formats.gptq import GPTQTensors
+
+        t = GPTQTensors(self.qweight, self.qzeros, self.scales, self.g_idx)
+        return unpack_gptq(t, self.scheme, self.in_features, self.out_features)
+
+    # --- properties -----------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.scheme.group_size
+
+    @property
+    def sym(self) -> bool:
+        return self.scheme.sym
+
+    @property
+    def desc_act(self) -> bool:
+        return self.scheme.act_order
+
+    def describe(self) -> str:
+        return f"{self.name or 'QuantLinear'}[{self.in_features}->{self.out_features}, {self.scheme.describe()}]"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, desc_act={self.desc_act}, "
+                f"bias={self.bias is not None}, backend={self.backend.value}")
+
+    # --- execution ------------------------------------------------------------------------------
+    def kernel_for(self, x: torch.Tensor):
+        """The kernel that runs ``x``'s device / dtype; chosen and built (repacked) once per pair."""
+        key = (x.device, x.dtype)
+        k = self._kernels.get(key)
+        if k is None:
+            k = select_kernel(self, x, self.backend)(self)
+            self._kernels[key] = k
+        return k
+
+    def reset_kernels(self) -> None:
+        """Forget chosen kernels (call after changing buffers in place)."""
+        self._kernels.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernels.clear()  # buffers move or change dtype: repacked copies are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.describe()}: input has {x.shape[-1]} features, expected {self.in_features}")
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = self.kernel_for(x2)(self, x2)
+        return y.reshape(*x.shape[:-1], self.out_features)
