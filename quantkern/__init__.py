@@ -1,9 +1,39 @@
-"""quantkern: quantize Hugging Face causal LMs to packed low-bit weights and run them fast."""
+"""quantkern: quantize Hugging Face causal LMs to packed low-bit weights and run them fast.
+
+Two front doors::
+
+    GPTQQuantizer(model, bits=4, group_size=128, actorder=True).quantize(data)
+
+    model = prepare(model, GPTQConfig(bits=4))
+    for batch in data: model(**batch)
+    model = convert(model, GPTQConfig(bits=4))
+"""
 
 __version__ = "0.1.0"
 
+from .api import (BaseConfig, BaseQuantizer, GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, convert, prepare,
+                  register_quantizer)
 from .core import QuantizedWeight, WeightScheme
 from .kernels import Backend
 from .nn import QuantLinear
 
-__all__ = ["__version__", "QuantizedWeight", "WeightScheme", "Backend", "QuantLinear"]
+
+def save_quantized(model, path, tokenizer=None, **kwargs):
+    """Write ``model`` as a checkpoint serving engines load (see :func:`quantkern.io.save_quantized`)."""
+    from .io import save_quantized as _save
+
+    return _save(model, path, tokenizer=tokenizer, **kwargs)
+
+
+def load_quantized(path, device="cpu", **kwargs):
+    """Load a quantized checkpoint into QuantLinear layers (see :func:`quantkern.io.load_quantized`)."""
+    from .io import load_quantized as _load
+
+    return _load(path, device=device, **kwargs)
+
+
+__all__ = [
+    "__version__", "BaseConfig", "BaseQuantizer", "GPTQConfig", "RTNConfig", "GPTQQuantizer", "RTNQuantizer",
+    "prepare", "convert", "register_quantizer", "QuantizedWeight", "WeightScheme", "Backend", "QuantLinear",
+    "save_quantized", "load_quantized",
+]

@@ -1,0 +1,157 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"), for one Linear layer.
+
+Names follow the paper: ``H = 2 X Xᵀ / n`` is the Hessian of the layer-wise squared error,
+``Hinv`` the upper Cholesky factor of its (damped) inverse. Columns are quantized in blocks of
+``blocksize``; each column's quantization error, scaled by ``Hinv``, is propagated into the columns not
+yet quantized. With act-order, columns are visited by decreasing ``diag(H)``; the groups then follow
+the visiting order (``g_idx`` is a permutation map) unless ``static_groups`` fixes them up front on
+the original column order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..core import QuantizedWeight, WeightScheme, find_qparams, find_qparams_mse, quantize
+
+logger = logging.getLogger("quantkern")
+
+
+class GPTQ:
+    """Accumulates ``H`` from a Linear's inputs, then quantizes its weight.
+
+    ``weight``: ``[out_features, in_features]``. Feed inputs with :meth:`add_batch` (any leading dims,
+    last dim in_features), then call :meth:`quantize`.
+    """
+
+    def __init__(self, weight: torch.Tensor, name: str = ""):
+        self.name = name
+        self.weight = weight
+        self.columns = weight.shape[1]
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=weight.device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add_batch(self, inp: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).to(self.H.device, torch.float32)
+        n = x.shape[0]
+        if n == 0:
+            return
+        # running mean of 2 x xᵀ over all rows seen so far
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        x = x * math.sqrt(2.0 / self.nsamples)
+        self.H.addmm_(x.t(), x)
+
+    @torch.no_grad()
+    def quantize(
+        self,
+        scheme: WeightScheme,
+        damp_percent: float = 0.01,
+        blocksize: int = 128,
+        static_groups: bool = False,
+        mse: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+        max_damp_tries: int = 8,
+    ) -> tuple[QuantizedWeight, float]:
+        """Return the quantized weight and the summed squared error ``Σ (w - q)² / Hinv_jj²``."""
+        if self.nsamples == 0:
+            raise RuntimeError(f"GPTQ layer {self.name!r} saw no calibration inputs")
+        W = self.weight.detach().to(torch.float32).clone()
+        H = self.H.clone()
+        ncols = self.columns
+        maxq = scheme.maxq
+        gs = ncols if scheme.group_size == -1 else scheme.group_size
+        find = find_qparams_mse if mse else find_qparams
+
+        # Columns that never saw a non-zero input cannot affect the output: zero them, make H invertible.
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        if static_groups:
+            static = [find(W[:, i:i + gs], scheme.bits, scheme.sym, scale_dtype) for i in range(0, ncols, gs)]
+
+        perm = None
+        if scheme.act_order:
+            perm = torch.argsort(torch.diag(H), descending=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+            invperm = torch.argsort(perm)
+
+        Hinv = self._inverse_cholesky(H, damp_percent, max_damp_tries)
+
+        codes = torch.zeros_like(W, dtype=torch.int32)
+        scales = torch.zeros(-(-ncols // gs), W.shape[0], dtype=torch.float32, device=W.device)
+        zeros = torch.zeros_like(scales, dtype=torch.int32)
+        losses = torch.zeros(W.shape[0], device=W.device)
+        scale = zero = None
+        for i1 in range(0, ncols, blocksize):
+            i2 = min(i1 + blocksize, ncols)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                if static_groups:
+                    orig = int(perm[col]) if perm is not None else col
+                    scale, zero = static[orig // gs]
+                elif col % gs == 0:
+                    # the group's columns as they are now: this block's updated ones, then later ones
+                    cols = torch.cat([W1[:, i:], W[:, i2:i2 + gs]], dim=1)[:, :gs]
+                    scale, zero = find(cols, scheme.bits, scheme.sym, scale_dtype)
+                    scales[col // gs], zeros[col // gs] = scale, zero
+                q = quantize(w.unsqueeze(1), scale, zero, maxq).squeeze(1)
+                codes[:, col] = q
+                deq = (q.float() - zero.float()) * scale
+                losses += (w - deq) ** 2 / d**2
+                err = (w - deq) / d
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i1:i2] = W1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+        k = torch.arange(ncols, device=W.device)
+        if static_groups:
+            g_idx = (k // gs).to(torch.int32)
+            scales = torch.stack([s for s, _ in static])
+            zeros = torch.stack([z for _, z in static])
+        elif perm is not None:
+            g_idx = (invperm // gs).to(torch.int32)  # original column c was visited at position invperm[c]
+        else:
+            g_idx = (k // gs).to(torch.int32)
+        if perm is not None:
+            codes = codes[:, invperm]
+        qw = QuantizedWeight(codes=codes.contiguous(), scales=scales.to(scale_dtype), zeros=zeros,
+                             g_idx=g_idx, scheme=scheme)
+        return qw, float(losses.sum()) / 2
+
+    def _inverse_cholesky(self, H: torch.Tensor, damp_percent: float, max_tries: int) -> torch.Tensor:
+        """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp·mean(diag H)``; on failure the damping
+        grows tenfold, up to ``max_tries`` times, before giving up with a clear error."""
+        mean_diag = torch.mean(torch.diag(H))
+        damp = damp_percent
+        idx = torch.arange(H.shape[0], device=H.device)
+        for attempt in range(max_tries):
+            Hd = H.clone()
+            Hd[idx, idx] += damp * mean_diag
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if info == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if info == 0 and torch.isfinite(U).all():
+                    if attempt:
+                        logger.info("GPTQ %s: Hessian needed damp_percent=%g", self.name, damp)
+                    return U
+            damp *= 10
+        raise RuntimeError(f"GPTQ layer {self.name!r}: Hessian not positive definite even with "
+                           f"damp_percent={damp / 10:g}; the calibration data may be degenerate")
+
+    def free(self) -> None:
+        self.H = None

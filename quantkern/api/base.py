@@ -1,0 +1,172 @@
+"""``BaseQuantizer`` and the ``prepare`` -> calibrate -> ``convert`` front door.
+
+A quantizer owns one model and one config. ``prepare`` validates everything that can be validated
+without data (so bad settings fail before calibration) and installs whatever must watch the
+calibration forwards; ``convert`` does the work and swaps in ``QuantLinear`` layers; ``quantize(data)``
+is ``prepare`` + one forward per calibration batch + ``convert``, so both front doors run the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import group_batches, normalize_calibration_data
+from ..nn import QuantLinear
+from .config import BaseConfig
+from .registry import quantizer_for
+from .targets import TargetPlan
+
+logger = logging.getLogger("quantkern")
+
+_STATE_ATTR = "_quantkern_quantizer"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (packed weights count at their packed size; shared once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.device, t.data_ptr()) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+class BaseQuantizer:
+    """Subclasses set ``config_cls`` (via ``register_quantizer``), ``needs_data`` and implement
+    :meth:`_prepare` / :meth:`_convert`."""
+
+    config_cls: type[BaseConfig]
+    needs_data: bool = True
+
+    def __init__(self, model: nn.Module, config: BaseConfig | None = None, *, tokenizer=None, verbose: bool = True,
+                 **kwargs):
+        if config is None:
+            config = self.config_cls(**kwargs)
+        elif kwargs:
+            raise TypeError(f"pass either a config or keyword settings, not both (got {sorted(kwargs)})")
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.verbose = verbose
+        self.plan: TargetPlan | None = None
+        self.report: dict = {}
+        self._prepared = False
+
+    # -- the two-step door -------------------------------------------------------------------------
+    def prepare(self) -> nn.Module:
+        if self._prepared:
+            raise RuntimeError("prepare() was already called on this model")
+        self._t0 = time.perf_counter()
+        self.report["bytes_before"] = weight_bytes(self.model)
+        self._prepare()
+        self._prepared = True
+        setattr(self.model, _STATE_ATTR, self)
+        return self.model
+
+    def convert(self) -> nn.Module:
+        if not self._prepared:
+            raise RuntimeError("convert() called before prepare()")
+        with torch.no_grad():
+            self._convert()
+        if self.model.__dict__.get(_STATE_ATTR) is self:
+            del self.model.__dict__[_STATE_ATTR]
+        self.model.quantkern_config = self.config.to_dict()
+        self.report["bytes_after"] = weight_bytes(self.model)
+        self.report["seconds"] = time.perf_counter() - self._t0
+        self.report["skipped"] = list(self.plan.skipped) if self.plan else []
+        if self.verbose and self.plan is not None:
+            tqdm.write(f"[quantkern] {self.config.method}: {self.plan.summary()}\n"
+                       f"[quantkern] weights {self.report['bytes_before'] / 2**20:.1f} MiB -> "
+                       f"{self.report['bytes_after'] / 2**20:.1f} MiB in {self.report['seconds']:.1f} s")
+        return self.model
+
+    # -- the one-call door -------------------------------------------------------------------------
+    def quantize(self, data=None, tokenizer=None) -> nn.Module:
+        """Quantize in place and return the model. ``data``: see
+        :func:`quantkern.calibration.normalize_calibration_data`; not needed by data-free methods."""
+        tokenizer = tokenizer or self.tokenizer
+        batches = None
+        if self.needs_data:
+            # validate the data before prepare() touches the model
+            batches = group_batches(normalize_calibration_data(data, tokenizer), self.calibration_batch_size())
+        elif data is not None:
+            logger.info("quantkern: %s needs no calibration data; ignoring it", self.config.method)
+        self.prepare()
+        if batches:
+            self.calibrate(batches)
+        return self.convert()
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> None:
+        device = self.calibration_device()
+        for b in tqdm(batches, desc="calibration forwards", disable=not self.verbose, leave=False):
+            self.model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
+
+    # -- helpers for subclasses --------------------------------------------------------------------
+    def calibration_batch_size(self) -> int:
+        return getattr(self.config, "batch_size", 1)
+
+    def calibration_device(self) -> torch.device:
+        if self.config.device is not None:
+            return torch.device(self.config.device)
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def make_quant_linear(self, linear: nn.Linear, qw, name: str) -> QuantLinear:
+        ql = QuantLinear.from_quantized(qw, bias=linear.bias, dtype=self.layer_dtype(linear),
+                                        backend=getattr(self.config, "backend", "auto"))
+        ql.name = name
+        return ql
+
+    def layer_dtype(self, linear: nn.Linear) -> torch.dtype:
+        """Scales/bias dtype of the QuantLinear: the checkpoint's scale dtype (fp16 by default)."""
+        return getattr(self.config, "torch_scale_dtype", linear.weight.dtype)
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _convert(self) -> None:
+        raise NotImplementedError
+
+
+def prepare(model: nn.Module, quant_config: BaseConfig, args=(), kwargs=None, inplace: bool = True) -> nn.Module:
+    """Validate ``quant_config`` against ``model`` and install calibration observers.
+
+    Everything checkable without data (bits, group sizes against every layer's shape, an already
+    quantized model, ...) is checked here. Then run calibration forwards on the returned model
+    (``model(input_ids=..., attention_mask=...)``; while prepared, a forward stops at the first decoder
+    block and returns None) and call :func:`convert`. ``args`` / ``kwargs``, when given, are example
+    forward inputs run once right away as the first calibration batch. ``inplace=False`` prepares a
+    deep copy and leaves ``model`` untouched.
+    """
+    if not isinstance(quant_config, BaseConfig):
+        raise TypeError(f"quant_config must be a quantkern config (e.g. GPTQConfig), got {type(quant_config).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    cls = quantizer_for(quant_config)
+    model = cls(model, quant_config).prepare()
+    if args or kwargs:
+        with torch.no_grad():
+            model(*tuple(args), **dict(kwargs or {}))
+    return model
+
+
+def convert(model: nn.Module, quant_config: BaseConfig | None = None) -> nn.Module:
+    """Finish what :func:`prepare` started: quantize with the collected statistics."""
+    q = model.__dict__.get(_STATE_ATTR)
+    if q is None:
+        raise RuntimeError("convert() needs a model returned by prepare()")
+    if quant_config is not None and quant_config != q.config:
+        raise ValueError(f"convert() got a different config than prepare(): {quant_config} != {q.config}")
+    return q.convert()

@@ -1,0 +1,123 @@
+"""Quantization configs: frozen dataclasses, validated on construction, dispatched by type.
+
+``BaseConfig.from_dict`` rejects unknown keys. Each config class is paired with one quantizer class
+through :func:`quantkern.api.registry.register_quantizer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..core import WeightScheme, validate_bits, validate_group_size
+from ..kernels import Backend
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Common settings. ``skip_layers``: fnmatch patterns (or dotted suffixes) of module names left in
+    full precision. ``device``: where calibration runs (default: where the model is)."""
+
+    method: ClassVar[str] = "base"
+    skip_layers: tuple[str, ...] = ("lm_head",)
+    device: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.skip_layers, str):
+            object.__setattr__(self, "skip_layers", (self.skip_layers,))
+        else:
+            object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        for p in self.skip_layers:
+            if not isinstance(p, str) or not p:
+                raise ValueError(f"skip_layers must be non-empty strings, got {p!r}")
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BaseConfig":
+        d = dict(d)
+        method = d.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"{cls.__name__} got method={method!r}, expected {cls.method!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown keys for {cls.__name__}: {unknown}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig(BaseConfig):
+    """Integer weight-only quantization to the GPTQ packed layout."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    scale_dtype: str = "float16"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_bits(self.bits)
+        validate_group_size(self.group_size)
+        if not isinstance(self.sym, bool):
+            raise ValueError(f"sym must be a bool, got {self.sym!r}")
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        Backend.parse(self.backend)
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return _SCALE_DTYPES[self.scale_dtype]
+
+    def scheme(self) -> WeightScheme:
+        return WeightScheme(self.bits, self.group_size, self.sym, act_order=getattr(self, "actorder", False))
+
+
+@dataclass(frozen=True)
+class RTNConfig(WeightOnlyConfig):
+    """Round-to-nearest with min/max ranges (``mse=True``: search a clipping ratio per group)."""
+
+    method: ClassVar[str] = "rtn"
+    mse: bool = False
+
+
+@dataclass(frozen=True)
+class GPTQConfig(WeightOnlyConfig):
+    """GPTQ. ``actorder``: visit columns by decreasing Hessian diagonal; ``static_groups``: fix group
+    parameters before the error propagation (so groups follow the original column order);
+    ``damp_percent``: initial Hessian damping (raised automatically if Cholesky fails);
+    ``true_sequential``: within a block, quantize Linears stage by stage, each calibrated on the outputs
+    of the stages already quantized; ``mse``: clipping search for each group's range;
+    ``nsamples`` / ``seq_len``: size of the calibration set built from text (ignored for token data);
+    ``batch_size``: calibration rows per forward."""
+
+    method: ClassVar[str] = "gptq"
+    actorder: bool = False
+    damp_percent: float = 0.01
+    blocksize: int = 128
+    static_groups: bool = False
+    true_sequential: bool = True
+    mse: bool = False
+    nsamples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.damp_percent, (int, float)) and 0 < self.damp_percent < 1):
+            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        for name in ("blocksize", "nsamples", "seq_len", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -1,0 +1,147 @@
+"""The weight-only quantizers: RTN (no data) and GPTQ (block by block on calibration data)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..algorithms import GPTQ, quantize_rtn
+from ..calibration import BlockInput, InputCatcher, find_decoder_blocks, run_block
+from ..kernels.registry import warn_once
+from .base import BaseQuantizer
+from .config import GPTQConfig, RTNConfig
+from .registry import register_quantizer
+from .targets import plan_targets, set_module
+
+logger = logging.getLogger("quantkern")
+
+
+def _warn_if_no_gpu(use_triton: bool) -> None:
+    if use_triton and not torch.cuda.is_available():
+        warn_once("quantkern: use_triton=True but no CUDA GPU is available; QuantLinear layers will run on "
+                  "the best CPU path (the pure-PyTorch reference where no CPU kernel fits)")
+
+
+@register_quantizer(RTNConfig)
+class RTNQuantizer(BaseQuantizer):
+    """Round-to-nearest weight quantization; needs no data.
+
+    ``RTNQuantizer(model, bits=4, group_size=128, sym=True).quantize()`` returns ``model`` with its
+    Linear layers (except ``skip_layers``) replaced by :class:`~quantkern.nn.QuantLinear`.
+    """
+
+    needs_data = False
+
+    def __init__(self, model: nn.Module, config: RTNConfig | None = None, *, use_triton: bool = False, **kwargs):
+        super().__init__(model, config, **kwargs)
+        self.use_triton = use_triton
+
+    def _prepare(self) -> None:
+        c = self.config
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size)
+        _warn_if_no_gpu(self.use_triton)
+
+    def _convert(self) -> None:
+        scheme = self.config.scheme()
+        for name, lin in tqdm(list(self.plan.quantize.items()), desc="RTN", disable=not self.verbose, leave=False):
+            qw = quantize_rtn(lin.weight, scheme, self.config.torch_scale_dtype, mse=self.config.mse)
+            set_module(self.model, name, self.make_quant_linear(lin, qw, name))
+
+
+@register_quantizer(GPTQConfig)
+class GPTQQuantizer(BaseQuantizer):
+    """GPTQ, block by block: block ``i`` is calibrated on the outputs of blocks ``0..i-1`` already
+    quantized, and only one block's activations are held at a time.
+
+    ``GPTQQuantizer(model, bits=4, group_size=128, actorder=False, sym=True, damp_percent=0.01,
+    blocksize=128, static_groups=False, use_triton=True, ...).quantize(data, tokenizer=None)``
+    """
+
+    needs_data = True
+
+    def __init__(self, model: nn.Module, config: GPTQConfig | None = None, *, use_triton: bool = True, **kwargs):
+        super().__init__(model, config, **kwargs)
+        self.use_triton = use_triton
+        self.catcher: InputCatcher | None = None
+
+    def _prepare(self) -> None:
+        c = self.config
+        self.blocks_name, self.blocks = find_decoder_blocks(self.model)
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)
+        _warn_if_no_gpu(self.use_triton)
+        self.catcher = InputCatcher(self.model, self.blocks[0]).install()
+
+    def _convert(self) -> None:
+        self.catcher.remove()
+        inputs = self.catcher.inputs
+        self.catcher = None
+        if not inputs:
+            raise RuntimeError("no calibration forwards reached the model between prepare() and convert(); "
+                               "run model(input_ids=...) on calibration batches first")
+        device = self.calibration_device()
+        losses: dict[str, float] = {}
+        for i in tqdm(range(len(self.blocks)), desc="GPTQ blocks", disable=not self.verbose):
+            block = self.blocks[i]
+            prefix = f"{self.blocks_name}.{i}."
+            targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
+            if targets:
+                for stage in self._stages(block, targets, inputs[0]):
+                    losses.update(self._quantize_stage(block, prefix, stage, inputs, device))
+            outputs = run_block(block, inputs, device)
+            inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
+        self.report["gptq_losses"] = losses
+
+    def _quantize_stage(self, block, prefix, stage, inputs, device) -> dict[str, float]:
+        """Collect H for the stage's Linears (stopping each forward once they have all run), quantize
+        them and swap in QuantLinear, so later stages are calibrated on quantized outputs."""
+        c = self.config
+        gptq = {name: GPTQ(mod.weight, prefix + name) for name, mod in stage.items()}
+        run_block(block, inputs, device, collect=stage, keep_outputs=False, stop_after=set(stage),
+                  on_input=lambda name, x: gptq[name].add_batch(x))
+        losses = {}
+        for name, mod in stage.items():
+            g = gptq.pop(name)
+            if g.nsamples == 0:  # never reached by calibration (e.g. an unused MoE expert)
+                logger.warning("quantkern: %s%s saw no calibration tokens; quantized with RTN", prefix, name)
+                qw = quantize_rtn(mod.weight, c.scheme().__class__(c.bits, c.group_size, c.sym),
+                                  c.torch_scale_dtype)
+            else:
+                qw, losses[prefix + name] = g.quantize(c.scheme(), c.damp_percent, c.blocksize, c.static_groups,
+                                                       c.mse, c.torch_scale_dtype)
+            g.free()
+            set_module(self.model, prefix + name, self.make_quant_linear(mod, qw, prefix + name))
+        return losses
+
+    # stages ---------------------------------------------------------------------------------------
+    def _stages(self, block: nn.Module, targets: dict[str, nn.Module], sample) -> list[dict[str, nn.Module]]:
+        """Group the block's target Linears into stages by execution order: Linears fed the same input
+        tensor (q/k/v, gate/up) form one stage. Without ``true_sequential``, one stage holds them all."""
+        if not self.config.true_sequential:
+            return [targets]
+        order: list[tuple[str, int]] = []
+        by_module = {id(m): n for n, m in targets.items()}
+        hooks = [m.register_forward_pre_hook(lambda mod, args: order.append((by_module[id(mod)], id(args[0]))))
+                 for m in targets.values()]
+        try:
+            run_block(block, [sample], keep_outputs=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        stages: list[dict[str, nn.Module]] = []
+        last_input = None
+        done = set()
+        for name, inp in order:
+            if name in done:
+                continue
+            if inp != last_input or not stages:
+                stages.append({})
+            stages[-1][name] = targets[name]
+            done.add(name)
+            last_input = inp
+        missed = [n for n in targets if n not in done]
+        if missed:  # never called on this sample (e.g. an unused expert): quantize them last
+            stages.append({n: targets[n] for n in missed})
+        return stages
