@@ -1,0 +1,19 @@
+"""Save / load / export / import of quantized checkpoints (safetensors + HF configs, GGUF).
+
+Public functions:
+
+- :func:`save_quantized` — write GPTQ (v1 / v2), AWQ GEMM, compressed-tensors or GGUF.
+- :func:`load_quantized` — read GPTQ (v1 / v2), AWQ GEMM or compressed-tensors into QuantLinear.
+- :func:`inspect_checkpoint` / :func:`format_inspection` — describe a checkpoint without loading it.
+"""
+
+from .config import CheckpointConfigError, parse_quantization_config
+from .files import CheckpointFileError
+from .load import load_quantized
+from .save import SAVE_FORMATS, save_quantized
+from .validate import CheckpointTensorError
+
+__all__ = [
+    "save_quantized", "load_quantized", "SAVE_FORMATS", "parse_quantization_config",
+    "CheckpointConfigError", "CheckpointFileError", "CheckpointTensorError",
+]

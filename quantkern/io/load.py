@@ -1,0 +1,157 @@
+"""``load_quantized``: read a GPTQ (v1 / v2), AWQ GEMM or compressed-tensors checkpoint into
+:class:`QuantLinear` layers.
+
+Order of work, so that nothing hostile reaches a kernel: parse and validate ``config.json`` →
+list safetensors files (pickles refused) → build the model skeleton on the meta device (no dense
+allocation) → per quantized Linear, validate its tensors against the config and convert them to the
+in-memory GPTQ v2 layout → validate every dense tensor against the skeleton → assign.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..nn import QuantLinear
+from .config import CheckpointConfigError, parse_quantization_config
+from .files import CheckpointFileError, read_json, read_tensors, safetensors_files
+from .validate import CheckpointTensorError, validate_dense, validate_gptq_layer
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _resolve_dtype(dtype, config_dict: dict) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)} or a torch dtype, got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    return dtype
+
+
+def build_skeleton(config_dict: dict, dtype: torch.dtype | None) -> nn.Module:
+    """The model of ``config_dict`` with parameters on the meta device (buffers real).
+
+    ``quantization_config`` is removed before ``from_config`` (so transformers does not start its own
+    GPTQ / AWQ integration) and restored on the returned model's config afterwards."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(config_dict)
+    qc = d.pop("quantization_config", None)
+    model_type = d.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise CheckpointConfigError(f"config.json: 'model_type' must be a string, got {model_type!r}")
+    try:
+        config = AutoConfig.for_model(model_type, **d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointConfigError(f"config.json: cannot build a {model_type!r} config: {e}") from None
+    file_dtype = _DTYPES.get(str(d.get("dtype", d.get("torch_dtype", "float32"))), torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or file_dtype)
+    if qc is not None:
+        model.config.quantization_config = qc
+    return model
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def assemble(model: nn.Module, quant: dict[str, tuple], dense: dict[str, torch.Tensor], device, dtype, backend):
+    """Replace the Linears named in ``quant`` (``{name: (scheme, {tensor name: v2 GPTQ tensor})}``)
+    with QuantLinear, validate ``dense`` against the skeleton and assign everything.
+
+    Raises :class:`CheckpointTensorError` for unexpected / missing / mis-shaped tensors."""
+    state = {}
+    for name, (scheme, tensors) in quant.items():
+        old = model.get_submodule(name)
+        scales = tensors[f"{name}.scales"]
+        sdtype = dtype or scales.dtype
+        q = QuantLinear(old.in_features, old.out_features, scheme.bits, scheme.group_size, scheme.sym,
+                        scheme.act_order, bias=f"{name}.bias" in tensors, dtype=sdtype, backend=backend, device="meta")
+        q.name = name
+        _set_module(model, name, q)
+        for k, t in tensors.items():
+            state[k] = t.to(sdtype) if t.is_floating_point() else t
+    expected = model.state_dict()
+    for k, t in dense.items():
+        if k not in expected:
+            raise CheckpointTensorError(f"{k}: unexpected tensor, the model has no such parameter or buffer")
+        validate_dense(k, t, expected[k])
+        state[k] = t.to(dtype) if (dtype is not None and t.is_floating_point()) else t
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta")
+    if missing:
+        raise CheckpointTensorError(f"the checkpoint lacks {len(missing)} tensor(s): {missing[:8]}"
+                                    f"{' ...' if len(missing) > 8 else ''}")
+    return model.to(device).eval()
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointTensorError(f"{name}.qweight: the model has no module {name!r}") from None
+    if not isinstance(m, nn.Linear):
+        raise CheckpointTensorError(f"{name}.qweight: module {name!r} is a {type(m).__name__}, not nn.Linear")
+    return m
+
+
+def load_quantized(path, device="cpu", dtype=None, backend="auto") -> nn.Module:
+    """Load a quantized checkpoint directory into a model whose quantized Linears are QuantLinear.
+
+    ``dtype`` (None: as stored) casts scales, biases and dense tensors; ``backend`` is passed to every
+    QuantLinear. Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files,
+    pickles), :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config``) or
+    :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the config,
+    named) — all ``ValueError``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointFileError(f"{path} is not a checkpoint directory")
+    config_dict = read_json(path / "config.json", "config.json")
+    qc = config_dict.get("quantization_config")
+    if qc is None:
+        raise CheckpointConfigError(f"{path / 'config.json'}: no 'quantization_config'; not a quantized checkpoint")
+    dtype = _resolve_dtype(dtype, config_dict)
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        from .compressed import compressed_to_gptq
+
+        files = safetensors_files(path)
+        tensors = read_tensors(files)
+        model = build_skeleton(config_dict, dtype)
+        quant, dense = compressed_to_gptq(qc, tensors, model)
+        return assemble(model, quant, dense, device, dtype, backend)
+    cfg = parse_quantization_config(qc)
+    files = safetensors_files(path)
+    tensors = read_tensors(files)
+    model = build_skeleton(config_dict, dtype)
+    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    quant, used = {}, set()
+    for name in names:
+        lin = _linear(model, name)
+        scheme = cfg.scheme_for(name)
+        if scheme is None:
+            raise CheckpointTensorError(f"{name}.qweight: the config excludes {name!r} from quantization, "
+                                        "yet the file holds packed weights for it")
+        if cfg.quant_method == "awq":
+            from .awq import awq_layer_to_gptq
+
+            tensors_v2 = awq_layer_to_gptq(name, tensors, scheme, lin.in_features, lin.out_features)
+            used |= {f"{name}.{p}" for p in ("qweight", "qzeros", "scales", "bias")}
+        else:
+            tensors_v2 = validate_gptq_layer(name, tensors, scheme, lin.in_features, lin.out_features,
+                                             cfg.checkpoint_format)
+            used |= {f"{name}.{p}" for p in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+        quant[name] = (scheme, tensors_v2)
+    dense = {k: t for k, t in tensors.items() if k not in used}
+    return assemble(model, quant, dense, device, dtype, backend)

@@ -1,0 +1,199 @@
+"""``save_quantized``: write a quantized model as a checkpoint other engines read.
+
+Formats: ``"gptq"`` (here; v1 or v2 zeros), ``"awq"`` (:mod:`.awq`), ``"compressed-tensors"``
+(:mod:`.compressed`) and ``"gguf"`` (:mod:`.gguf_export`, a single ``.gguf`` file). Directory formats
+are written atomically (:func:`.files.atomic_directory`): weights, then the side files, then
+``config.json`` last, all into a temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..formats.bitpack import unpack_cols
+from ..formats.gptq import zeros_v2_to_v1
+from ..nn import QuantLinear
+from .files import atomic_directory, write_safetensors
+
+log = logging.getLogger(__name__)
+
+SAVE_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
+_INFO_DEFAULTS = {"damp_percent": 0.01, "static_groups": False, "true_sequential": True}
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """``{module name: QuantLinear}``; raises ``ValueError`` if the model has none."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("the model has no QuantLinear layers: quantize it before saving")
+    return layers
+
+
+def _scheme_key(m: QuantLinear) -> tuple:
+    return (m.bits, m.group_size, m.sym, m.desc_act)
+
+
+def dense_state_dict(model: nn.Module, skip_modules=()) -> dict[str, torch.Tensor]:
+    """The model's state dict, CPU and contiguous, without the tied output embedding (safetensors
+    refuses shared storage, and HF readers re-tie it from ``tie_word_embeddings``) and without the
+    tensors of ``skip_modules``. Any other shared storage is copied."""
+    sd = model.state_dict()
+    drop = set()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and inp is not None and getattr(out, "weight", None) is not None \
+                and out.weight.data_ptr() == inp.weight.data_ptr():
+            out_name = next(n for n, m in model.named_modules() if m is out)
+            drop.add(f"{out_name}.weight")
+    prefixes = tuple(f"{s}." for s in skip_modules)
+    result, storages = {}, set()
+    for k, t in sd.items():
+        if k in drop or k.startswith(prefixes):
+            continue
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {k} is on the meta device (offloaded?); load the whole model before saving")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in storages:
+            t = t.clone()  # a view of a tensor already written (fused projections): store a copy
+        storages.add(t.untyped_storage().data_ptr())
+        result[k] = t
+    return result
+
+
+def hf_config_dict(model: nn.Module, quantization_config: dict) -> dict:
+    """``model.config`` as a dict with ``quantization_config`` replaced (a GGUF loader's GgufConfig
+    must not survive) and ``architectures`` filled in so that Auto* classes can load it."""
+    cfg = copy.deepcopy(model.config)
+    cfg.quantization_config = quantization_config
+    if not getattr(cfg, "architectures", None):
+        cfg.architectures = [type(model).__name__]
+    d = cfg.to_dict()
+    d["quantization_config"] = quantization_config
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None and not isinstance(out_emb, nn.Embedding) and getattr(out_emb, "weight", None) is None:
+        d["tie_word_embeddings"] = False  # a quantized lm_head is no longer the embedding
+    dense = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if dense:
+        d["dtype"] = str(Counter(dense).most_common(1)[0][0]).replace("torch.", "")
+        d.pop("torch_dtype", None)
+    return d
+
+
+def write_side_files(model: nn.Module, tmp: Path, tokenizer, config_dict: dict, extra_json: dict | None = None) -> None:
+    """generation_config, tokenizer, extra json files, then config.json (last: without it nothing loads)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    for name, data in (extra_json or {}).items():
+        (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def gptq_quantization_config(model: nn.Module, layers: dict[str, QuantLinear], checkpoint_format: str) -> dict:
+    """The ``quantization_config`` dict for GPTQ: the most common scheme is the base; layers with
+    another scheme get GPTQModel ``dynamic`` overrides, dense Linears a ``-:`` exclusion."""
+    base = Counter(_scheme_key(m) for m in layers.values()).most_common(1)[0][0]
+    bits, group_size, sym, desc_act = base
+    dynamic = {}
+    for name, m in layers.items():
+        if _scheme_key(m) != base:
+            dynamic[f"+:^{re.escape(name)}$"] = dict(zip(("bits", "group_size", "sym", "desc_act"), _scheme_key(m)))
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and m is not out_emb:
+            dynamic[f"-:^{re.escape(name)}$"] = {}
+    qk = dict(getattr(model, "quantkern_config", None) or {})
+    info = {k: qk.get(k, v) for k, v in _INFO_DEFAULTS.items()}
+    d = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+         "checkpoint_format": checkpoint_format, **info,
+         "lm_head": isinstance(out_emb, QuantLinear), "quantizer": [f"quantkern:{__version__}"]}
+    if qk.get("modules_in_block_to_quantize"):
+        d["modules_in_block_to_quantize"] = qk["modules_in_block_to_quantize"]
+    if dynamic:
+        d["dynamic"] = dynamic
+    return d
+
+
+def _min_zero(m: QuantLinear) -> int:
+    return int(unpack_cols(m.qzeros.cpu(), m.bits, m.out_features).min())
+
+
+def gptq_tensors(model: nn.Module, checkpoint_format: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """State dict in the GPTQ layout and the checkpoint format actually written.
+
+    ``checkpoint_format=None`` picks v1 ("gptq", widest compatibility) when every zero is >= 1, else
+    v2; an explicit "gptq" with a zero of 0 raises ``ValueError`` naming the layer."""
+    if checkpoint_format not in (None, "gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be None, 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    layers = quant_layers(model)
+    if checkpoint_format is None:
+        bad = next((n for n, m in layers.items() if _min_zero(m) < 1), None)
+        checkpoint_format = "gptq" if bad is None else "gptq_v2"
+        if bad is not None:
+            log.info("writing checkpoint_format='gptq_v2': layer %s has a zero point of 0, which GPTQ v1 "
+                     "(zero - 1) cannot store", bad)
+    sd = dense_state_dict(model)
+    if checkpoint_format == "gptq":
+        for name, m in layers.items():
+            try:
+                sd[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features)
+            except ValueError as e:
+                raise ValueError(f"{name}.qzeros: {e}") from None
+    return sd, checkpoint_format
+
+
+def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq", checkpoint_format: str | None = None,
+                   max_shard_size="2GB") -> Path:
+    """Write ``model`` (with :class:`QuantLinear` layers) to ``path``; returns the path written.
+
+    - ``format="gptq"``: ``model.safetensors`` (or shards + index), ``config.json`` with
+      ``quantization_config``, ``quantize_config.json``, ``generation_config.json`` and the tokenizer
+      files. ``checkpoint_format``: None (v1 when every zero >= 1, else v2), "gptq" or "gptq_v2".
+    - ``format="awq"``: AWQ GEMM (4-bit, no act-order), see :mod:`quantkern.io.awq`.
+    - ``format="compressed-tensors"``: see :mod:`quantkern.io.compressed`.
+    - ``format="gguf"``: ``path`` is a ``.gguf`` file, see :mod:`quantkern.io.gguf_export`.
+
+    Raises ``ValueError`` for a model without QuantLinear layers, a scheme the format cannot store, or
+    an unknown format. An exception leaves ``path`` as it was.
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+    if format != "gptq" and checkpoint_format is not None:
+        raise ValueError(f"checkpoint_format applies to format='gptq' only, got {checkpoint_format!r} with {format!r}")
+    if format == "gguf":
+        from .gguf_export import save_gguf
+
+        return save_gguf(model, path, tokenizer=tokenizer)
+    if format == "awq":
+        from .awq import awq_export
+
+        sd, qcfg = awq_export(model)
+        extra = {"quant_config.json": qcfg}
+    elif format == "compressed-tensors":
+        from .compressed import compressed_export
+
+        sd, qcfg = compressed_export(model)
+        extra = {}
+    else:
+        sd, fmt = gptq_tensors(model, checkpoint_format)
+        qcfg = gptq_quantization_config(model, quant_layers(model), fmt)
+        extra = {"quantize_config.json": qcfg}
+    config_dict = hf_config_dict(model, qcfg)
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        write_safetensors(sd, tmp, max_shard_size)
+        write_side_files(model, tmp, tokenizer, config_dict, extra)
+    return path
