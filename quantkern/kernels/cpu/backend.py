@@ -1,0 +1,52 @@
+"""``Backend.CPU``: the fused C++ dequant-matmul for CPU tensors (csrc/cpu).
+
+Every bit width 2..8, any group size (ragged last group included), symmetric or asymmetric,
+act-order, fp32 / bf16 / fp16 activations (computed in fp32). The layer is repacked once when the
+kernel is built (:mod:`.layout`); the extension is built or loaded lazily on first use (:mod:`.build`),
+and a failure to build is this backend's ``can_implement`` reason: AUTO then falls back to the
+reference and says why, an explicit ``backend="cpu"`` raises with the compiler's output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import Backend, QuantKernel, register_kernel
+from . import build, ops
+from .layout import CONTAINER_BITS, pack_cpu_from_gptq
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@register_kernel
+class CpuKernel(QuantKernel):
+    backend = Backend.CPU
+    priority = 50
+
+    @classmethod
+    def can_implement(cls, layer, x):
+        if x.device.type != "cpu":
+            return False, f"input is on {x.device.type}, the C++ CPU kernels run on CPU tensors"
+        if layer.qweight.device.type != "cpu":
+            return False, f"the layer's weights are on {layer.qweight.device.type}, not the CPU"
+        if x.dtype not in _DTYPES:
+            return False, f"activation dtype {x.dtype} is not one of fp32 / bf16 / fp16"
+        if layer.bits not in CONTAINER_BITS:
+            return False, f"{layer.bits}-bit weights are not supported (bits {sorted(CONTAINER_BITS)})"
+        err = build.load_error()
+        if err is not None:
+            return False, f"the C++ CPU extension is unavailable: {err}"
+        return True, None
+
+    def __init__(self, layer, isa: str | int | None = None):
+        """Repack ``layer`` once. ``isa`` forces a kernel variant (``portable``, ``avx2``, ``avx512``;
+        default: the best this CPU runs). Raises :class:`~.build.ExtensionError` if the extension
+        cannot be built or loaded, ``ValueError`` for an unknown ``isa``."""
+        super().__init__(layer)
+        build.load()
+        self.isa = ops.isa_level(isa)
+        self.packed = pack_cpu_from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                         layer.in_features)
+
+    def __call__(self, layer, x):
+        return ops.gemm(x, self.packed, layer.bias, self.isa)

@@ -1,0 +1,123 @@
+"""The CPU kernels' private weight layout and the one-time repacking into it (see
+csrc/cpu/gemm_kernels.h for how the kernels read it).
+
+- codes go into fixed containers of ``cb`` bits (2 for W2, 4 for W3 / W4, 8 for W5..W8; a 3-bit code
+  in a 4-bit container costs a third more bytes but decodes with the 4-bit path);
+- K is reordered so that each group is one contiguous run (for act-order: a stable sort by g_idx),
+  each run padded with zero codes to a multiple of ``vpw = 32 / cb`` k positions;
+- words are ``[NB, KW, 16]``: 16 output columns per block, one int32 word per column holding ``vpw``
+  consecutive (padded) k positions, lowest bits first; N is padded to a multiple of 16 with zero
+  scales.
+
+``src`` maps each padded k position to the input column it reads (``K`` for padding, read as 0); it
+is ``None`` when the padded order is the identity (no act-order, every group a multiple of ``vpw``),
+which saves the per-call gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...formats.bitpack import unpack_cols, unpack_rows
+
+CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+BLOCK_N = 16
+
+
+@dataclass
+class CpuPackedWeight:
+    """``w`` int32 [NB, KW, 16]; ``scales`` / ``zs`` (= zero * scale) fp32 [G, NB*16]; ``gptr`` int32
+    [G+1] (group g spans word rows gptr[g]..gptr[g+1]-1); ``src`` int64 [KW*vpw] or None; ``cb``
+    container bits."""
+
+    w: torch.Tensor
+    scales: torch.Tensor
+    zs: torch.Tensor
+    gptr: torch.Tensor
+    src: torch.Tensor | None
+    cb: int
+    in_features: int
+    out_features: int
+
+    @property
+    def vpw(self) -> int:
+        return 32 // self.cb
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scales, self.zs, self.gptr)
+                   if t is not None)
+
+
+def pack_cpu(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+             bits: int) -> CpuPackedWeight:
+    """Repack canonical codes int32 [N, K], scales [G, N], zeros int32 [G, N], g_idx [K].
+
+    Raises ``ValueError`` for bits outside 2..8, mismatched shapes or g_idx outside [0, G).
+    """
+    if bits not in CONTAINER_BITS:
+        raise ValueError(f"bits must be one of {sorted(CONTAINER_BITS)}, got {bits}")
+    n, k = codes.shape
+    ng = scales.shape[0]
+    if scales.shape != (ng, n) or zeros.shape != (ng, n) or g_idx.shape != (k,):
+        raise ValueError(f"shapes do not match: codes {tuple(codes.shape)}, scales {tuple(scales.shape)}, "
+                         f"zeros {tuple(zeros.shape)}, g_idx {tuple(g_idx.shape)}")
+    g = g_idx.long().cpu()
+    if k and (int(g.min()) < 0 or int(g.max()) >= ng):
+        raise ValueError(f"g_idx values must lie in [0, {ng})")
+    cb = CONTAINER_BITS[bits]
+    vpw = 32 // cb
+    order = torch.sort(g, stable=True).indices
+    counts = torch.bincount(g, minlength=ng)
+    padded = (counts + vpw - 1) // vpw * vpw
+    start = torch.cumsum(counts, 0) - counts  # exclusive prefix sums
+    pstart = torch.cumsum(padded, 0) - padded
+    kp = int(padded.sum())
+    sg = g[order]
+    pos = pstart[sg] + torch.arange(k) - start[sg]  # padded position of each sorted column
+    src = torch.full((kp,), k, dtype=torch.int64)
+    src[pos] = order
+    identity = kp == k and bool(torch.equal(src, torch.arange(k)))
+
+    nb = -(-n // BLOCK_N)
+    npad = nb * BLOCK_N
+    cp = torch.zeros(kp, npad, dtype=torch.int64)
+    cp[pos, :n] = codes.t().cpu()[order].to(torch.int64)
+    cp = cp.view(kp // vpw, vpw, npad)
+    words = torch.zeros(kp // vpw, npad, dtype=torch.int64)
+    for j in range(vpw):
+        words |= cp[:, j] << (cb * j)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    w = words.view(kp // vpw, nb, BLOCK_N).permute(1, 0, 2).contiguous()
+
+    s = torch.zeros(ng, npad, dtype=torch.float32)
+    s[:, :n] = scales.float().cpu()
+    zs = torch.zeros(ng, npad, dtype=torch.float32)
+    zs[:, :n] = zeros.float().cpu() * s[:, :n]
+    gptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(padded // vpw, 0)]).to(torch.int32)
+    return CpuPackedWeight(w=w, scales=s, zs=zs, gptr=gptr, src=None if identity else src, cb=cb,
+                           in_features=k, out_features=n)
+
+
+def pack_cpu_from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                       bits: int, in_features: int) -> CpuPackedWeight:
+    """Repack a QuantLinear's GPTQ buffers (v2 zeros) into the CPU layout."""
+    n = scales.shape[1]
+    codes = unpack_rows(qweight.cpu(), bits, in_features).t()
+    zeros = unpack_cols(qzeros.cpu(), bits, n)
+    return pack_cpu(codes, scales, zeros, g_idx, bits)
+
+
+def unpack_cpu(p: CpuPackedWeight) -> torch.Tensor:
+    """Codes int32 [N, K] back from the packed layout (inverse of :func:`pack_cpu`, for tests)."""
+    nb, kw, _ = p.w.shape
+    words = p.w.permute(1, 0, 2).reshape(kw, nb * BLOCK_N).to(torch.int64) & 0xFFFFFFFF
+    mask = (1 << p.cb) - 1
+    cp = torch.stack([(words >> (p.cb * j)) & mask for j in range(p.vpw)], dim=1).reshape(kw * p.vpw, -1)
+    k = p.in_features
+    src = p.src if p.src is not None else torch.arange(k)
+    valid = src < k
+    out = torch.zeros(k, cp.shape[1], dtype=torch.int64)
+    out[src[valid]] = cp[valid]
+    return out[:, : p.out_features].t().to(torch.int32).contiguous()

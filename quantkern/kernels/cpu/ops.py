@@ -1,0 +1,48 @@
+"""Python face of the ``quantkern_cpu`` torch.library ops (defined in csrc/cpu/ops.cpp).
+
+Call :func:`quantkern.kernels.cpu.build.load` first; it registers the fake (meta) implementations
+below once the C++ schemas exist, so the ops trace under ``torch.compile`` / FakeTensor mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ISA_LEVELS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+_registered = False
+
+
+def register_fakes() -> None:
+    global _registered
+    if _registered:
+        return
+
+    @torch.library.register_fake("quantkern_cpu::gemm")
+    def _gemm_fake(x, w, scales, zs, gptr, src, cb, n, bias, isa):
+        return x.new_empty(x.shape[0], n)
+
+    _registered = True
+
+
+def isa_level(isa: str | int | None) -> int:
+    """The integer the op takes for an ISA name (``auto``, ``portable``, ``avx2``, ``avx512``)."""
+    if isa is None:
+        return 0
+    if isinstance(isa, int) and isa in ISA_LEVELS.values():
+        return isa
+    if isinstance(isa, str) and isa.lower() in ISA_LEVELS:
+        return ISA_LEVELS[isa.lower()]
+    raise ValueError(f"unknown CPU isa {isa!r}; choose one of {list(ISA_LEVELS)}")
+
+
+def best_isa() -> str:
+    """The fastest kernel variant this CPU runs (needs the extension loaded)."""
+    level = torch.ops.quantkern_cpu.best_isa()
+    return {v: k for k, v in ISA_LEVELS.items()}[level]
+
+
+def gemm(x: torch.Tensor, packed, bias: torch.Tensor | None = None, isa: str | int | None = None) -> torch.Tensor:
+    """``x [M, K] @ W (+ bias) -> [M, N]`` in ``x.dtype`` for a :class:`~.layout.CpuPackedWeight`."""
+    p = packed
+    return torch.ops.quantkern_cpu.gemm(x, p.w, p.scales, p.zs, p.gptr, p.src, p.cb, p.out_features, bias,
+                                        isa_level(isa))
