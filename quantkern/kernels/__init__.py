@@ -6,6 +6,7 @@ never fails for a missing optional dependency.
 """
 
 from . import reference_backend  # noqa: F401  (registers the reference backend)
+from . import triton_backend  # noqa: F401  (registers Backend.TRITON; imports triton lazily)
 from . import cpu  # noqa: F401  (registers Backend.CPU; builds nothing until used)
 from . import cuda  # noqa: F401  (registers Backend.CUDA; loads the extension lazily)
 from .reference import dequantize_gptq, gptq_gemm_reference

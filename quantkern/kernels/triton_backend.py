@@ -1,0 +1,84 @@
+"""The Triton backend: fused dequantize-matmul kernels of :mod:`quantkern.triton_kernels`.
+
+Declared capabilities: weights of 2..8 bits, any group size (regular groups take the fast path,
+others and arbitrary ``g_idx`` are gathered in-kernel), symmetric and asymmetric zeros, act-order
+(K sorted by group once at load, activations permuted per call), fp16 / bf16 activations with fp32
+accumulation, fp16 / bf16 / fp32 scales, optional bias, any M / N / K. Devices: CUDA with compute
+capability >= 7.0 (bf16 needs >= 8.0); a CPU only under ``TRITON_INTERPRET=1`` (tests), so that the
+production CPU path never picks Triton by accident. triton is imported lazily, in ``can_implement``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .registry import Backend, QuantKernel, register_kernel
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def _import_error() -> str | None:
+    """``None`` if ``quantkern.triton_kernels`` imports, else why not (cached: imported once)."""
+    try:
+        import quantkern.triton_kernels  # noqa: F401
+    except Exception as e:  # ImportError, or a triton too old for the kernels
+        return f"quantkern.triton_kernels does not import ({type(e).__name__}: {e})"
+    return None
+
+
+@register_kernel
+class TritonKernel(QuantKernel):
+    """Runs a ``QuantLinear`` through the Triton WnA16 kernels (decode kernel for M <= 16, GEMM above).
+
+    ``config`` (a dict, default None = autotune) pins the launch config of both kernels for
+    debugging; see :func:`quantkern.triton_kernels.wna16_matmul`.
+    """
+
+    backend = Backend.TRITON
+    priority = 20
+
+    @classmethod
+    def can_implement(cls, layer, x):
+        if x.dtype not in _ACT_DTYPES:
+            return False, f"activation dtype {x.dtype} is not fp16 / bf16"
+        if layer.scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False, f"scales dtype {layer.scales.dtype} is not fp16 / bf16 / fp32"
+        if not 2 <= layer.bits <= 8:
+            return False, f"{layer.bits}-bit weights are not supported (2..8)"
+        if x.device.type == "cuda":
+            cap = torch.cuda.get_device_capability(x.device)
+            if cap < (7, 0):
+                return False, f"compute capability {cap[0]}.{cap[1]} < 7.0"
+            if x.dtype == torch.bfloat16 and cap < (8, 0):
+                return False, f"bf16 needs compute capability >= 8.0, device has {cap[0]}.{cap[1]}"
+        elif x.device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
+                return False, "CPU tensors run Triton only under TRITON_INTERPRET=1 (tests)"
+        else:
+            return False, f"device {x.device.type!r} is not CUDA"
+        err = _import_error()
+        if err:
+            return False, err
+        if x.device.type == "cpu":
+            from quantkern.triton_kernels import kernels_interpreted
+
+            if not kernels_interpreted():
+                return False, "triton was imported before TRITON_INTERPRET=1 was set (kernels not interpreted)"
+        return True, None
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        from quantkern.triton_kernels import from_gptq
+
+        self.weight = from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                layer.in_features, group_size=layer.group_size)
+        self.config: dict | None = None
+
+    def __call__(self, layer, x):
+        from quantkern.triton_kernels import wna16_matmul
+
+        return wna16_matmul(x, self.weight, layer.bias, config=self.config)

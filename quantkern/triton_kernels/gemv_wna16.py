@@ -1,0 +1,137 @@
+"""Decode GEMM ``y = x @ dequant(W) (+ bias)`` for W{2..8}A16 and M <= 16: split-K, GEMV or tl.dot.
+
+At decode the whole weight is read once per token and M is tiny, so the job is to keep every SM
+streaming weights: the grid is ``(N tiles, SPLIT_K, M tiles)``. Each program reduces one K slice
+(a multiple of BLOCK_K) for one ``BLOCK_N`` column tile. Two inner products, a compile-time choice:
+
+- ``BLOCK_M == 1``: GEMV on the CUDA cores, one activation row per program; the unpacked tile is
+  multiplied by the row broadcast along N and summed over K (no tensor-core padding waste at M = 1).
+- ``BLOCK_M == 16``: ``tl.dot`` on the tensor cores with the rows beyond M masked.
+
+With ``SPLIT_K == 1`` the program writes the output (bias added, x's dtype). Otherwise each K slice
+writes an fp32 partial ``[SPLIT_K, M, N]`` and the host sums them (deterministic, unlike atomics),
+adds the bias and casts. Unpacking and group modes: :mod:`._dequant`; layout: :mod:`.layout`.
+Constraints: as :mod:`.gemm_wna16`; the op is meant for M <= 16 but is correct for any M.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_inputs, dot_in_fp32, group_mode
+from ._dequant import load_tile
+from ._tuning import GEMV_CONFIGS, bucket_m, pick_config, prune, validate_config
+
+
+@triton.jit
+def _gemv_wna16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, p_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_qk, stride_sg, stride_zg, stride_ym,
+    BITS: tl.constexpr, GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        w, s = load_tile(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg, stride_zg,
+                         BITS, GROUP_MODE, GROUP_SIZE, ZERO_POINT)
+        if BLOCK_M == 1:
+            part = tl.sum(tl.reshape(a, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32), axis=0)[None, :]
+        else:
+            if DOT_FP32:
+                part = tl.dot(a.to(tl.float32), w.to(tl.float32))
+            else:
+                part = tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
+        if GROUP_MODE == 1:
+            acc += part * s
+        else:
+            acc += part
+    if GROUP_MODE == 0:
+        s0 = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc = acc * s0[None, :]
+    mask = mask_m[:, None] & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        p_ptrs = p_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+        tl.store(p_ptrs, acc, mask=mask)
+
+
+def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, zero_point: int,
+               config: dict | None = None) -> torch.Tensor:
+    """Decode-path ``x [M, K] @ dequant(W) [K, N] (+ bias)`` -> ``[M, N]`` in x's dtype.
+
+    Arguments as :func:`~quantkern.triton_kernels.gemm_wna16.gemm_wna16`. ``config`` pins
+    ``BLOCK_M`` (1 = GEMV, or >= 16 = tl.dot), ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K`` (optional
+    ``num_warps`` / ``num_stages``) and bypasses the autotuner. Raises ``ValueError`` /
+    ``RuntimeError`` from :func:`._checks.check_inputs` or for a bad config.
+    """
+    m, n, k = check_inputs(x, qweight, scales, zeros, g_idx, bias, bits, group_size, zero_point)
+    if config is not None:
+        config = validate_config(config, split_k=True)
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+
+    def launch(cfg):
+        bk = cfg["BLOCK_K"]
+        k_per_split = triton.cdiv(triton.cdiv(k, bk), cfg["SPLIT_K"]) * bk
+        split = triton.cdiv(k, k_per_split)  # no empty K slices
+        mode = group_mode(group_size, bk)
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+        _gemv_wna16_kernel[grid](
+            x, qweight, scales, zeros if zero_point < 0 else scales, g_idx, bias if bias is not None else scales,
+            y, partial,
+            m, n, k, k_per_split,
+            x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0) if zero_point < 0 else 0, y.stride(0),
+            BITS=bits, GROUP_MODE=mode, GROUP_SIZE=group_size if mode == 1 else 1, ZERO_POINT=max(zero_point, -1),
+            HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x), SPLIT_K=split,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        if split == 1:
+            return y
+        out = partial.sum(0)
+        if bias is not None:
+            out += bias.to(torch.float32)
+        return out.to(x.dtype)
+
+    if config is None:
+        key = ("gemv", bucket_m(m), n, k, bits, group_size, zero_point >= 0, x.dtype, scales.dtype,
+               bias is not None, x.device.index)
+        config = pick_config(key, prune(GEMV_CONFIGS, m, k, group_size), launch)
+    return launch(config)
+
+
+@torch.library.custom_op("quantkern::gemv_wna16_triton", mutates_args=())
+def gemv_wna16_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
+                      zero_point: int) -> torch.Tensor:
+    """The autotuned :func:`gemv_wna16` as a ``torch.library`` op (visible to ``torch.compile``)."""
+    return gemv_wna16(x, qweight, scales, zeros, g_idx, bias, bits, group_size, zero_point)
+
+
+@gemv_wna16_triton.register_fake
+def _(x, qweight, scales, zeros, g_idx, bias, bits, group_size, zero_point):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
+    torch._check(qweight.dim() == 2 and scales.dim() == 2, lambda: "qweight and scales must be 2-D")
+    return x.new_empty(x.shape[0], scales.shape[1])
