@@ -180,13 +180,11 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
     if format == "awq":
         from .awq import awq_export
 
-        sd, qcfg = awq_export(model)
-        extra = {"quant_config.json": qcfg}
+        sd, qcfg, extra = awq_export(model)
     elif format == "compressed-tensors":
         from .compressed import compressed_export
 
-        sd, qcfg = compressed_export(model)
-        extra = {}
+        sd, qcfg, extra = compressed_export(model)
     else:
         sd, fmt = gptq_tensors(model, checkpoint_format)
         qcfg = gptq_quantization_config(model, quant_layers(model), fmt)
