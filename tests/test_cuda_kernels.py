@@ -1,0 +1,296 @@
+"""CUDA kernels (csrc/cuda): layouts and dequantization proven bit-exact on CPU, every .cu compiled
+for sm_80 / sm_90 with nvcc, and (``gpu``-marked) numerics against the reference on a GPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantkern.core import QuantizedWeight, WeightScheme
+from quantkern.formats.gptq import pack_gptq
+from quantkern.kernels import Backend, NoKernelError, select_kernel
+from quantkern.kernels.cuda import backend as cb
+from quantkern.kernels.cuda import build, layout as L, ops
+from quantkern.kernels.reference import dequantize_gptq, gptq_gemm_reference
+from quantkern.nn.quant_linear import QuantLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+HALF = (torch.float16, torch.bfloat16)
+
+
+def make_qweight(k, n, bits, group_size, sym, act_order, dtype, seed=0, device="cpu") -> QuantizedWeight:
+    """Random codes / zeros / scales of a valid scheme; act-order shuffles which columns share a group."""
+    gen = torch.Generator().manual_seed(seed)
+    scheme = WeightScheme(bits, group_size, sym, act_order)
+    g = scheme.num_groups(k)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.int32)
+    if sym:
+        zeros = torch.full((g, n), 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, 2**bits, (g, n), generator=gen, dtype=torch.int32)
+    scales = ((torch.rand(g, n, generator=gen) + 0.5) * (2.0 / 2**bits) / k**0.5).to(dtype)
+    g_idx = torch.arange(k, dtype=torch.int32) // (k if group_size == -1 else group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    qw = QuantizedWeight(codes, scales, zeros, g_idx, scheme)
+    return QuantizedWeight(*(t.to(device) for t in (codes, scales, zeros, g_idx)), scheme) if device != "cpu" else qw
+
+
+def reference_weight(qw: QuantizedWeight, dtype) -> torch.Tensor:
+    t = pack_gptq(qw)
+    return dequantize_gptq(t.qweight, t.qzeros, t.scales, t.g_idx, qw.scheme.bits, qw.in_features, dtype=dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+# --- layouts: CPU, bit-exact ----------------------------------------------------------------------------
+GEMM_CASES = [  # (K, N, group_size, sym, act_order): ragged groups, padded K and N, per-channel, act-order
+    (136, 264, 64, True, False),
+    (320, 128, 128, False, False),
+    (200, 136, -1, False, False),
+    (256, 256, 128, False, True),
+    (192, 8, 64, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,n,gs,sym,act", GEMM_CASES)
+def test_gemm_layout_dequant_bit_exact(dtype, bits, k, n, gs, sym, act):
+    qw = make_qweight(k, n, bits, gs, sym, act, dtype)
+    p = L.pack_gemm(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits, gs, dtype)
+    assert p.kp % 64 == 0 and p.np % 128 == 0 and p.qweight.numel() == p.kp * p.np * bits // 32
+    assert (p.perm is not None) == act
+    w = L.emulate_gemm_weight(p)  # what the mma instructions see, decoded the kernel's way
+    ref = reference_weight(qw, dtype)
+    assert same_bits(w[:k, :n], ref if p.perm is None else ref[p.perm])
+    assert not w.isnan().any()  # padding must be finite: x is zero there, 0 * NaN is not
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("gs,sym,act", [(128, False, True), (48, True, False), (-1, False, False), (32, False, True)])
+def test_gemv_layout_dequant_bit_exact(dtype, bits, gs, sym, act):
+    k, n = 224, 96  # 224 = 128 + 96: ragged last group at g128; multiples of 32 so every bit width packs
+    qw = make_qweight(k, n, bits, gs, sym, act, dtype, seed=bits)
+    p = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits, dtype)
+    assert p.qweight.shape == (k // 32 * bits, n) and p.g_idx.shape == (k,)
+    ref = reference_weight(qw, dtype)
+    assert same_bits(L.emulate_gemv_weight(p)[:k], ref if p.perm is None else ref[p.perm])
+    if act:  # groups are contiguous after the permutation: the kernel's group-change branch is rare
+        assert bool((p.g_idx[1:] >= p.g_idx[:-1]).all())
+
+
+def test_gemv_layout_pads_k_to_32():
+    qw = make_qweight(40, 16, 4, 16, False, False, torch.float16)
+    p = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, torch.float16)
+    assert p.qweight.shape == (2 * 4, 16) and p.g_idx.shape == (64,)
+    assert int(p.g_idx[40:].max()) == int(qw.g_idx.max())  # padding columns point at a real group
+    assert same_bits(L.emulate_gemv_weight(p)[:40], reference_weight(qw, torch.float16))
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_permuted_product_equals_reference(act):
+    """The wrapper multiplies x[:, perm] by the permuted weight; that must be x @ W."""
+    k, n, dtype = 256, 128, torch.float16
+    qw = make_qweight(k, n, 4, 128, False, act, dtype)
+    p = L.pack_gemm(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 128, dtype)
+    x = torch.randn(3, k).to(dtype)
+    xp = x if p.perm is None else x[:, p.perm]
+    y = xp.float() @ L.emulate_gemm_weight(p)[:k, :n].float()
+    ref = x.float() @ reference_weight(qw, dtype).float()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_unsupported_reasons():
+    g = torch.arange(256, dtype=torch.int32) // 128
+    assert L.gemm_unsupported(256, 256, 4, 128, g) is None
+    assert L.gemm_unsupported(256, 256, 8, -1, torch.zeros(256, dtype=torch.int32)) is None
+    assert "4 or 8 bits, got 3" in L.gemm_unsupported(256, 256, 3, 128, g)
+    assert "multiple of 64, got 32" in L.gemm_unsupported(256, 256, 4, 32, torch.arange(256) // 32)
+    assert "in_features % 8 == 0, got 252" in L.gemm_unsupported(252, 256, 8, -1, torch.zeros(252))
+    shuffled = g[torch.randperm(256)]  # an act-order g_idx: contiguous groups once sorted
+    assert L.gemm_unsupported(256, 256, 4, 128, shuffled) is None
+    uneven = torch.cat([torch.zeros(100), torch.ones(156)]).int()  # groups of 100 and 156, not 128
+    assert "contiguous groups" in L.gemm_unsupported(256, 256, 4, 128, uneven)
+
+
+def test_pack_constraints_raise():
+    qw = make_qweight(256, 128, 3, 128, True, False, torch.float16)
+    with pytest.raises(ValueError, match="4 or 8 bits, got 3"):
+        L.pack_gemm(qw.codes, qw.scales, qw.zeros, qw.g_idx, 3, 128, torch.float16)
+    with pytest.raises(ValueError, match="fp16 or bf16 activations, got torch.float32"):
+        L.pack_gemm(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 128, torch.float32)
+    with pytest.raises(ValueError, match="fp16 or bf16 activations"):
+        L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, 3, torch.float32)
+    with pytest.raises(ValueError, match="2..8 bits, got 1"):
+        L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, 1, torch.float16)
+
+
+def test_split_heuristics():
+    assert cb.gemm_splits(4096, 4096, 4096, 132) == 1  # plenty of output tiles
+    s = cb.gemm_splits(1, 4096, 4096, 132)
+    assert 1 < s <= 4096 // 64 // 4
+    assert cb.gemm_splits(1, 64, 128, 132) == 1  # one k-tile cannot be split
+    assert 1 < cb.gemv_splits(4096, 4096, 132) <= 4096 // 32 // 8
+    assert cb.gemv_splits(64, 32, 132) == 1
+
+
+def test_fake_impls_shapes():
+    x = torch.empty(5, 256, dtype=torch.float16, device="meta")
+    qw = torch.empty(10, dtype=torch.int32, device="meta")
+    assert ops.gemm_fake(x, qw, x, x, 4, 128, 300, 1).shape == (5, 300)
+    gq = torch.empty(32, 96, dtype=torch.int32, device="meta")
+    y = ops.gemv_fake(x, gq, x, x, qw, 4, 2)
+    assert y.shape == (5, 96) and y.dtype == torch.float16
+
+
+def test_cuda_backend_rejects_cpu_input_with_reason():
+    qw = make_qweight(256, 128, 4, 128, True, False, torch.float16)
+    layer = QuantLinear.from_quantized(qw, backend="cuda")
+    x = torch.randn(2, 256, dtype=torch.float16)
+    ok, reason = cb.CudaKernel.can_implement(layer, x)
+    assert not ok
+    assert ("has no CUDA support" in reason) if torch.version.cuda is None else ("not a CUDA device" in reason)
+    with pytest.raises(NoKernelError, match="cuda: "):
+        select_kernel(layer, x, Backend.CUDA)
+    with pytest.raises(NoKernelError, match="cuda: "):
+        layer(x)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch message")
+def test_extension_failure_is_recorded_and_raised():
+    ok, reason = build.extension_status(load=True)
+    assert not ok and "CPU-only build" in reason
+    with pytest.raises(RuntimeError, match="quantkern CUDA extension unavailable: .*CPU-only build"):
+        build.require_extension()
+    assert build.setuptools_extension(ROOT) is None  # setup.py then builds no CUDA extension
+
+
+def test_sources_are_found():
+    assert build.source_root() == ROOT
+    assert all((ROOT / s).exists() for s in build.SOURCES)
+
+
+# --- compile checks: no GPU needed ----------------------------------------------------------------------
+def _run(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    return cmd, p.returncode, p.stdout + p.stderr
+
+
+@pytest.mark.skipif(build.find_nvcc() is None, reason="nvcc not installed")
+def test_every_cu_compiles_for_sm80_and_sm90(tmp_path):
+    nvcc = build.find_nvcc()
+    cus = sorted(CUDA_DIR.glob("*.cu"))
+    assert len(cus) >= 2
+    jobs = [[nvcc, "-std=c++17", "-O3", "-c", str(cu), "-o", str(tmp_path / f"{cu.stem}_{arch}.o"),
+             "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-I", str(CUDA_DIR)]
+            for cu in cus for arch in (80, 90)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(_run, jobs))
+    failed = [f"{' '.join(c)}\n{out}" for c, rc, out in results if rc != 0]
+    assert not failed, "\n\n".join(failed)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+def test_binding_compiles_against_this_torch():
+    """The binding uses only device-generic c10 APIs, so it must compile even against a CPU torch."""
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", str(CUDA_DIR / "qk_binding.cpp"), "-I", str(CUDA_DIR),
+           "-I", sysconfig.get_paths()["include"]] + [a for p in include_paths() for a in ("-I", p)]
+    _, rc, out = _run(cmd)
+    assert rc == 0, out
+
+
+# --- GPU numerics -----------------------------------------------------------------------------------------
+def _gpu_ok() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+needs_gpu = pytest.mark.skipif(not _gpu_ok(), reason="needs a CUDA GPU with compute capability >= 8.0")
+M_GRID = [1, 2, 3, 17, 127, 128, 129]
+
+
+def _check_against_reference(layer, x, dtype):
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (x.shape[0], layer.out_features)
+    ref = gptq_gemm_reference(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), layer.g_idx,
+                              layer.bits, None if layer.bias is None else layer.bias.float())
+    err = (y.float() - ref).norm() / ref.norm().clamp_min(1e-12)
+    eps = torch.finfo(dtype).eps
+    assert err < 4 * eps, f"relative error {err:.3g} >= {4 * eps:.3g}"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("m", M_GRID)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bits,k,n,gs,sym,act", [
+    (4, 1024, 264, 128, True, False), (4, 320, 512, 64, False, False), (4, 200, 136, -1, True, False),
+    (4, 512, 384, 128, False, True), (8, 1024, 264, 128, True, False), (8, 320, 256, -1, False, True),
+])
+def test_cuda_gemm_matches_reference(m, dtype, bits, k, n, gs, sym, act):
+    qw = make_qweight(k, n, bits, gs, sym, act, dtype, seed=m, device="cuda")
+    layer = QuantLinear.from_quantized(qw, bias=torch.randn(n, device="cuda"), backend="cuda")
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    _check_against_reference(layer, x, dtype)
+    assert layer.kernel_for(x).path == "gemm"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bits,gs,sym,act", [
+    (2, 64, False, False), (3, 128, False, True), (4, 32, False, True), (4, 48, True, False),
+    (5, -1, False, False), (8, 16, False, False),
+])
+def test_cuda_gemv_matches_reference(m, dtype, bits, gs, sym, act):
+    k, n = 1184, 96  # 1184 = 9 * 128 + 32: ragged last group; not a multiple of 64 or 128
+    qw = make_qweight(k, n, bits, gs, sym, act, dtype, seed=bits + m, device="cuda")
+    layer = QuantLinear.from_quantized(qw, backend="cuda")
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    _check_against_reference(layer, x, dtype)
+    assert layer.kernel_for(x).path == "gemv"
+    if m == 1:  # the same kernel object then serves a prefill-sized batch through dequantize + matmul
+        _check_against_reference(layer, torch.randn(17, k, device="cuda").to(dtype), dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_ops_splits_agree_and_bad_input_raises():
+    dtype, k, n = torch.float16, 2048, 256
+    qw = make_qweight(k, n, 4, 128, False, False, dtype, device="cuda")
+    p = L.pack_gemm(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 128, dtype)
+    x = torch.randn(5, k, device="cuda", dtype=dtype)
+    op = torch.ops.quantkern.cuda_gemm_wna16
+    y1 = op(x, p.qweight, p.scales, p.zeros, 4, 128, n, 1)
+    y7 = op(x, p.qweight, p.scales, p.zeros, 4, 128, n, 7)
+    torch.testing.assert_close(y1, y7, rtol=2e-3, atol=2e-3)
+    with pytest.raises(RuntimeError, match="qweight has"):
+        op(x, p.qweight[:-1].contiguous(), p.scales, p.zeros, 4, 128, n, 1)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        op(x, p.qweight, p.scales.float(), p.zeros, 4, 128, n, 1)
+    g = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, dtype)
+    with pytest.raises(RuntimeError, match="handles 1..8 rows"):
+        torch.ops.quantkern.cuda_gemv_wna16(torch.randn(9, k, device="cuda", dtype=dtype), g.qweight, g.scales,
+                                            g.zeros, g.g_idx, 4, 1)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        out = op(fx, mode.from_tensor(p.qweight), mode.from_tensor(p.scales), mode.from_tensor(p.zeros), 4, 128, n, 1)
+        assert out.shape == (5, n) and out.dtype == dtype
