@@ -192,17 +192,6 @@ gemm_wna16_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
     }
 }
 
-// out[i] = sum over splits of workspace[s][i], in split order (deterministic).
-template <typename T>
-__global__ void reduce_splits_kernel(const float* __restrict__ workspace, T* __restrict__ out, int splits, size_t count) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int k = 0; k < splits; ++k) s += workspace[k * count + i];
-    out[i] = from_float<T>(s);
-  }
-}
-
 template <typename T, int BITS, int MT>
 int launch_gemm(const void* x, const void* qw, const void* sc, const void* zr, void* out, float* ws, int M, int K,
                 int N, int Kp, int Np, int group_size, int splits, cudaStream_t stream) {
@@ -211,18 +200,18 @@ int launch_gemm(const void* x, const void* qw, const void* sc, const void* zr, v
   const int used = (k_tiles + per_split - 1) / per_split;  // every launched split has work
   auto kernel = gemm_wna16_kernel<T, BITS, MT>;
   constexpr int smem = GemmSmem<MT, BITS>::kTotal;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return static_cast<int>(err);
+  cudaError_t err;
+  if constexpr (smem > 48 * 1024) {  // above the default dynamic shared memory limit: opt in
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
   const dim3 grid(Np / kBN, (M + MT * 16 - 1) / (MT * 16), used);
   kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint32_t*>(qw),
                                            static_cast<const T*>(sc), static_cast<const T*>(zr), static_cast<T*>(out),
                                            used > 1 ? ws : nullptr, M, K, N, Np, group_size / kBK, k_tiles, per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess || used == 1) return static_cast<int>(err);
-  const size_t count = static_cast<size_t>(M) * N;
-  const int blocks = static_cast<int>((count + 255) / 256 < 4096 ? (count + 255) / 256 : 4096);
-  reduce_splits_kernel<T><<<blocks, 256, 0, stream>>>(ws, static_cast<T*>(out), used, count);
-  return static_cast<int>(cudaGetLastError());
+  return static_cast<int>(launch_reduce_splits(ws, static_cast<T*>(out), used, static_cast<size_t>(M) * N, stream));
 }
 
 template <typename T, int BITS>

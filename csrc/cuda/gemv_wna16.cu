@@ -15,7 +15,7 @@
 // is walked in 32-column chunks, chunk i by warp i % 8; a warp stages its chunk of x (M x 32, fp32) in its
 // own shared slice, holds the next chunk's words in registers while it computes the current one, and
 // accumulates M fp32 sums per lane. The eight warps' sums are added in shared memory; with several
-// splits, fp32 partials go to a workspace summed by the GEMM file's reduce kernel (fixed order).
+// splits, fp32 partials go to a workspace summed by reduce_splits_kernel (qk_common.cuh, fixed order).
 //
 // NUMERICS. Each weight is dequantized as (q - z) * s in fp32 and rounded to the activation dtype, the
 // exact value the reference's dequantized matrix holds; only the fp32 summation order differs.
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 gemv_wna16_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const T* __restrict__ scales,
                   const T* __restrict__ zeros, const int* __restrict__ g_idx, T* __restrict__ out,
                   float* __restrict__ workspace, int M, int K, int N, int chunks, int chunks_per_split) {
-  __shared__ float xs[kGemvWarps][kMaxM][32];
+  __shared__ __align__(16) float xs[kGemvWarps][kMaxM][32];  // read back as float4
   __shared__ float red[kGemvWarps][kMaxM][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * 32 + lane;
@@ -150,16 +150,6 @@ gemv_wna16_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
   }
 }
 
-template <typename T>
-__global__ void gemv_reduce_kernel(const float* __restrict__ workspace, T* __restrict__ out, int splits, size_t count) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int k = 0; k < splits; ++k) s += workspace[k * count + i];
-    out[i] = from_float<T>(s);
-  }
-}
-
 template <typename T, int BITS>
 int launch_gemv(const void* x, const void* qw, const void* sc, const void* zr, const int* gi, void* out, float* ws,
                 int M, int K, int N, int splits, cudaStream_t stream) {
@@ -172,10 +162,7 @@ int launch_gemv(const void* x, const void* qw, const void* sc, const void* zr, c
       gi, static_cast<T*>(out), used > 1 ? ws : nullptr, M, K, N, chunks, per_split);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || used == 1) return static_cast<int>(err);
-  const size_t count = static_cast<size_t>(M) * N;
-  const int blocks = static_cast<int>((count + 255) / 256 < 4096 ? (count + 255) / 256 : 4096);
-  gemv_reduce_kernel<T><<<blocks, 256, 0, stream>>>(ws, static_cast<T*>(out), used, count);
-  return static_cast<int>(cudaGetLastError());
+  return static_cast<int>(launch_reduce_splits(ws, static_cast<T*>(out), used, static_cast<size_t>(M) * N, stream));
 }
 
 template <typename T>

@@ -107,4 +107,27 @@ template <> struct Dequant<__nv_bfloat16, 8> {
   }
 };
 
+// out[i] = sum over splits of workspace[s][i], summed in split order (deterministic). Internal linkage:
+// each .cu gets its own copy, so no kernel symbol is shared between translation units.
+namespace {
+template <typename T>
+__global__ void reduce_splits_kernel(const float* __restrict__ workspace, T* __restrict__ out, int splits,
+                                     size_t count) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < splits; ++k) s += workspace[k * count + i];
+    out[i] = from_float<T>(s);
+  }
+}
+
+template <typename T>
+cudaError_t launch_reduce_splits(const float* workspace, T* out, int splits, size_t count, cudaStream_t stream) {
+  const size_t want = (count + 255) / 256;
+  const int blocks = static_cast<int>(want < 4096 ? want : 4096);
+  reduce_splits_kernel<T><<<blocks, 256, 0, stream>>>(workspace, out, splits, count);
+  return cudaGetLastError();
+}
+}  // namespace
+
 }  // namespace qk
