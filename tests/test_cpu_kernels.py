@@ -1,0 +1,272 @@
+"""The C++ CPU backend (csrc/cpu, quantkern/kernels/cpu) against the float64 reference.
+
+The extension is JIT-built once per session (cached under ~/.cache/quantkern); a build failure fails
+these tests loudly instead of skipping them. Every kernel variant this CPU runs (portable, AVX2,
+AVX-512) is compared over the awkward-shape grid: M in (1, 2, 3, 17, 127, 128, 129), K and N not
+multiples of 16 where the GPTQ layout allows, ragged last groups, every bits / group / sym /
+act-order combination, fp32 / bf16 / fp16 activations.
+
+Tolerance (see ``_check``): the kernel accumulates sum q*x*s and sum z*x*s in fp32 and rounds the
+result to the output dtype once, so the bound is ``eps_out * |ref| + eps_fp32 * sqrt(K) * S`` with S
+the magnitude of those two sums (|x| @ (q + z) * s). One wrong code moves y by about S / K, far
+above the fp32 term for the K used here (K <= 224: sqrt(K) * eps_fp32 ~ 2e-6 * S vs S / K >= 4e-3 * S).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from quantkern.core import QuantizedWeight, WeightScheme, find_qparams, quantize
+from quantkern.kernels import Backend, NoKernelError, select_kernel
+from quantkern.kernels.cpu import build, layout, ops
+from quantkern.kernels.cpu.backend import CpuKernel
+from quantkern.nn import QuantLinear
+
+pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                                reason="the C++ CPU kernels are x86-64 only")
+
+MS = (1, 2, 3, 17, 127, 128, 129)
+# (K, N) per bit width: not multiples of 16 where the GPTQ packing (multiples of 32/bits) allows,
+# and K chosen so that g32 / g64 / g128 all leave a ragged last group (W3 g32 divides evenly).
+SHAPES = {2: (208, 48), 3: (224, 96), 4: (200, 40), 8: (228, 36)}
+GROUPS = (-1, 32, 64, 128)
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """Build / load the extension once; raises (fails the test) with the compiler output if it cannot."""
+    return build.load()
+
+
+@pytest.fixture(scope="session")
+def isas(ext):
+    order = ["portable", "avx2", "avx512"]
+    return order[: order.index(ops.best_isa()) + 1]
+
+
+def _quantized(k, n, bits, group, sym, act_order, g_idx=None, scale_dtype=torch.float16, seed=0):
+    """A random weight quantized per group with min/max qparams; act-order permutes the groups."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    scheme = WeightScheme(bits, group, sym, act_order)
+    ng = scheme.num_groups(k)
+    if g_idx is None:
+        g_idx = torch.arange(k) // (group if group != -1 else k)
+        if act_order:  # GPTQ's act-order: group i // g of the i-th column in a permuted order
+            g_idx = g_idx[torch.argsort(torch.randperm(k, generator=gen))]
+    g_idx = g_idx.to(torch.int32)
+    codes = torch.zeros(n, k, dtype=torch.int32)
+    scales = torch.ones(ng, n)
+    zeros = torch.full((ng, n), 1 << (bits - 1), dtype=torch.int32)
+    for g in range(ng):
+        cols = (g_idx == g).nonzero().flatten()
+        if len(cols) == 0:
+            continue
+        s, z = find_qparams(w[:, cols], bits, sym, scale_dtype)
+        scales[g], zeros[g] = s, z
+        codes[:, cols] = quantize(w[:, cols], s, z, (1 << bits) - 1)
+    return QuantizedWeight(codes, scales.to(scale_dtype), zeros, g_idx, scheme)
+
+
+class _Oracle:
+    """float64 reference of one weight, and the magnitudes that set the tolerance (module docstring)."""
+
+    def __init__(self, qw, bias=None):
+        g = qw.g_idx.long()
+        s = qw.scales.double()[g].t()
+        z = qw.zeros.double()[g].t()
+        self.w = ((qw.codes.double() - z) * s).t().contiguous()  # [K, N]
+        self.mag = ((qw.codes.double() + z) * s).t().contiguous()
+        self.bias = None if bias is None else bias.double()
+
+    def check(self, y, x):
+        xd = x.double()
+        ref, mag = xd @ self.w, xd.abs() @ self.mag
+        if self.bias is not None:
+            ref, mag = ref + self.bias, mag + self.bias.abs()
+        assert y.dtype == x.dtype and y.shape == ref.shape
+        eps_out = 0.0 if y.dtype == torch.float32 else torch.finfo(y.dtype).eps
+        tol = eps_out * ref.abs() + torch.finfo(torch.float32).eps * x.shape[-1] ** 0.5 * mag + 1e-30
+        err = (y.double() - ref).abs()
+        worst = (err / tol).max().item()
+        assert worst <= 1.0, f"max error / tolerance = {worst:.3g} (max abs error {err.max().item():.3g})"
+
+
+def _check(y, x, qw, bias=None):
+    _Oracle(qw, bias).check(y, x)
+
+
+# --- layout: bit-exact ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("group,act_order", [(-1, False), (32, False), (64, True), (128, False)])
+def test_pack_roundtrip_bit_exact(bits, group, act_order):
+    qw = _quantized(224, 96, bits, group, False, act_order)
+    p = layout.pack_cpu(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits)
+    assert p.w.dtype == torch.int32 and p.w.shape[2] == 16 and p.w.shape[0] == 6
+    assert torch.equal(layout.unpack_cpu(p), qw.codes)
+    assert torch.equal(p.scales[:, :96], qw.scales.float()) and not p.scales[:, 96:].any()
+    assert torch.equal(p.zs[:, :96], qw.zeros.float() * qw.scales.float())
+    # the per-call gather is skipped exactly when the padded order is the identity
+    needs_gather = act_order or (group != -1 and 224 % group % p.vpw != 0)
+    assert (p.src is not None) == needs_gather
+
+
+def test_pack_from_gptq_matches_canonical():
+    qw = _quantized(200, 40, 4, 64, False, True)
+    lin = QuantLinear.from_quantized(qw)
+    p = layout.pack_cpu_from_gptq(lin.qweight, lin.qzeros, lin.scales, lin.g_idx, 4, 200)
+    assert torch.equal(layout.unpack_cpu(p), qw.codes)
+
+
+def test_pack_arbitrary_g_idx_with_empty_groups():
+    g_idx = torch.tensor([3, 0, 3, 3, 1, 0, 3, 1] * 4, dtype=torch.int32)  # group 2 is empty
+    qw = _quantized(32, 16, 4, 8, False, True, g_idx=g_idx)
+    p = layout.pack_cpu(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4)
+    assert p.gptr.tolist() == [0, 1, 2, 2, 4]  # 8, 8, 0 and 16 columns -> 1, 1, 0, 2 words
+    assert torch.equal(layout.unpack_cpu(p), qw.codes)
+
+
+def test_pack_rejects_bad_input():
+    qw = _quantized(64, 16, 4, 32, True, False)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        layout.pack_cpu(qw.codes, qw.scales, qw.zeros, qw.g_idx, 1)
+    with pytest.raises(ValueError, match="g_idx values must lie in"):
+        layout.pack_cpu(qw.codes, qw.scales, qw.zeros, qw.g_idx + 5, 4)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        layout.pack_cpu(qw.codes[:, :32], qw.scales, qw.zeros, qw.g_idx, 4)
+
+
+# --- the fused kernel against the reference ------------------------------------------------------
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["static", "actorder"])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
+def test_gemm_matches_reference(isas, bits, group, sym, act_order):
+    k, n = SHAPES[bits]
+    qw = _quantized(k, n, bits, group, sym, act_order, seed=bits * 100 + group)
+    lin = QuantLinear.from_quantized(qw, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(1)
+    xs = {m: torch.randn(m, k, generator=gen) for m in MS}
+    oracle = _Oracle(qw)
+    for isa in isas:
+        kern = CpuKernel(lin, isa=isa)
+        for m, x32 in xs.items():
+            for dtype in (torch.float32, torch.bfloat16):
+                x = x32.to(dtype)
+                oracle.check(kern(lin, x), x)
+
+
+@pytest.mark.parametrize("isa_index", [0, 1, 2])
+def test_gemm_arbitrary_g_idx_bias_and_fp16(isas, isa_index):
+    if isa_index >= len(isas):
+        pytest.skip(f"this CPU runs only {isas}")
+    g_idx = torch.randint(0, 7, (96,), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    g_idx[g_idx == 4] = 5  # an empty group in the middle
+    qw = _quantized(96, 40, 4, 14, False, True, g_idx=g_idx, scale_dtype=torch.bfloat16)  # 7 groups
+    bias = torch.randn(40)
+    lin = QuantLinear.from_quantized(qw, bias=bias, dtype=torch.bfloat16)
+    kern = CpuKernel(lin, isa=isas[isa_index])
+    oracle = _Oracle(qw, bias=lin.bias.float())
+    for m in (1, 5, 9):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(m, 96).to(dtype)
+            oracle.check(kern(lin, x), x)
+
+
+def test_quantlinear_auto_selects_cpu_and_matches(ext):
+    qw = _quantized(200, 40, 4, 128, True, False, scale_dtype=torch.bfloat16)
+    lin = QuantLinear.from_quantized(qw, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 200, dtype=torch.bfloat16)
+    assert select_kernel(lin, x.reshape(-1, 200)) is CpuKernel
+    y = lin(x)
+    assert y.shape == (2, 3, 40) and isinstance(lin.kernel_for(x.reshape(-1, 200)), CpuKernel)
+    _check(y.reshape(-1, 40), x.reshape(-1, 200), qw)
+    explicit = QuantLinear.from_quantized(qw, dtype=torch.bfloat16, backend="cpu")
+    assert torch.equal(explicit(x), y)
+
+
+def test_opcheck_and_fake(ext):
+    qw = _quantized(64, 32, 4, 32, False, True)
+    p = layout.pack_cpu(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4)
+    x = torch.randn(3, 64)
+    args = (x, p.w, p.scales, p.zs, p.gptr, p.src, p.cb, 32, torch.randn(32), 0)
+    torch.library.opcheck(torch.ops.quantkern_cpu.gemm.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    fake[0] = mode.from_tensor(torch.empty(5, 64))
+    with mode:
+        out = torch.ops.quantkern_cpu.gemm(*fake)
+    assert out.shape == (5, 32) and out.dtype == torch.float32
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def test_op_rejects_bad_arguments(ext):
+    qw = _quantized(64, 32, 4, 32, True, False)
+    p = layout.pack_cpu(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="unknown CPU isa"):
+        ops.gemm(x, p, isa="sse9")
+    gemm = torch.ops.quantkern_cpu.gemm
+    with pytest.raises(RuntimeError, match="isa must be 0"):
+        gemm(x, p.w, p.scales, p.zs, p.gptr, p.src, p.cb, 32, None, 7)
+    with pytest.raises(RuntimeError, match="container bits must be 2, 4 or 8"):
+        gemm(x, p.w, p.scales, p.zs, p.gptr, p.src, 3, 32, None, 0)
+    with pytest.raises(RuntimeError, match="x has 60 features but the packed weight expects 64"):
+        gemm(torch.randn(2, 60), p.w, p.scales, p.zs, p.gptr, p.src, p.cb, 32, None, 0)
+    with pytest.raises(RuntimeError, match="n=40 does not match"):
+        gemm(x, p.w, p.scales, p.zs, p.gptr, p.src, p.cb, 40, None, 0)
+    with pytest.raises(RuntimeError, match="w must be contiguous int32"):
+        gemm(x, p.w.float(), p.scales, p.zs, p.gptr, p.src, p.cb, 32, None, 0)
+    with pytest.raises(RuntimeError, match="scales / zs must be contiguous fp32"):
+        gemm(x, p.w, p.scales.half(), p.zs, p.gptr, p.src, p.cb, 32, None, 0)
+    with pytest.raises(RuntimeError, match="bias has 3 elements"):
+        gemm(x, p.w, p.scales, p.zs, p.gptr, p.src, p.cb, 32, torch.randn(3), 0)
+    with pytest.raises(RuntimeError, match="gptr must run from 0"):
+        gemm(x, p.w, p.scales, p.zs, p.gptr + 1, p.src, p.cb, 32, None, 0)
+
+
+def test_can_implement_reasons(ext):
+    lin = QuantLinear.from_quantized(_quantized(64, 32, 4, 32, True, False))
+    ok, reason = CpuKernel.can_implement(lin, torch.empty(2, 64, device="meta"))
+    assert not ok and "on meta" in reason
+    ok, reason = CpuKernel.can_implement(lin, torch.empty(2, 64, dtype=torch.float64))
+    assert not ok and "torch.float64" in reason
+    assert CpuKernel.can_implement(lin, torch.empty(2, 64)) == (True, None)
+
+
+def test_recorded_build_failure_is_loud_when_explicit_and_a_reason_under_auto(ext, monkeypatch):
+    monkeypatch.setitem(build._state, "origin", None)
+    monkeypatch.setitem(build._state, "error", "building the quantkern CPU extension failed: error: boom")
+    lin = QuantLinear.from_quantized(_quantized(64, 32, 4, 32, True, False))
+    x = torch.randn(1, 64)
+    with pytest.raises(NoKernelError, match="cpu: the C.. CPU extension is unavailable: .*error: boom"):
+        select_kernel(lin, x, Backend.CPU)
+    with pytest.raises(build.ExtensionError, match="error: boom"):
+        CpuKernel(lin)
+    assert select_kernel(lin, x, Backend.AUTO).backend is Backend.REFERENCE
+
+
+def test_jit_build_failure_raises_with_compiler_output(tmp_path):
+    src = tmp_path / "broken.cpp"
+    src.write_text("int quantkern_broken( { return undeclared_identifier_xyz; }\n")
+    with pytest.raises(build.ExtensionError, match="(?s)failed.*undeclared_identifier_xyz"):
+        build.jit_build("quantkern_broken_test", [src], build_root=tmp_path)
+
+
+def test_setuptools_extension_lists_the_sources(tmp_path):
+    from pathlib import Path
+
+    root = Path(build.__file__).resolve().parents[3]
+    ext = build.setuptools_extension(root)
+    assert ext.name == "quantkern._C_cpu"
+    assert sorted(Path(s).name for s in ext.sources) == sorted(p.name for p in build.sources(root))
+    assert build.setuptools_extension(tmp_path) is None  # no csrc/cpu there: nothing to build
