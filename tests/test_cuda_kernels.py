@@ -178,6 +178,45 @@ def test_extension_failure_is_recorded_and_raised():
     assert build.setuptools_extension(ROOT) is None  # setup.py then builds no CUDA extension
 
 
+def test_setuptools_extension_when_cuda_toolkit_present(monkeypatch):
+    import torch.utils.cpp_extension as ce
+
+    nvcc = build.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(ce, "CUDA_HOME", str(Path(nvcc).resolve().parents[1]))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    ext = build.setuptools_extension(ROOT)
+    assert ext.name == "quantkern._cuda_kernels"
+    assert sorted(ext.sources) == sorted(build.SOURCES)  # relative, as setuptools wants
+    assert "--use_fast_math" not in ext.extra_compile_args["nvcc"]
+    assert os.environ["TORCH_CUDA_ARCH_LIST"].startswith("8.0")
+    monkeypatch.setattr(ce, "CUDA_HOME", None)
+    assert "finds no CUDA toolkit" in build.toolchain_problem()
+    assert build.setuptools_extension(ROOT) is None
+
+
+def test_broken_prebuilt_library_is_reported_with_cause(monkeypatch, tmp_path):
+    """An extension built against another torch fails to load; the reason says so, and the JIT attempt's
+    reason follows it."""
+    import importlib.machinery
+
+    bogus = tmp_path / "_cuda_kernels.so"
+    bogus.write_bytes(b"not an ELF file")
+    spec = importlib.machinery.ModuleSpec(build.EXT_MODULE, None, origin=str(bogus))
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: spec if name == build.EXT_MODULE else None)
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(build, "_jit_build", lambda: (False, "cannot JIT-build: no nvcc (test)"))
+    ok, reason = build.load_extension()
+    assert not ok
+    assert f"prebuilt {bogus} failed to load, probably built against another torch" in reason
+    assert reason.endswith("then cannot JIT-build: no nvcc (test)")
+    assert build.load_extension() == (ok, reason)  # cached: no second build attempt
+    with pytest.raises(RuntimeError, match="CUDA extension unavailable: prebuilt"):
+        build.require_extension()
+
+
 def test_sources_are_found():
     assert build.source_root() == ROOT
     assert all((ROOT / s).exists() for s in build.SOURCES)

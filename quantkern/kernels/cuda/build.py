@@ -61,8 +61,11 @@ def toolchain_problem() -> str | None:
 
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
-    if find_nvcc() is None:
-        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    from torch.utils.cpp_extension import CUDA_HOME  # what CUDAExtension and load() will use
+
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return (f"torch.utils.cpp_extension finds no CUDA toolkit (CUDA_HOME={CUDA_HOME}); set CUDA_HOME to the "
+                f"toolkit root{f' (nvcc is at {find_nvcc()})' if find_nvcc() else ''}")
     return None
 
 
