@@ -18,7 +18,7 @@ from quantkern.core import QuantizedWeight, WeightScheme
 from quantkern.formats.gptq import pack_gptq
 from quantkern.kernels import Backend, NoKernelError, select_kernel
 from quantkern.kernels.cuda import backend as cb
-from quantkern.kernels.cuda import build, layout as L, ops
+from quantkern.kernels.cuda import build, emulate, layout as L, ops
 from quantkern.kernels.reference import dequantize_gptq, gptq_gemm_reference
 from quantkern.nn.quant_linear import QuantLinear
 
@@ -111,6 +111,43 @@ def test_permuted_product_equals_reference(act):
     y = xp.float() @ L.emulate_gemm_weight(p)[:k, :n].float()
     ref = x.float() @ reference_weight(qw, dtype).float()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def _rel_err(y, ref):
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("m,k,n,bits,gs,sym,act,dtype,splits", [
+    (1, 136, 264, 4, 64, True, False, torch.float16, 1),     # K and N tails, one split
+    (2, 136, 136, 4, 64, False, True, torch.bfloat16, 2),    # act-order, asym, split K
+    (17, 320, 128, 8, 128, False, True, torch.bfloat16, 3),  # MT = 2, W8 bf16 (fp32 dequant path)
+    (40, 200, 136, 4, -1, False, False, torch.float16, 2),   # MT = 4, per-channel, uneven split
+    (129, 136, 136, 8, 64, True, False, torch.float16, 1),   # three M tiles, last one row
+])
+def test_gemm_kernel_model_matches_reference(m, k, n, bits, gs, sym, act, dtype, splits):
+    """The thread-level model of gemm_wna16_kernel (swizzled x tile, ldmatrix / mma fragments, epilogue,
+    splits) reproduces x @ W up to the output rounding."""
+    qw = make_qweight(k, n, bits, gs, sym, act, dtype, seed=m)
+    p = L.pack_gemm(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits, gs, dtype)
+    x = torch.randn(m, k).to(dtype)
+    y = emulate.emulate_gemm(x if p.perm is None else x[:, p.perm], p, splits)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel_err(y, x.float() @ reference_weight(qw, dtype).float()) < torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("m,bits,gs,act,dtype,splits", [
+    (1, 3, 128, True, torch.float16, 2),
+    (8, 5, 48, False, torch.bfloat16, 1),   # ragged groups change inside chunks: the per-code branch
+    (3, 2, -1, False, torch.float16, 3),
+])
+def test_gemv_kernel_model_matches_reference(m, bits, gs, act, dtype, splits):
+    k, n = 1000, 96  # K tail inside a chunk
+    qw = make_qweight(k, n, bits, gs, False, act, dtype, seed=bits)
+    p = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits, dtype)
+    x = torch.randn(m, k).to(dtype)
+    y = emulate.emulate_gemv(x if p.perm is None else x[:, p.perm], p, splits)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel_err(y, x.float() @ reference_weight(qw, dtype).float()) < torch.finfo(dtype).eps
 
 
 def test_gemm_unsupported_reasons():
