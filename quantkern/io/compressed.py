@@ -1,0 +1,205 @@
+"""compressed-tensors (llm-compressor's format, loaded by vLLM and transformers): "pack-quantized"
+integer weights, through the ``compressed-tensors`` package's own config classes and packers.
+
+Layout per quantized Linear (K = in_features, N = out_features, G groups, b bits), as the
+package's ``PackedQuantizationCompressor`` defines it:
+
+- ``weight_packed``: int32 ``[N, ceil(K*b/32)]`` — signed codes ``q = code - 2**(b-1)`` packed along K
+  (dense bit stream in compressed-tensors >= 0.20, by the package's ``pack_to_int32``)
+- ``weight_scale``: ``[N, G]`` (the transpose of GPTQ's ``scales``)
+- ``weight_zero_point``: int32 ``[ceil(N*b/32), G]`` (asymmetric only; signed ``zero - 2**(b-1)``
+  packed along N); symmetric schemes have a zero of 0, i.e. quantkern's ``2**(b-1)``
+- ``weight_shape``: int64 ``[2]`` = ``(N, K)``; optional ``weight_g_idx`` int32 ``[K]`` (act-order,
+  read when present; not written: compressed-tensors 0.20 removed ``actorder="group"``)
+
+The codes are packed directly (not re-quantized from a dequantized weight), so export is exact.
+Not covered here: float-quantized fp8 weights and int8 / fp8 activation schemes (W8A8) — quantkern
+has no module that holds them yet; such checkpoints are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..core import QuantizedWeight, WeightScheme
+from ..formats.gptq import pack_gptq
+from .config import CheckpointConfigError
+from .validate import FLOAT_DTYPES, CheckpointTensorError, check_g_idx, check_linear_scheme, check_scales, check_tensor
+
+_TOP_KEYS = {"quant_method", "version", "config_groups", "format", "quantization_status", "global_compression_ratio",
+             "ignore", "kv_cache_scheme", "sparsity_config", "transform_config", "moe_sparsity_config",
+             "quantizer"}
+_SCHEME_KEYS = {"targets", "weights", "input_activations", "output_activations", "format"}
+
+
+def _ct():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as e:
+        raise ImportError("the compressed-tensors format needs the `compressed-tensors` package "
+                          "(pip install compressed-tensors)") from e
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    return QuantizationArgs, QuantizationScheme, QuantizationConfig, pack_to_int32, unpack_from_int32
+
+
+def _ct_version() -> str:
+    import compressed_tensors
+
+    return compressed_tensors.__version__
+
+
+def _weight_args(scheme: WeightScheme, symmetric: bool):
+    QuantizationArgs = _ct()[0]
+    grouped = scheme.group_size != -1
+    return QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=symmetric,
+                            strategy="group" if grouped else "channel",
+                            group_size=scheme.group_size if grouped else None, dynamic=False)
+
+
+def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``(state dict, quantization_config, {})`` in the pack-quantized format.
+
+    Raises ``ValueError`` naming a layer whose group size does not divide its in_features (the format
+    has no ragged groups)."""
+    from .save import dense_state_dict, quant_layers
+
+    QuantizationArgs, QuantizationScheme, QuantizationConfig, pack_to_int32, _ = _ct()
+    layers = quant_layers(model)
+    sd = dense_state_dict(model)
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, m in layers.items():
+        qw = m.to_quantized()
+        s = qw.scheme
+        k, n, mid = m.in_features, m.out_features, 1 << (s.bits - 1)
+        if s.group_size != -1 and k % s.group_size:
+            raise ValueError(f"{name}: group_size={s.group_size} does not divide in_features={k}; "
+                             "compressed-tensors has no ragged last group")
+        symmetric = s.sym and bool((qw.zeros == mid).all())  # a "sym" layer with other zeros is stored asym
+        plain = torch.arange(k, dtype=torch.int32) // (s.group_size if s.group_size != -1 else k)
+        if not torch.equal(qw.g_idx.cpu().to(torch.int32), plain):
+            # compressed-tensors >= 0.20 removed actorder="group" (a stored permuted g_idx)
+            raise ValueError(f"{name}: act-order with a permuted g_idx cannot be stored in compressed-tensors "
+                             f"{_ct_version()}; export GPTQ instead")
+        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+            sd.pop(f"{name}.{suffix}")
+        sd[f"{name}.weight_packed"] = pack_to_int32((qw.codes.cpu() - mid).to(torch.int8), s.bits)
+        sd[f"{name}.weight_scale"] = qw.scales.cpu().t().contiguous()
+        sd[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        if not symmetric:
+            zp = (qw.zeros.cpu().t() - mid).to(torch.int8).contiguous()
+            sd[f"{name}.weight_zero_point"] = pack_to_int32(zp, s.bits, packed_dim=0).contiguous()
+        groups[(s.bits, s.group_size, symmetric)].append(name)
+    dense = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    config_groups = {}
+    for i, ((bits, gs, symmetric), names) in enumerate(sorted(groups.items())):
+        targets = ["Linear"] if len(groups) == 1 else names
+        args = _weight_args(WeightScheme(bits, gs, symmetric, False), symmetric)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
+    qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+                                 quantization_status="compressed", ignore=dense if len(groups) == 1 else [])
+    import compressed_tensors
+
+    qc = {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors", "sparsity_config": {},
+          "transform_config": {}, **qconfig.model_dump(exclude=["quant_method"])}
+    return sd, qc, {}
+
+
+def parse_compressed_config(qc: dict):
+    """Validate a compressed-tensors ``quantization_config`` with the package's pydantic classes, plus
+    the unknown-key check they skip at the top level. Returns the ``QuantizationConfig``."""
+    QuantizationArgs, QuantizationScheme, QuantizationConfig, _, _ = _ct()
+    where = "quantization_config"
+    unknown = sorted(str(k) for k in qc if k not in _TOP_KEYS)
+    if unknown:
+        raise CheckpointConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(_TOP_KEYS)}")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise CheckpointConfigError(f"{where}: 'config_groups' must be a non-empty object")
+    try:
+        cfg = QuantizationConfig.model_validate(qc)
+    except Exception as e:  # pydantic.ValidationError lists every field
+        raise CheckpointConfigError(f"{where}: invalid compressed-tensors config: {e}") from None
+    if cfg.quantization_status != "compressed":
+        raise CheckpointConfigError(f"{where}: quantization_status {cfg.quantization_status!r} is not supported; "
+                                    "only 'compressed' checkpoints hold packed weights")
+    for gname, s in cfg.config_groups.items():
+        fmt = s.format or cfg.format
+        if fmt != "pack-quantized":
+            raise CheckpointConfigError(f"{where}.config_groups.{gname}: format {fmt!r} is not supported; "
+                                        "quantkern imports 'pack-quantized' int weights only")
+        if s.input_activations is not None or s.output_activations is not None:
+            raise CheckpointConfigError(f"{where}.config_groups.{gname}: activation quantization is not supported "
+                                        "by quantkern's weight-only QuantLinear")
+        w = s.weights
+        if w is None or w.type != "int" or w.num_bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise CheckpointConfigError(f"{where}.config_groups.{gname}: weights must be int with 2..8 bits, got {w}")
+        if w.strategy not in ("group", "channel"):
+            raise CheckpointConfigError(f"{where}.config_groups.{gname}: strategy {w.strategy!r} is not supported "
+                                        "(group or channel)")
+    return cfg
+
+
+def compressed_to_gptq(qc: dict, tensors: dict[str, torch.Tensor], model: nn.Module):
+    """Match the config's schemes to the skeleton's Linears, validate their tensors and convert them to
+    the GPTQ v2 layout. Returns ``({name: (scheme, tensors)}, {dense tensors})``."""
+    from compressed_tensors.utils import match_named_modules
+
+    unpack_from_int32 = _ct()[4]
+    cfg = parse_compressed_config(qc)
+    quant, used = {}, set()
+    for gname, s in cfg.config_groups.items():
+        w = s.weights
+        for name, mod in match_named_modules(model, s.targets, cfg.ignore):
+            if not isinstance(mod, nn.Linear) or name in quant:
+                continue
+            k, n = mod.in_features, mod.out_features
+            gs = w.group_size if w.strategy == "group" else -1
+            act = f"{name}.weight_g_idx" in tensors
+            scheme = WeightScheme(w.num_bits, gs, bool(w.symmetric), act)
+            check_linear_scheme(name, scheme, k, n)
+            g = scheme.num_groups(k)
+            b, mid = w.num_bits, 1 << (w.num_bits - 1)
+            need = ["weight_packed", "weight_scale", "weight_shape"] + ([] if w.symmetric else ["weight_zero_point"])
+            for part in need:
+                if f"{name}.{part}" not in tensors:
+                    raise CheckpointTensorError(f"{name}.{part}: missing (config group {gname})")
+            check_tensor(f"{name}.weight_packed", tensors[f"{name}.weight_packed"], (torch.int32,), (n, -(-k * b // 32)))
+            check_tensor(f"{name}.weight_scale", tensors[f"{name}.weight_scale"], FLOAT_DTYPES, (n, g))
+            check_scales(f"{name}.weight_scale", tensors[f"{name}.weight_scale"])
+            shape = tensors[f"{name}.weight_shape"]
+            if shape.dtype not in (torch.int32, torch.int64) or shape.tolist() != [n, k]:
+                raise CheckpointTensorError(f"{name}.weight_shape: {shape.tolist()} does not match the module ({n}, {k})")
+            codes = unpack_from_int32(tensors[f"{name}.weight_packed"], b, torch.Size([n, k])).to(torch.int32) + mid
+            if w.symmetric:
+                zeros = torch.full((g, n), mid, dtype=torch.int32)
+            else:
+                check_tensor(f"{name}.weight_zero_point", tensors[f"{name}.weight_zero_point"], (torch.int32,),
+                             (-(-n * b // 32), g))
+                zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], b, torch.Size([n, g]), packed_dim=0)
+                zeros = zp.to(torch.int32).t().contiguous() + mid
+            if act:
+                g_idx = tensors[f"{name}.weight_g_idx"]
+                check_tensor(f"{name}.weight_g_idx", g_idx, (torch.int32, torch.int64), (k,))
+                check_g_idx(f"{name}.weight_g_idx", g_idx, g)
+                g_idx = g_idx.to(torch.int32)
+            else:
+                g_idx = torch.arange(k, dtype=torch.int32) // (gs if gs != -1 else k)
+            scales = tensors[f"{name}.weight_scale"].t().contiguous()
+            t = pack_gptq(QuantizedWeight(codes, scales, zeros, g_idx, scheme))
+            out = {f"{name}.qweight": t.qweight, f"{name}.qzeros": t.qzeros, f"{name}.scales": t.scales,
+                   f"{name}.g_idx": t.g_idx}
+            if f"{name}.bias" in tensors:
+                check_tensor(f"{name}.bias", tensors[f"{name}.bias"], FLOAT_DTYPES, (n,))
+                out[f"{name}.bias"] = tensors[f"{name}.bias"]
+            quant[name] = (scheme, out)
+            used |= {f"{name}.{p}" for p in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                                             "weight_g_idx", "bias")}
+    stray = sorted(k for k in tensors if k.endswith(".weight_packed") and k not in used)
+    if stray:
+        raise CheckpointTensorError(f"{stray[0]}: packed weights for a module no config group targets")
+    return quant, {k: t for k, t in tensors.items() if k not in used}
