@@ -27,6 +27,7 @@ PROBE_SCHEMES = (
     ("W3 g128 asym", 3, 128, False, False),
 )
 PROBE_FEATURES = 256  # small, divisible by everything the layouts need
+MAX_INLINE_REASON = 240
 
 
 def _version(module: str) -> str:
@@ -116,6 +117,17 @@ def report(rows: int = 1) -> str:
     lines.append(f"backends (can_implement for a {PROBE_FEATURES}x{PROBE_FEATURES} layer, M={rows}; "
                  "selection tries them top to bottom)")
     table = backend_table(rows)
+    notes: dict[str, int] = {}  # long reasons (a compiler log) are printed once, after the table
+
+    def answer(ok: bool, reason: str | None) -> str:
+        if ok:
+            return "yes"
+        text = str(reason)
+        if len(text) <= MAX_INLINE_REASON:
+            return "no: " + text
+        ref = notes.setdefault(text, len(notes) + 1)
+        return f"no: {text[:MAX_INLINE_REASON]}... [see note {ref}]"
+
     for backend in dict.fromkeys(r[0] for r in table):
         lines.append(f"  {backend}")
         for dev in dict.fromkeys(r[1] for r in table):
@@ -123,10 +135,12 @@ def report(rows: int = 1) -> str:
             answers = {(ok, reason) for *_, ok, reason in rows_}
             if len(answers) == 1:  # one answer for every dtype and scheme: say it once
                 ok, reason = answers.pop()
-                lines.append(f"    {dev:<7} {'every dtype and scheme':<34} {'yes' if ok else 'no: ' + str(reason)}")
+                lines.append(f"    {dev:<7} {'every dtype and scheme':<34} {answer(ok, reason)}")
                 continue
             for _, _, dtype, label, ok, reason in rows_:
-                lines.append(f"    {dev:<7} {dtype:<9} {label:<24} {'yes' if ok else 'no: ' + str(reason)}")
+                lines.append(f"    {dev:<7} {dtype:<9} {label:<24} {answer(ok, reason)}")
+    for text, ref in notes.items():
+        lines += ["", f"note {ref}:", text]
     return "\n".join(lines)
 
 

@@ -51,3 +51,14 @@ def test_main_runs_as_module_and_validates_args(capsys):
                        timeout=300)
     assert p.returncode == 0, p.stderr
     assert "M=2" in p.stdout and "backends" in p.stdout
+
+
+def test_long_reasons_are_printed_once_as_notes(monkeypatch):
+    log = "nvcc error: " + "x" * 1000
+    rows = [("cuda", "cuda:0", dt, label, False, log) for dt in ("float16", "bfloat16") for label in ("a", "b")]
+    rows.append(("cuda", "cuda:0", "float32", "a", False, "activation dtype is not fp16 / bf16"))
+    monkeypatch.setattr(env, "backend_table", lambda rows_=1: rows)
+    text = env.report()
+    assert text.count(log) == 1 and "note 1:" in text
+    assert text.count("[see note 1]") == 4
+    assert "no: activation dtype is not fp16 / bf16" in text
