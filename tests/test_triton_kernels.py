@@ -119,14 +119,16 @@ def test_pack_k_words_is_the_gptq_stream_for_power_of_two_bits(bits):
 def test_pack_k_words_round_trip(bits, k):
     codes = torch.randint(0, 1 << bits, (k, 5), dtype=torch.int32)
     words = tk.pack_k_words(codes, bits)
-    assert words.shape == (-(-k // (32 // bits)), 5)
+    assert words.shape == (sum(-(-k // (32 // w)) for w in (1, 2, 4, 8) if bits & w), 5)
+    if k % 32 == 0:
+        assert words.numel() * 32 == codes.numel() * bits  # exactly `bits` bits a weight
     assert torch.equal(tk.unpack_k_words(words, bits, k), codes)
 
 
 def test_pack_k_words_rejects_bad_input():
     with pytest.raises(ValueError, match="outside"):
         tk.pack_k_words(torch.full((4, 4), 16, dtype=torch.int32), 4)
-    with pytest.raises(ValueError, match="bits must be in 2..8"):
+    with pytest.raises(ValueError, match="bits must be an int in 2..8"):
         tk.pack_k_words(torch.zeros(4, 4, dtype=torch.int32), 9)
     with pytest.raises(ValueError, match=r"int32 \[2, N\]"):
         tk.unpack_k_words(torch.zeros(3, 4, dtype=torch.int32), 4, 16)
@@ -188,7 +190,7 @@ def test_schemes(bits, group_size, m):
 
 @cpu_only
 @pytest.mark.parametrize("n,k,bits,group_size", [(19, 37, 3, 16), (33, 100, 5, 32), (7, 130, 4, 64),
-                                                 (21, 45, 2, -1), (9, 70, 8, 32)])
+                                                 (21, 45, 2, -1), (9, 70, 8, 32), (13, 50, 6, 16), (11, 64, 7, 32)])
 @pytest.mark.parametrize("m", [1, 2, 17])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_odd_shapes_and_ragged_groups(n, k, bits, group_size, m, dtype):
@@ -200,8 +202,9 @@ def test_odd_shapes_and_ragged_groups(n, k, bits, group_size, m, dtype):
                                     dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=16, SPLIT_K=16)])
 @pytest.mark.parametrize("m", [1, 4, 16])
 def test_decode_modes_and_split_k(config, m):
-    qw = make_qweight(40, 192, 4, 32, False, True)
-    w = tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 32)
+    bits = 2 if config["BLOCK_K"] == 16 else 4  # 2-bit words hold 16 codes: one word row a tile
+    qw = make_qweight(40, 192, bits, 32, False, True)
+    w = tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits, 32)
     x = torch.randn(m, 192).half()
     b = torch.randn(40).half()
     check(tk.wna16_matmul(x, w, b, config=config), x, qw.dequantize().t(), b)
@@ -250,7 +253,7 @@ def _args(m=2, k=64, n=16, bits=4, dtype=torch.float16):
     (0, torch.randn(2, 64), "float16 or bfloat16"),
     (0, torch.randn(2, 2, 64).half(), "2-D"),
     (0, torch.randn(64, 2).half().t(), "unit stride"),
-    (0, torch.randn(2, 72).half(), r"qweight must be int32 \[ceil\(K / 8\), N\] = \[9, N\]"),
+    (0, torch.randn(2, 72).half(), r"qweight must be int32 \[9, N\] \(bit planes \[4\] of K=72\)"),
     (1, torch.zeros(8, 16, dtype=torch.int64), "qweight must be int32"),
     (2, torch.ones(2, 15).half(), r"scales must be fp16 / bf16 / fp32 \[G, 16\]"),
     (2, torch.ones(3, 16).half(), "give 2 groups, but scales has 3 rows"),
@@ -285,12 +288,13 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     (dict(BLOCK_M=8, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1), True, "or exactly 1"),
     (dict(BLOCK_M=16, BLOCK_N=8, BLOCK_K=32, SPLIT_K=1), True, "must be >= 16"),
     (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=0), True, "positive int"),
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=1), True, "BLOCK_K'] must be >= 32 for 3-bit"),
     ([16, 32, 32], True, "must be a dict"),
 ])
 def test_bad_configs_raise(config, split_k, match):
     op = tk.gemv_wna16 if split_k else tk.gemm_wna16
     with pytest.raises(ValueError, match=match):
-        op(*_args(), config=config)
+        op(*_args(bits=3 if "3-bit" in match else 4), config=config)
 
 
 # ---------------------------------------------------------------- backend selection and QuantLinear

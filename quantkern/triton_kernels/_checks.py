@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._tuning import interpreting
+from .layout import bit_planes, packed_rows
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,10 +27,10 @@ def check_inputs(x, qweight, scales, zeros, g_idx, bias, bits, group_size, zero_
     if x.stride(1) != 1:
         raise ValueError("x must have unit stride along K (call .contiguous())")
     m, k = x.shape
-    vpw = 32 // bits
-    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != -(-k // vpw):
-        raise ValueError(f"qweight must be int32 [ceil(K / {vpw}), N] = [{-(-k // vpw)}, N] for K={k} and "
-                         f"{bits} bits, got {qweight.dtype} {tuple(qweight.shape)}")
+    rows = packed_rows(k, bits)
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != rows:
+        raise ValueError(f"qweight must be int32 [{rows}, N] (bit planes {bit_planes(bits)} of K={k}), "
+                         f"got {qweight.dtype} {tuple(qweight.shape)}")
     if qweight.stride(1) != 1:
         raise ValueError("qweight must be contiguous along N")
     n = qweight.shape[1]

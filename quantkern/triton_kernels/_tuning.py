@@ -98,18 +98,37 @@ def bucket_m(m: int) -> int:
     return 512 if m <= 512 else 1024 if m <= 1024 else 4096
 
 
-def prune(configs: list[dict], m: int, k: int, group_size: int) -> list[dict]:
+def min_block_k(bits: int) -> int:
+    """Smallest BLOCK_K for ``bits``: a tile must cover whole words of every bit plane (a 1-bit
+    plane holds 32 values a word, so odd widths need 32) and tl.dot needs 16."""
+    return max(16, 32 // (bits & -bits))
+
+
+def check_block_k(config: dict, bits: int) -> None:
+    if config["BLOCK_K"] < min_block_k(bits):
+        raise ValueError(f"config['BLOCK_K'] must be >= {min_block_k(bits)} for {bits}-bit weights, "
+                         f"got {config['BLOCK_K']}")
+
+
+def prune(configs: list[dict], m: int, k: int, group_size: int, bits: int) -> list[dict]:
     """Candidates sensible for this problem: no tile far larger than M or K, and (for regular
-    groups) a BLOCK_K that divides the group so one scale row serves a whole K tile."""
-    out = []
+    groups) BLOCK_K shrunk to a power of two >= :func:`min_block_k` dividing the group, so that one
+    scale row serves a whole K tile (group mode 1) instead of a per-column gather; no duplicates."""
+    out: list[dict] = []
     for c in configs:
         if c["BLOCK_M"] > max(16, bucket_m(m)) or (c["BLOCK_M"] == 1 and m > 4):
             continue
         if c["BLOCK_K"] > max(32, 1 << (k - 1).bit_length()):
             continue
-        if group_size > 0 and group_size % c["BLOCK_K"]:
-            continue
-        out.append(c)
+        bk = c["BLOCK_K"]
+        if group_size > 0:
+            while bk > min_block_k(bits) and group_size % bk:
+                bk //= 2
+            if group_size % bk:
+                bk = c["BLOCK_K"]  # no aligned tile: gather (mode 2) with the original BLOCK_K
+        c = dict(c, BLOCK_K=bk)
+        if c not in out:
+            out.append(c)
     return out or [c for c in configs if c["BLOCK_M"] != 1 or m <= 4][:1]
 
 

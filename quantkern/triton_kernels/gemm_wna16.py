@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_inputs, dot_in_fp32, group_mode
-from ._dequant import load_tile
-from ._tuning import GEMM_CONFIGS, bucket_m, pick_config, prune, validate_config
+from ._dequant import dot_acc, load_codes, load_dequant_gathered, load_group
+from ._tuning import GEMM_CONFIGS, bucket_m, check_block_k, pick_config, prune, validate_config
 
 GROUP_M = 8  # row tiles per launch band (L2 reuse of weight tiles)
 
@@ -49,22 +49,27 @@ def _gemm_wna16_kernel(
     mask_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # mode 0: sum of x over K, for the zero point
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w, s = load_tile(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg, stride_zg,
-                         BITS, GROUP_MODE, GROUP_SIZE, ZERO_POINT)
-        if DOT_FP32:
-            part = tl.dot(a.to(tl.float32), w.to(tl.float32))
+        if GROUP_MODE == 2:
+            w = load_dequant_gathered(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg,
+                                      stride_zg, BITS, ZERO_POINT)
+            acc = dot_acc(a, w, acc, DOT_FP32)
         else:
-            part = tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
-        if GROUP_MODE == 1:
-            acc += part * s
-        else:
-            acc += part
+            q = load_codes(qw_ptr, offs_n, K, N, k0, stride_qk, BITS, BLOCK_K)
+            if GROUP_MODE == 1:
+                s, z = load_group(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+                part = dot_acc(a, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32)
+                a_sum = tl.sum(a.to(tl.float32), axis=1)
+                acc += (part - a_sum[:, None] * z[None, :]) * s[None, :]
+            else:
+                acc = dot_acc(a, q, acc, DOT_FP32)
+                x_sum += tl.sum(a.to(tl.float32), axis=1)
     if GROUP_MODE == 0:
-        s0 = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        acc = acc * s0[None, :]
+        s, z = load_group(s_ptr, z_ptr, 0, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+        acc = (acc - x_sum[:, None] * z[None, :]) * s[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -84,6 +89,7 @@ def gemm_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     m, n, k = check_inputs(x, qweight, scales, zeros, g_idx, bias, bits, group_size, zero_point)
     if config is not None:
         config = validate_config(config, split_k=False)
+        check_block_k(config, bits)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
@@ -104,7 +110,7 @@ def gemm_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if config is None:
         key = ("gemm", bucket_m(m), n, k, bits, group_size, zero_point >= 0, x.dtype, scales.dtype,
                bias is not None, x.device.index)
-        config = pick_config(key, prune(GEMM_CONFIGS, m, k, group_size), launch)
+        config = pick_config(key, prune(GEMM_CONFIGS, m, k, group_size, bits), launch)
     launch(config)
     return y
 

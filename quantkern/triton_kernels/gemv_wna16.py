@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_inputs, dot_in_fp32, group_mode
-from ._dequant import load_tile
-from ._tuning import GEMV_CONFIGS, bucket_m, pick_config, prune, validate_config
+from ._dequant import dot_acc, load_codes, load_dequant_gathered, load_group
+from ._tuning import GEMV_CONFIGS, bucket_m, check_block_k, pick_config, prune, validate_config
 
 
 @triton.jit
@@ -44,25 +44,30 @@ def _gemv_wna16_kernel(
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # mode 0: sum of x over this K slice
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w, s = load_tile(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg, stride_zg,
-                         BITS, GROUP_MODE, GROUP_SIZE, ZERO_POINT)
+        if GROUP_MODE == 2:
+            w = load_dequant_gathered(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg,
+                                      stride_zg, BITS, ZERO_POINT)
+        else:
+            w = load_codes(qw_ptr, offs_n, K, N, k0, stride_qk, BITS, BLOCK_K)
         if BLOCK_M == 1:
             part = tl.sum(tl.reshape(a, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32), axis=0)[None, :]
         else:
-            if DOT_FP32:
-                part = tl.dot(a.to(tl.float32), w.to(tl.float32))
-            else:
-                part = tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
+            part = dot_acc(a, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32)
         if GROUP_MODE == 1:
-            acc += part * s
+            s, z = load_group(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+            a_sum = tl.sum(a.to(tl.float32), axis=1)
+            acc += (part - a_sum[:, None] * z[None, :]) * s[None, :]
         else:
             acc += part
+            if GROUP_MODE == 0:
+                x_sum += tl.sum(a.to(tl.float32), axis=1)
     if GROUP_MODE == 0:
-        s0 = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        acc = acc * s0[None, :]
+        s, z = load_group(s_ptr, z_ptr, 0, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+        acc = (acc - x_sum[:, None] * z[None, :]) * s[None, :]
     mask = mask_m[:, None] & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -87,6 +92,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     m, n, k = check_inputs(x, qweight, scales, zeros, g_idx, bias, bits, group_size, zero_point)
     if config is not None:
         config = validate_config(config, split_k=True)
+        check_block_k(config, bits)
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=x.dtype, device=x.device)
 
@@ -118,7 +124,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if config is None:
         key = ("gemv", bucket_m(m), n, k, bits, group_size, zero_point >= 0, x.dtype, scales.dtype,
                bias is not None, x.device.index)
-        config = pick_config(key, prune(GEMV_CONFIGS, m, k, group_size), launch)
+        config = pick_config(key, prune(GEMV_CONFIGS, m, k, group_size, bits), launch)
     return launch(config)
 
 

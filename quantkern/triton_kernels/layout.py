@@ -2,12 +2,14 @@
 
 The GPTQ checkpoint layout is repacked once, at load, into :class:`TritonWeight`:
 
-- ``qweight``: int32 ``[ceil(K / VPW), N]`` with ``VPW = 32 // bits`` codes per word, packed along
-  K, lowest bits first: code ``k`` of column ``n`` is ``(qweight[k // VPW, n] >> (k % VPW) * bits)
-  & (2**bits - 1)``. For 2 / 4 / 8 bits this *is* the GPTQ ``qweight`` (no copy is made). For
-  3 / 5 / 6 / 7 bits the GPTQ bit stream straddles words; here each word holds ``VPW`` whole codes
-  (3-bit: 10 codes in 30 bits, 3.2 bits a weight instead of 3) so a kernel needs one load and one
-  shift per code, never two words.
+- ``qweight``: int32 ``[R, N]``, codes packed along K in *bit planes*: a ``bits``-bit code is split
+  into its binary digits' widths (2 -> [2], 3 -> [1, 2], 4 -> [4], 6 -> [2, 4], 8 -> [8]), low bits
+  first, and each plane of width ``w`` is a block of ``ceil(K / (32 / w))`` rows holding ``32 / w``
+  values a word, lowest bits first: plane value ``k`` of column ``n`` is
+  ``(plane[k // (32 / w), n] >> (k % (32 / w)) * w) & (2**w - 1)``. Every plane has a power-of-two
+  count of values per word, so a kernel loads each word once and unpacks it in registers, and the
+  storage is exactly ``bits`` bits a weight. For 2 / 4 / 8 bits there is a single plane and it *is*
+  the GPTQ ``qweight`` (no copy is made); 3-bit GPTQ streams, which straddle words, are repacked.
 - ``scales``: ``[G, N]`` (fp16 / bf16 / fp32, as stored by the layer).
 - ``zeros``: uint8 ``[G, N]`` unpacked zero points, or an empty tensor when every zero equals
   ``zero_point`` (symmetric schemes), which the kernels then use as a compile-time constant.
@@ -31,43 +33,62 @@ from ..formats.bitpack import unpack_cols, unpack_rows
 _MASK32 = (1 << 32) - 1
 
 
-def values_per_word(bits: int) -> int:
-    """Whole ``bits``-bit codes held by one int32 word of the Triton layout."""
-    if bits not in range(2, 9):
-        raise ValueError(f"bits must be in 2..8, got {bits}")
-    return 32 // bits
+def bit_planes(bits: int) -> list[int]:
+    """Widths of the bit planes of a ``bits``-bit code, low bits first: its binary digits (3 -> [1, 2])."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+    return [w for w in (1, 2, 4, 8) if bits & w]
+
+
+def packed_rows(k: int, bits: int) -> int:
+    """Rows of the Triton ``qweight`` for K input features: one block of ``ceil(K / (32 / w))``
+    rows per plane of width ``w``."""
+    return sum(-(-k // (32 // w)) for w in bit_planes(bits))
 
 
 def pack_k_words(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes ``[K, N]`` (ints in ``[0, 2**bits)``) along K into int32 ``[ceil(K / VPW), N]``."""
+    """Pack codes ``[K, N]`` (ints in ``[0, 2**bits)``) along K into int32 ``[packed_rows(K), N]``."""
+    planes = bit_planes(bits)
     if codes_kn.dim() != 2:
         raise ValueError(f"codes must be 2-D [K, N], got shape {tuple(codes_kn.shape)}")
-    vpw = values_per_word(bits)
     k, n = codes_kn.shape
     v = codes_kn.to(torch.int64)
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
         raise ValueError(f"codes outside [0, {(1 << bits) - 1}] cannot be packed in {bits} bits")
-    pad = (-k) % vpw
-    if pad:
-        v = torch.cat([v, v.new_zeros(pad, n)])
-    v = v.view(-1, vpw, n)
-    words = v.new_zeros(v.shape[0], n)
-    for i in range(vpw):
-        words |= v[:, i] << (i * bits)
-    words &= _MASK32
+    out, low = [], 0
+    for w in planes:
+        vpw = 32 // w
+        p = (v >> low) & ((1 << w) - 1)
+        low += w
+        pad = (-k) % vpw
+        if pad:
+            p = torch.cat([p, p.new_zeros(pad, n)])
+        p = p.view(-1, vpw, n)
+        words = p.new_zeros(p.shape[0], n)
+        for i in range(vpw):
+            words |= p[:, i] << (i * w)
+        out.append(words)
+    words = torch.cat(out) & _MASK32
     return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32).contiguous()
 
 
 def unpack_k_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_k_words`: int32 ``[ceil(K / VPW), N]`` -> int32 ``[K, N]``."""
-    vpw = values_per_word(bits)
-    if words.dtype != torch.int32 or words.dim() != 2 or words.shape[0] != -(-k // vpw):
-        raise ValueError(f"expected int32 [{-(-k // vpw)}, N] for K={k}, bits={bits}; got "
-                         f"{words.dtype} {tuple(words.shape)}")
-    w = words.to(torch.int64) & _MASK32
-    shifts = torch.arange(vpw, device=words.device, dtype=torch.int64) * bits
-    out = (w.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
-    return out.reshape(-1, words.shape[1])[:k].to(torch.int32)
+    """Inverse of :func:`pack_k_words`: int32 ``[packed_rows(K), N]`` -> int32 ``[K, N]``."""
+    planes = bit_planes(bits)
+    rows = packed_rows(k, bits)
+    if words.dtype != torch.int32 or words.dim() != 2 or words.shape[0] != rows:
+        raise ValueError(f"expected int32 [{rows}, N] for K={k}, bits={bits}; got {words.dtype} {tuple(words.shape)}")
+    w64 = words.to(torch.int64) & _MASK32
+    codes = torch.zeros(k, words.shape[1], dtype=torch.int64, device=words.device)
+    row, low = 0, 0
+    for w in planes:
+        vpw = 32 // w
+        r = -(-k // vpw)
+        shifts = torch.arange(vpw, device=words.device, dtype=torch.int64) * w
+        vals = (w64[row:row + r].unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << w) - 1)
+        codes |= vals.reshape(-1, words.shape[1])[:k] << low
+        row, low = row + r, low + w
+    return codes.to(torch.int32)
 
 
 @dataclass
@@ -126,7 +147,7 @@ def pack_triton_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     ``g_idx``). With ``sort_act_order`` a non-monotonic ``g_idx`` is sorted (see ``perm``).
     Any K and N work here (no GPTQ divisibility). Raises ``ValueError`` on inconsistent shapes/ranges.
     """
-    values_per_word(bits)
+    bit_planes(bits)
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
     n, k = codes.shape
