@@ -180,6 +180,7 @@ def test_split_heuristics():
     s = cb.gemm_splits(1, 4096, 4096, 132)
     assert 1 < s <= 4096 // 64 // 4
     assert cb.gemm_splits(1, 64, 128, 132) == 1  # one k-tile cannot be split
+    assert cb.gemm_splits(0, 4096, 4096, 132) >= 1
     assert 1 < cb.gemv_splits(4096, 4096, 132) <= 4096 // 32 // 8
     assert cb.gemv_splits(64, 32, 132) == 1
 
@@ -353,6 +354,8 @@ def test_cuda_gemm_matches_reference(m, dtype, bits, k, n, gs, sym, act):
     x = torch.randn(m, k, device="cuda").to(dtype)
     _check_against_reference(layer, x, dtype)
     assert layer.kernel_for(x).path == "gemm"
+    if m == 1:
+        assert layer(x[:0]).shape == (0, n)
 
 
 @pytest.mark.gpu
@@ -390,6 +393,7 @@ def test_cuda_ops_splits_agree_and_bad_input_raises():
     with pytest.raises(RuntimeError, match="scales must be"):
         op(x, p.qweight, p.scales.float(), p.zeros, 4, 128, n, 1)
     g = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, dtype)
+    assert op(x[:0], p.qweight, p.scales, p.zeros, 4, 128, n, 1).shape == (0, n)  # empty batch: no launch
     with pytest.raises(RuntimeError, match="handles 1..8 rows"):
         torch.ops.quantkern.cuda_gemv_wna16(torch.randn(9, k, device="cuda", dtype=dtype), g.qweight, g.scales,
                                             g.zeros, g.g_idx, 4, 1)

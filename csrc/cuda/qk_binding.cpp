@@ -64,6 +64,7 @@ at::Tensor cuda_gemm_wna16(const at::Tensor& x, const at::Tensor& qweight, const
   TORCH_CHECK(splits >= 1, "splits must be >= 1");
   c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({M, n}, x.options());
+  if (M == 0) return out;  // an empty batch launches nothing
   at::Tensor ws;
   if (splits > 1) ws = at::empty({splits, M, n}, x.options().dtype(at::kFloat));
   check_status(qk_gemm_wna16(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(),
@@ -85,7 +86,7 @@ at::Tensor cuda_gemv_wna16(const at::Tensor& x, const at::Tensor& qweight, const
   check_same(x, g_idx, "g_idx", at::kInt);
   TORCH_CHECK(bits >= 2 && bits <= 8, "cuda_gemv_wna16: bits must be in 2..8, got ", bits);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M >= 1 && M <= 8, "cuda_gemv_wna16 handles 1..8 rows, got M=", M);
+  TORCH_CHECK(M <= 8, "cuda_gemv_wna16 handles 1..8 rows, got M=", M);
   const int64_t Kp = (K + 31) / 32 * 32;
   TORCH_CHECK(qweight.dim() == 2 && qweight.size(0) == Kp / 32 * bits, "qweight must be [", Kp / 32 * bits,
               ", N] for K=", K, " bits=", bits, ", got ", qweight.sizes());
@@ -96,6 +97,7 @@ at::Tensor cuda_gemv_wna16(const at::Tensor& x, const at::Tensor& qweight, const
   TORCH_CHECK(splits >= 1, "splits must be >= 1");
   c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
   at::Tensor ws;
   if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
   check_status(qk_gemv_wna16(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),

@@ -29,7 +29,7 @@ def _plan(layer) -> tuple[str, str | None]:
 def gemm_splits(m: int, kp: int, np_: int, sms: int) -> int:
     """K-splits for the GEMM: enough blocks for about two per SM, each split at least 4 k-tiles deep."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    tiles = (np_ // L.GEMM_BN) * -(-m // bm)
+    tiles = (np_ // L.GEMM_BN) * max(1, -(-m // bm))
     k_tiles = kp // L.GEMM_BK
     if tiles >= sms:
         return 1
@@ -89,6 +89,8 @@ class CudaKernel(QuantKernel):
 
     def __call__(self, layer, x):
         m = x.shape[0]
+        if m == 0:
+            return x.new_empty(0, layer.out_features)
         if self.path == "gemv" and m > L.GEMV_MAX_M:
             return gptq_gemm_reference(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
                                        layer.bias)
