@@ -235,7 +235,7 @@ def test_setuptools_extension_when_cuda_toolkit_present(monkeypatch):
     assert build.setuptools_extension(ROOT) is None
 
 
-def test_broken_prebuilt_library_is_reported_with_cause(monkeypatch, tmp_path):
+def test_broken_prebuilt_library_is_reported_with_cause(monkeypatch, tmp_path, caplog):
     """An extension built against another torch fails to load; the reason says so, and the JIT attempt's
     reason follows it."""
     import importlib.machinery
@@ -246,7 +246,9 @@ def test_broken_prebuilt_library_is_reported_with_cause(monkeypatch, tmp_path):
     monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: spec if name == build.EXT_MODULE else None)
     monkeypatch.setattr(build, "_state", {})
     monkeypatch.setattr(build, "_jit_build", lambda: (False, "cannot JIT-build: no nvcc (test)"))
-    ok, reason = build.load_extension()
+    with caplog.at_level("WARNING", logger="quantkern"):
+        ok, reason = build.load_extension()
+    assert "CUDA kernels are disabled" in caplog.text  # loud, once
     assert not ok
     assert f"prebuilt {bogus} failed to load, probably built against another torch" in reason
     assert reason.endswith("then cannot JIT-build: no nvcc (test)")

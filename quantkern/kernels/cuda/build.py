@@ -18,6 +18,7 @@ only the standard library and torch.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import threading
@@ -30,6 +31,7 @@ SOURCES = ("csrc/cuda/qk_binding.cpp", "csrc/cuda/gemm_wna16.cu", "csrc/cuda/gem
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 NVCC_FLAGS = ("-O3", "-lineinfo")  # no --use_fast_math: the dequantization relies on IEEE rounding
 
+logger = logging.getLogger("quantkern")
 _lock = threading.Lock()
 _state: dict = {}  # {"ok": bool, "reason": str | None, "how": str}
 
@@ -152,6 +154,8 @@ def load_extension() -> tuple[bool, str | None]:
             register_fakes()
             reason = None
         _state.update(ok=ok, reason=reason, how=how if ok else "failed")
+        if not ok:  # said once per process; the reason also travels in every can_implement answer
+            logger.warning("quantkern: the CUDA extension is unavailable, CUDA kernels are disabled: %s", reason)
         return ok, reason
 
 
