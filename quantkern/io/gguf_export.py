@@ -1,0 +1,238 @@
+"""GGUF export (llama.cpp) through the ``gguf`` package, for Llama-architecture models.
+
+Quantized Linears map onto GGUF block types (32 weights along the input dim per block):
+
+- 4-bit symmetric, group 32 → ``Q4_0`` (``w = (q - 8) * d``): exact (fp16 scales)
+- 4-bit asymmetric, group 32 → ``Q4_1`` (``w = q * d + m``): ``d`` exact, ``m = -zero * d`` rounded
+  to fp16 (GGUF stores the block minimum, not an integer zero)
+- 8-bit symmetric, group 32 → ``Q8_0`` (``w = (q - 128) * d``): exact
+- anything else (other bits or group sizes, act-order, bf16 scales that fp16 cannot hold) has no
+  exact GGUF type: the layer is dequantized and re-quantized by the ``gguf`` package to ``Q4_0``
+  (bits <= 4, symmetric), ``Q4_1`` (bits <= 4, asymmetric) or ``Q8_0`` (bits > 4), and the export
+  says so (a log warning, the returned report and the ``quantkern.requantized`` metadata key).
+
+Blocks are written from the integer codes (not re-quantized) following the ggml block layouts:
+``Q4_0`` = fp16 d + 16 bytes where byte j holds element j (low nibble) and element j + 16 (high
+nibble); ``Q4_1`` = fp16 d + fp16 m + the same 16 bytes; ``Q8_0`` = fp16 d + 32 int8. As llama.cpp's
+converter does, the rows of ``attn_q`` / ``attn_k`` are permuted into its rotary layout (readers undo
+it). Dense tensors are written as F32 (norms, and everything of an fp32 model) or F16.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core import QuantizedWeight
+from ..nn import QuantLinear
+
+log = logging.getLogger(__name__)
+BLOCK = 32
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("GGUF export needs the `gguf` package (pip install gguf)") from e
+    return gguf
+
+
+def exact_gguf_type(qw: QuantizedWeight) -> str | None:
+    """The GGUF type that stores ``qw`` without re-quantization ("Q4_0" / "Q4_1" / "Q8_0"), else None."""
+    s = qw.scheme
+    plain = torch.arange(qw.in_features, dtype=torch.int32) // BLOCK
+    if s.group_size != BLOCK or qw.in_features % BLOCK or not torch.equal(qw.g_idx.cpu().to(torch.int32), plain):
+        return None
+    if qw.scales.dtype not in (torch.float16, torch.float32) or not torch.equal(
+            qw.scales.float(), qw.scales.to(torch.float16).float()):
+        return None  # the block scale is fp16
+    mid_zeros = bool((qw.zeros == (1 << (s.bits - 1))).all())
+    if s.bits == 4:
+        return "Q4_0" if mid_zeros else "Q4_1"
+    if s.bits == 8 and mid_zeros:
+        return "Q8_0"
+    return None
+
+
+def fallback_gguf_type(qw: QuantizedWeight) -> str:
+    if qw.scheme.bits > 4:
+        return "Q8_0"
+    return "Q4_0" if qw.scheme.sym else "Q4_1"
+
+
+def encode_blocks(qw: QuantizedWeight, qtype: str) -> np.ndarray:
+    """uint8 ``[N, K/32 * block_bytes]`` blocks of ``qtype`` built from the codes (exact types only)."""
+    n, k = qw.codes.shape
+    g = k // BLOCK
+    codes = qw.codes.cpu().reshape(n, g, BLOCK).numpy().astype(np.int32)
+    scales = qw.scales.cpu().t().float().numpy()  # [N, G]
+    d = scales.astype(np.float16).reshape(n, g, 1).view(np.uint8)  # [N, G, 2] little-endian
+    if qtype in ("Q4_0", "Q4_1"):
+        qs = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
+        if qtype == "Q4_0":
+            blocks = np.concatenate([d, qs], axis=-1)
+        else:
+            zeros = qw.zeros.cpu().t().float().numpy()
+            m = (-zeros * scales).astype(np.float16).reshape(n, g, 1).view(np.uint8)
+            blocks = np.concatenate([d, m, qs], axis=-1)
+    elif qtype == "Q8_0":
+        qs = (codes - 128).astype(np.int8).view(np.uint8)
+        blocks = np.concatenate([d, qs], axis=-1)
+    else:
+        raise ValueError(f"no exact encoder for GGUF type {qtype}")
+    return np.ascontiguousarray(blocks.reshape(n, -1))
+
+
+def _permute_rows(t: torch.Tensor, n_head: int, dim: int = 0) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (interleaved -> half-split rotary pairs), along ``dim``."""
+    if dim == 1:
+        return _permute_rows(t.t(), n_head).t()
+    rows = t.shape[0]
+    return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def _permuted(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
+    return QuantizedWeight(codes=_permute_rows(qw.codes, n_head), scales=_permute_rows(qw.scales, n_head, 1),
+                           zeros=_permute_rows(qw.zeros, n_head, 1), g_idx=qw.g_idx, scheme=qw.scheme)
+
+
+def _llama_metadata(writer, cfg) -> None:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"GGUF export supports default RoPE only, got {rope}")
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+
+
+def _tokenizer_metadata(writer, tokenizer) -> None:
+    """Byte-level BPE tokenizers (GPT-2 style, as SmolLM2's) only; others raise ``ValueError``."""
+    import json
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"GGUF tokenizer export supports byte-level BPE tokenizers, got {model.get('type')}")
+    vocab = dict(model["vocab"])
+    for tok in data.get("added_tokens", []):
+        vocab[tok["content"]] = tok["id"]
+    tokens = [""] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3 = control, 1 = normal
+    writer.add_token_merges(merges)
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            add(v)
+
+
+def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
+    """Write ``model`` as one GGUF file at ``path`` (``<path>/model.gguf`` if ``path`` does not end in
+    ``.gguf``); atomic (temporary file, fsync, rename). Returns the file path; the per-layer types
+    chosen are in ``save_gguf.last_report`` (``{hf module: (gguf type, "exact" | "re-quantized")}``).
+
+    Raises ``ValueError`` for a non-Llama architecture, non-default RoPE, or in_features not a
+    multiple of 32."""
+    gguf = _gguf()
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        raise ValueError(f"GGUF export supports the llama architecture, got {getattr(cfg, 'model_type', None)!r}")
+    path = Path(path)
+    if path.suffix != ".gguf":
+        path = path / "model.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and getattr(out_emb, "weight", None) is not None and \
+        out_emb.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    report, requantized = {}, []
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_name(getattr(cfg, "_name_or_path", "") or "quantkern model")
+        _llama_metadata(writer, cfg)
+        if tokenizer is not None:
+            _tokenizer_metadata(writer, tokenizer)
+        tensors = []
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, QuantLinear):
+                gname = names.get_name(mod_name)
+                if gname is None:
+                    raise ValueError(f"{mod_name}: no GGUF tensor name for this module")
+                if mod.in_features % BLOCK:
+                    raise ValueError(f"{mod_name}: in_features={mod.in_features} is not a multiple of {BLOCK}")
+                qw = mod.to_quantized()
+                qw = QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.scheme)
+                heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(gname.split(".")[-1])
+                if heads:
+                    qw = _permuted(qw, heads)
+                qtype = exact_gguf_type(qw)
+                if qtype is not None:
+                    data = encode_blocks(qw, qtype)
+                    report[mod_name] = (qtype, "exact")
+                else:
+                    qtype = fallback_gguf_type(qw)
+                    w = qw.dequantize(torch.float32).numpy()
+                    data = gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, qtype))
+                    report[mod_name] = (qtype, "re-quantized")
+                    requantized.append(mod_name)
+                tensors.append((f"{gname}.weight", data, getattr(gguf.GGMLQuantizationType, qtype)))
+                if mod.bias is not None:
+                    tensors.append((f"{gname}.bias", mod.bias.detach().float().cpu().numpy(), None))
+        for pname, p in model.named_parameters():
+            mod_name, _, leaf = pname.rpartition(".")
+            if tied and out_emb is not None and mod_name == next(n for n, m in model.named_modules() if m is out_emb):
+                continue
+            gname = names.get_name(mod_name)
+            if gname is None:
+                raise ValueError(f"{pname}: no GGUF tensor name for this parameter")
+            arr = p.detach().cpu()
+            arr = arr.float() if (arr.dtype == torch.float32 or arr.dim() == 1) else arr.to(torch.float16)
+            tensors.append((f"{gname}.{leaf}", arr.numpy(), None))
+        if requantized:
+            log.warning("GGUF export: %d layer(s) have no exact GGUF type and were re-quantized: %s",
+                        len(requantized), ", ".join(f"{n} -> {report[n][0]}" for n in requantized))
+        writer.add_string("quantkern.version", __version__)
+        writer.add_array("quantkern.requantized", requantized or [""])
+        for name, data, raw in tensors:
+            writer.add_tensor(name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    save_gguf.last_report = report
+    return path
+
+
+save_gguf.last_report = {}
