@@ -135,13 +135,14 @@ def test_gemm_kernel_model_matches_reference(m, k, n, bits, gs, sym, act, dtype,
     assert _rel_err(y, x.float() @ reference_weight(qw, dtype).float()) < torch.finfo(dtype).eps
 
 
-@pytest.mark.parametrize("m,bits,gs,act,dtype,splits", [
-    (1, 3, 128, True, torch.float16, 2),
-    (8, 5, 48, False, torch.bfloat16, 1),   # ragged groups change inside chunks: the per-code branch
-    (3, 2, -1, False, torch.float16, 3),
+@pytest.mark.parametrize("m,bits,gs,act,dtype,splits,n", [
+    (1, 3, 128, True, torch.float16, 2, 96),
+    (8, 5, 48, False, torch.bfloat16, 1, 96),   # ragged groups change inside chunks: the per-code branch
+    (3, 2, -1, False, torch.float16, 3, 96),
+    (2, 8, 128, False, torch.bfloat16, 2, 100),  # N tail: lanes past N load column N-1 and store nothing
 ])
-def test_gemv_kernel_model_matches_reference(m, bits, gs, act, dtype, splits):
-    k, n = 1000, 96  # K tail inside a chunk
+def test_gemv_kernel_model_matches_reference(m, bits, gs, act, dtype, splits, n):
+    k = 1000  # K tail inside a chunk
     qw = make_qweight(k, n, bits, gs, False, act, dtype, seed=bits)
     p = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits, dtype)
     x = torch.randn(m, k).to(dtype)
@@ -364,12 +365,12 @@ def test_cuda_gemm_matches_reference(m, dtype, bits, k, n, gs, sym, act):
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("bits,gs,sym,act", [
-    (2, 64, False, False), (3, 128, False, True), (4, 32, False, True), (4, 48, True, False),
-    (5, -1, False, False), (8, 16, False, False),
+@pytest.mark.parametrize("bits,gs,sym,act,k,n", [  # k = 1184 = 9 * 128 + 32: ragged last group
+    (2, 64, False, False, 1184, 96), (3, 128, False, True, 1184, 96), (4, 32, False, True, 1184, 96),
+    (4, 48, True, False, 1184, 96), (5, -1, False, False, 1184, 96), (8, 16, False, False, 1184, 96),
+    (8, 128, False, False, 1004, 100),  # K % 8 != 0 (no GEMM) and an N tail inside a block
 ])
-def test_cuda_gemv_matches_reference(m, dtype, bits, gs, sym, act):
-    k, n = 1184, 96  # 1184 = 9 * 128 + 32: ragged last group; not a multiple of 64 or 128
+def test_cuda_gemv_matches_reference(m, dtype, bits, gs, sym, act, k, n):
     qw = make_qweight(k, n, bits, gs, sym, act, dtype, seed=bits + m, device="cuda")
     layer = QuantLinear.from_quantized(qw, backend="cuda")
     x = torch.randn(m, k, device="cuda").to(dtype)
