@@ -121,9 +121,10 @@ class GPTQQuantizer(BaseQuantizer):
         tensor (q/k/v, gate/up) form one stage. Without ``true_sequential``, one stage holds them all."""
         if not self.config.true_sequential:
             return [targets]
-        order: list[tuple[str, int]] = []
+        # keep the input tensors themselves alive: comparing ids of freed tensors could merge stages
+        order: list[tuple[str, torch.Tensor]] = []
         by_module = {id(m): n for n, m in targets.items()}
-        hooks = [m.register_forward_pre_hook(lambda mod, args: order.append((by_module[id(mod)], id(args[0]))))
+        hooks = [m.register_forward_pre_hook(lambda mod, args: order.append((by_module[id(mod)], args[0])))
                  for m in targets.values()]
         try:
             run_block(block, [sample], keep_outputs=False)
@@ -136,7 +137,7 @@ class GPTQQuantizer(BaseQuantizer):
         for name, inp in order:
             if name in done:
                 continue
-            if inp != last_input or not stages:
+            if inp is not last_input or not stages:
                 stages.append({})
             stages[-1][name] = targets[name]
             done.add(name)

@@ -1,0 +1,138 @@
+"""The ``quantkern`` command line: quantize, eval, generate, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _add_quantize(sub):
+    p = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf file, a directory or a HF id")
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--asym", action="store_true", help="asymmetric (zero point per group)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true")
+    p.add_argument("--damp-percent", type=float, default=0.01)
+    p.add_argument("--mse", action="store_true", help="search a clipping ratio per group")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--calib-text", default="builtin", help="'builtin', a .txt file or hf:<dataset>[:<config>]")
+    p.add_argument("--skip", action="append", default=None, help="module name pattern to keep dense (repeatable)")
+    p.add_argument("--format", default="gptq", help="checkpoint format (gptq)")
+    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def cmd_quantize(a) -> int:
+    import torch
+
+    from . import GPTQQuantizer, RTNQuantizer, save_quantized
+    from .calibration import load_text, sample_windows
+    from .eval import tokenize_text
+    from .models import load_model
+
+    torch.manual_seed(a.seed)
+    model, tok = load_model(a.model, device=a.device or "cpu")
+    common = dict(bits=a.bits, group_size=a.group_size, sym=not a.asym, skip_layers=tuple(a.skip or ("lm_head",)))
+    if a.method == "rtn":
+        q = RTNQuantizer(model, mse=a.mse, **common)
+        q.quantize()
+    else:
+        q = GPTQQuantizer(model, actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
+                          mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
+        ids = tokenize_text(tok, load_text(a.calib_text, "calibration"))
+        q.quantize(sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed))
+    path = save_quantized(model, a.out, tokenizer=tok, format=a.format, checkpoint_format=a.checkpoint_format)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="perplexity of a model or checkpoint on held-apart text")
+    p.add_argument("model", help="a quantized checkpoint directory, or a dense model ('smollm2', .gguf, HF id)")
+    p.add_argument("--text", default="builtin", help="'builtin' (the eval half), a .txt file or hf:<dataset>")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+
+def _load_any(path: str, device: str):
+    from pathlib import Path
+
+    from .models import load_model
+
+    cfg = Path(path) / "config.json"
+    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
+        from transformers import AutoTokenizer
+
+        from . import load_quantized
+
+        return load_quantized(path, device=device), AutoTokenizer.from_pretrained(path)
+    return load_model(path, device=device)
+
+
+def cmd_eval(a) -> int:
+    from .calibration import load_text
+    from .eval import perplexity, tokenize_text
+
+    model, tok = _load_any(a.model, a.device)
+    ids = tokenize_text(tok, load_text(a.text, "eval"))
+    ppl = perplexity(model, ids, seq_len=a.seq_len, max_windows=a.max_windows)
+    print(json.dumps({"model": a.model, "perplexity": round(ppl, 4), "tokens": int(ids.numel())}))
+    return 0
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="greedy generation from a model or checkpoint")
+    p.add_argument("model")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--device", default="cpu")
+
+
+def cmd_generate(a) -> int:
+    from .eval import generate
+
+    model, tok = _load_any(a.model, a.device)
+    print(generate(model, tok, a.prompt, a.max_new_tokens))
+    return 0
+
+
+def _add_inspect(sub):
+    p = sub.add_parser("inspect", help="describe a checkpoint and check its consistency without loading the model")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_inspect(a) -> int:
+    from .io import format_inspection, inspect_checkpoint
+
+    info = inspect_checkpoint(a.path)
+    print(json.dumps(info, indent=2, default=str) if a.json else format_inspection(info))
+    return 0 if info.get("consistent", True) else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="quantkern", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for add in (_add_quantize, _add_eval, _add_generate, _add_inspect):
+        add(sub)
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}[a.cmd](a)
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+        print(f"quantkern {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
