@@ -20,7 +20,7 @@ def test_backend_table_covers_every_backend_device_dtype_and_scheme():
     assert {r[3] for r in table} == {p[0] for p in env.PROBE_SCHEMES}
     assert len(table) == len(backends) * len(env.devices()) * 3 * len(env.PROBE_SCHEMES)
     for backend, dev, dtype, scheme, ok, reason in table:
-        assert ok or (isinstance(reason, str) and reason), f"{backend} said no without a reason for {dev}/{dtype}/{scheme}"
+        assert ok or (isinstance(reason, str) and reason), f"{backend}: no without a reason, {dev}/{dtype}/{scheme}"
     # the reference runs everything; the CUDA backend cannot run CPU tensors and says why
     assert all(ok for b, *_, ok, _ in table if b == "reference")
     cpu_cuda = [r for r in table if r[0] == "cuda" and r[1] == "cpu"]

@@ -12,10 +12,14 @@
 // When the grid is small (decode-sized M), K is split over grid.z; each split writes fp32 partials to a
 // workspace and a second kernel sums them in a fixed order (deterministic).
 //
+// (Marlin instead stripes k-tiles over a fixed grid and reduces in place; split-K with a workspace is
+// simpler, deterministic, and costs only M x N x splits fp32 words of extra traffic at decode sizes.)
+//
 // WEIGHT LAYOUT (built once at load by quantkern/kernels/cuda/layout.py, tested there bit-exactly).
 // W is padded to Kp x Np (multiples of 64 x 128) with zero codes, scales and zeros (finite values: x is
-// zero-filled past K and padded columns are never stored) and cut into 64 x 128 tiles stored [n_tile][k_tile], each tile contiguous (256 * bits words),
-// so that one pipeline stage of B is a single contiguous copy. Inside a tile, word index
+// zero-filled past K and padded columns are never stored) and cut into 64 x 128 tiles stored
+// [n_tile][k_tile], each tile contiguous (256 * bits words), so that one pipeline stage of B is a
+// single contiguous copy. Inside a tile, word index
 //   ((j * 4 + warp) * 32 + lane) * (2 * WPF) + f * WPF + wi,   WPF = bits / 4 words per fragment tile,
 // holds exactly the mma B-operand codes that `lane` needs for k16 step j, fragment tile f of `warp`:
 // with g = lane / 4, t = lane % 4, the mma B fragment of an n8 tile is b0 = (k = 2t, 2t+1; n = g) and
@@ -23,7 +27,8 @@
 //   4-bit (1 word): nibble (half * 2 + ti) + 4 * e   <- code (k = 2t + e + 8 * half, n = g + 8 * ti)
 //   8-bit (2 words, wi = half): byte ti + 2 * e     <- the same (k, n)
 // so a shift and a mask put both codes of one b register at bits 0 and 16, ready for the exact magic-
-// number conversion of qk_common.cuh (no prmt shuffles, no per-element conversions). A lane reads its
+// number conversion of qk_common.cuh (no prmt shuffles, no per-element int->float conversions except
+// for bf16 with 8-bit codes, which goes through fp32 to stay exact). A lane reads its
 // 2*WPF words with one 8- or 16-byte shared load; a warp's read is contiguous (no bank conflicts).
 // Scales and zeros are [Gp, Np] in the activation dtype (zeros as values), one row per group.
 //
@@ -36,6 +41,10 @@
 //
 // A k-tile lies inside one group because group sizes are multiples of 64, so scales are loaded once per
 // stage and broadcast as (s, s) pairs: both codes of a b register belong to the same output column.
+//
+// TESTING WITHOUT A GPU. quantkern/kernels/cuda/emulate.py transliterates this kernel's indexing
+// (swizzle, ldmatrix / mma fragment ownership, epilogue, splits) into torch and is checked against the
+// reference on CPU; any change to the indexing here must be mirrored there.
 #include "qk_common.cuh"
 #include "qk_launch.h"
 
@@ -184,19 +193,28 @@ gemm_wna16_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
         if (row >= M) continue;
         const float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
         if (workspace == nullptr) {
-          *reinterpret_cast<P*>(out + static_cast<size_t>(row) * N + col) = pair_from_floats(v0, v1, static_cast<P*>(nullptr));
+          P* dst = reinterpret_cast<P*>(out + static_cast<size_t>(row) * N + col);
+          *dst = pair_from_floats(v0, v1, static_cast<P*>(nullptr));
         } else {
-          *reinterpret_cast<float2*>(workspace + (static_cast<size_t>(split) * M + row) * N + col) = make_float2(v0, v1);
+          float2* dst = reinterpret_cast<float2*>(workspace + (static_cast<size_t>(split) * M + row) * N + col);
+          *dst = make_float2(v0, v1);
         }
       }
     }
 }
 
+struct GemmArgs {
+  const void *x, *qweight, *scales, *zeros;
+  void* out;
+  float* workspace;
+  int M, K, N, Kp, Np, group_size, splits;
+  cudaStream_t stream;
+};
+
 template <typename T, int BITS, int MT>
-int launch_gemm(const void* x, const void* qw, const void* sc, const void* zr, void* out, float* ws, int M, int K,
-                int N, int Kp, int Np, int group_size, int splits, cudaStream_t stream) {
-  const int k_tiles = Kp / kBK;
-  const int per_split = (k_tiles + splits - 1) / splits;
+int launch_gemm(const GemmArgs& a) {
+  const int k_tiles = a.Kp / kBK;
+  const int per_split = (k_tiles + a.splits - 1) / a.splits;
   const int used = (k_tiles + per_split - 1) / per_split;  // every launched split has work
   auto kernel = gemm_wna16_kernel<T, BITS, MT>;
   constexpr int smem = GemmSmem<MT, BITS>::kTotal;
@@ -205,21 +223,22 @@ int launch_gemm(const void* x, const void* qw, const void* sc, const void* zr, v
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return static_cast<int>(err);
   }
-  const dim3 grid(Np / kBN, (M + MT * 16 - 1) / (MT * 16), used);
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint32_t*>(qw),
-                                           static_cast<const T*>(sc), static_cast<const T*>(zr), static_cast<T*>(out),
-                                           used > 1 ? ws : nullptr, M, K, N, Np, group_size / kBK, k_tiles, per_split);
+  const dim3 grid(a.Np / kBN, (a.M + MT * 16 - 1) / (MT * 16), used);
+  kernel<<<grid, kThreads, smem, a.stream>>>(
+      static_cast<const T*>(a.x), static_cast<const uint32_t*>(a.qweight), static_cast<const T*>(a.scales),
+      static_cast<const T*>(a.zeros), static_cast<T*>(a.out), used > 1 ? a.workspace : nullptr, a.M, a.K, a.N, a.Np,
+      a.group_size / kBK, k_tiles, per_split);
   err = cudaGetLastError();
   if (err != cudaSuccess || used == 1) return static_cast<int>(err);
-  return static_cast<int>(launch_reduce_splits(ws, static_cast<T*>(out), used, static_cast<size_t>(M) * N, stream));
+  const size_t count = static_cast<size_t>(a.M) * a.N;
+  return static_cast<int>(launch_reduce_splits(a.workspace, static_cast<T*>(a.out), used, count, a.stream));
 }
 
 template <typename T, int BITS>
-int dispatch_m(const void* x, const void* qw, const void* sc, const void* zr, void* out, float* ws, int M, int K,
-               int N, int Kp, int Np, int group_size, int splits, cudaStream_t stream) {
-  if (M <= 16) return launch_gemm<T, BITS, 1>(x, qw, sc, zr, out, ws, M, K, N, Kp, Np, group_size, splits, stream);
-  if (M <= 32) return launch_gemm<T, BITS, 2>(x, qw, sc, zr, out, ws, M, K, N, Kp, Np, group_size, splits, stream);
-  return launch_gemm<T, BITS, 4>(x, qw, sc, zr, out, ws, M, K, N, Kp, Np, group_size, splits, stream);
+int dispatch_m(const GemmArgs& a) {
+  if (a.M <= 16) return launch_gemm<T, BITS, 1>(a);
+  if (a.M <= 32) return launch_gemm<T, BITS, 2>(a);
+  return launch_gemm<T, BITS, 4>(a);
 }
 
 }  // namespace
@@ -238,13 +257,10 @@ extern "C" int qk_gemm_wna16(const void* x, const void* qweight, const void* sca
   for (const void* p : {x, qweight, scales, zeros})
     if (reinterpret_cast<uintptr_t>(p) % 16) return QK_EALIGN;
   if (reinterpret_cast<uintptr_t>(out) % 4) return QK_EALIGN;
-  auto s = static_cast<cudaStream_t>(stream);
-  if (dtype == 0)
-    return bits == 4 ? qk::dispatch_m<half, 4>(x, qweight, scales, zeros, out, workspace, M, K, N, Kp, Np, group_size, splits, s)
-                     : qk::dispatch_m<half, 8>(x, qweight, scales, zeros, out, workspace, M, K, N, Kp, Np, group_size, splits, s);
-  return bits == 4
-             ? qk::dispatch_m<__nv_bfloat16, 4>(x, qweight, scales, zeros, out, workspace, M, K, N, Kp, Np, group_size, splits, s)
-             : qk::dispatch_m<__nv_bfloat16, 8>(x, qweight, scales, zeros, out, workspace, M, K, N, Kp, Np, group_size, splits, s);
+  const qk::GemmArgs a{x, qweight, scales, zeros, out, workspace, M, K, N, Kp, Np, group_size, splits,
+                       static_cast<cudaStream_t>(stream)};
+  if (dtype == 0) return bits == 4 ? qk::dispatch_m<half, 4>(a) : qk::dispatch_m<half, 8>(a);
+  return bits == 4 ? qk::dispatch_m<__nv_bfloat16, 4>(a) : qk::dispatch_m<__nv_bfloat16, 8>(a);
 }
 
 extern "C" const char* qk_error_string(int code) {

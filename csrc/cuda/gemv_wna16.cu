@@ -45,7 +45,8 @@ __device__ __forceinline__ uint32_t extract(const uint32_t (&w)[BITS]) {
 }
 
 template <int BITS, int... I>
-__device__ __forceinline__ void extract_all(const uint32_t (&w)[BITS], float (&q)[32], std::integer_sequence<int, I...>) {
+__device__ __forceinline__ void extract_all(const uint32_t (&w)[BITS], float (&q)[32],
+                                            std::integer_sequence<int, I...>) {
   ((q[I] = static_cast<float>(extract<BITS, I>(w))), ...);
 }
 
@@ -191,7 +192,7 @@ extern "C" int qk_gemv_wna16(const void* x, const void* qweight, const void* sca
   if (M < 1 || M > qk::kMaxM || K < 1 || N < 1 || G < 1) return QK_ESHAPE;
   if (splits < 1 || (splits > 1 && workspace == nullptr)) return QK_ESPLITS;
   auto s = static_cast<cudaStream_t>(stream);
-  return dtype == 0 ? qk::dispatch_bits<half>(bits, x, qweight, scales, zeros, g_idx, out, workspace, M, K, N, splits, s)
-                    : qk::dispatch_bits<__nv_bfloat16>(bits, x, qweight, scales, zeros, g_idx, out, workspace, M, K, N,
-                                                       splits, s);
+  if (dtype == 0)
+    return qk::dispatch_bits<half>(bits, x, qweight, scales, zeros, g_idx, out, workspace, M, K, N, splits, s);
+  return qk::dispatch_bits<__nv_bfloat16>(bits, x, qweight, scales, zeros, g_idx, out, workspace, M, K, N, splits, s);
 }

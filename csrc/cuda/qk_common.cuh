@@ -17,7 +17,9 @@ __device__ __forceinline__ float to_float(half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ half from_float<half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 __device__ __forceinline__ half2 pair_from_floats(float a, float b, half2*) { return __floats2half2_rn(a, b); }
 __device__ __forceinline__ __nv_bfloat162 pair_from_floats(float a, float b, __nv_bfloat162*) {
@@ -78,7 +80,9 @@ template <typename T, int BITS> struct Dequant;
 template <int BITS> struct Dequant<half, BITS> {
   static_assert(BITS == 4 || BITS == 8, "tensor-core path is 4- or 8-bit");
   static constexpr uint32_t kMask = BITS == 4 ? 0x000F000Fu : 0x00FF00FFu;
-  __device__ __forceinline__ static half2 zero_offset(half z) { return __half2half2(__hadd(z, __float2half_rn(1024.f))); }
+  __device__ __forceinline__ static half2 zero_offset(half z) {
+    return __half2half2(__hadd(z, __float2half_rn(1024.f)));
+  }
   template <int POS> __device__ __forceinline__ static half2 pair(uint32_t w, half2 zoff, half2 scale) {
     const uint32_t t = ((w >> (POS * BITS)) & kMask) | 0x64006400u;
     return __hmul2(__hsub2(from_u32<half2>(t), zoff), scale);
