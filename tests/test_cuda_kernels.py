@@ -208,6 +208,39 @@ def test_cuda_backend_rejects_cpu_input_with_reason():
         layer(x)
 
 
+def test_cuda_backend_reason_chain(monkeypatch):
+    """Every rejection reason of CudaKernel.can_implement, in order, with a stand-in CUDA input."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    cap = {"v": (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["v"])
+    ext = {"v": (False, "JIT build failed (RuntimeError): nvcc exploded")}
+    monkeypatch.setattr(cb, "extension_status", lambda load=True: ext["v"])
+
+    def ask(layer, m=1, dtype=torch.float16):
+        x = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(m, layer.in_features))
+        return cb.CudaKernel.can_implement(layer, x)
+
+    def layer(bits=4, gs=128, k=256, n=128, dtype=torch.float16, act=False):
+        return QuantLinear.from_quantized(make_qweight(k, n, bits, gs, False, act, dtype))
+
+    assert ask(layer()) == (False, "compute capability 7.5 < 8.0 (mma.sync / cp.async need sm_80+)")
+    cap["v"] = (9, 0)
+    assert ask(layer(), dtype=torch.float32)[1] == "activation dtype torch.float32 is not fp16 / bf16"
+    assert ask(layer(dtype=torch.bfloat16))[1] == ("scales are torch.bfloat16 but activations are torch.float16 "
+                                                   "(they must match)")
+    assert ask(layer(bits=3), m=9)[1] == ("the tensor-core GEMM takes 4 or 8 bits, got 3, and the GEMV handles "
+                                          "M <= 8, got M=9")
+    assert "multiple of 64, got 32" in ask(layer(gs=32), m=17)[1]
+    assert ask(layer(bits=8, gs=-1, k=252), m=64)[1].startswith("the tensor-core GEMM needs in_features % 8 == 0")
+    # scheme fits (GEMM for any M, GEMV for M <= 8): the extension's recorded failure is the answer
+    for lay, m in ((layer(), 129), (layer(act=True), 3), (layer(bits=3), 8)):
+        assert ask(lay, m) == (False, "CUDA extension unavailable: JIT build failed (RuntimeError): nvcc exploded")
+    ext["v"] = (True, None)
+    assert ask(layer(bits=3), m=8) == (True, None)
+
+
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch message")
 def test_extension_failure_is_recorded_and_raised():
     ok, reason = build.extension_status(load=True)
