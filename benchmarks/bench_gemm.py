@@ -131,6 +131,20 @@ def torch_int4(qw: QuantizedWeight, dtype: torch.dtype):
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
+def triton_config(m, n, k, bits, dtype, method) -> str:
+    """The launch config quantkern's Triton autotuner picked for this point ('' for other methods)."""
+    if method != "quantkern_triton":
+        return ""
+    from quantkern.triton_kernels import DECODE_MAX_M, tuned_configs
+    from quantkern.triton_kernels._tuning import bucket_m
+
+    op = "gemv" if m <= DECODE_MAX_M else "gemm"
+    for key, cfg in tuned_configs().items():
+        if key[:5] == (op, bucket_m(m), n, k, bits) and key[7] == dtype:
+            return " ".join(f"{a}={b}" for a, b in cfg.items())
+    return ""
+
+
 def quant_bytes(k, n, m, bits, group_size, sym, act_order, elt=2) -> int:
     g = 1 if group_size == -1 else -(-k // group_size)
     w = k * n * bits // 8 + g * n * elt + (0 if sym else g * n * bits // 8) + (4 * k if act_order else 0)
@@ -199,7 +213,7 @@ def run(args) -> list[dict]:
                             tflops=round(2 * m * n * k / us / 1e6, 2), gbps=round(gbps, 1),
                             roofline_pct=round(100 * gbps / (peak * 1e3), 1) if peak else "",
                             speedup_vs_cublas=round(cublas_us / us, 3) if cublas_us else "",
-                            rel_err=f"{rel:.2e}", bytes=nbytes))
+                            rel_err=f"{rel:.2e}", bytes=nbytes, config=triton_config(m, n, k, bits, dtype, name)))
                         r = rows[-1]
                         print(f"{k:>5}x{n:<5} {dname} W{bits} M={m:<5} {name:<18} {us:10.1f} us  "
                               f"{r['speedup_vs_cublas']!s:>6}x cuBLAS  {r['roofline_pct']!s:>5}% HBM  "

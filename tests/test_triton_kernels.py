@@ -13,6 +13,8 @@ Frobenius-norm bound of ``2 eps``.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -378,3 +380,64 @@ def test_quant_linear_cuda_compile(m):
     y = torch.compile(layer, fullgraph=False)(x)
     w = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, 4096, dtype=torch.float32)
     check(y, x, w)
+
+
+# Compiles every autotune config of both kernels for sm_80 and sm_90 without a GPU (Triton's AOT
+# path: TTIR -> PTX -> cubin with its bundled ptxas), in a fresh process because this one holds the
+# interpreted kernels. Fails on a compile error, or if a config of the main case (W4 g128 fp16)
+# needs more shared memory than the architecture has.
+_AOT_SCRIPT = r"""
+import sys, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from quantkern.triton_kernels import gemm_wna16 as gm, gemv_wna16 as gv
+from quantkern.triton_kernels._checks import group_mode
+from quantkern.triton_kernels._tuning import GEMM_CONFIGS, GEMV_CONFIGS
+
+arch = int(sys.argv[1])
+smem_limit = {80: 166912, 90: 232448}[arch]
+types = dict(qw_ptr="*i32", z_ptr="*u8", g_ptr="*i32", p_ptr="*fp32")
+variants = [(4, 128, -1, "fp16"), (3, 64, 4, "bf16"), (2, 32, -1, "fp16"), (8, -1, 128, "bf16"), (4, 0, -1, "fp16")]
+bad = []
+for fn, configs in ((gm._gemm_wna16_kernel, GEMM_CONFIGS), (gv._gemv_wna16_kernel, GEMV_CONFIGS)):
+    for cfg in configs:
+        for bits, gs, zp, dt in variants:
+            bk = min(cfg["BLOCK_K"], gs) if gs > 0 else cfg["BLOCK_K"]
+            mode = group_mode(gs, bk)
+            const = dict(BITS=bits, GROUP_MODE=mode, GROUP_SIZE=gs if mode == 1 else 1, ZERO_POINT=zp,
+                         HAS_BIAS=True, DOT_FP32=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk)
+            const.update(GROUP_M=gm.GROUP_M) if fn is gm._gemm_wna16_kernel else const.update(SPLIT_K=cfg["SPLIT_K"])
+            sig, attrs = {}, {}
+            for i, name in enumerate(fn.arg_names):
+                if name in const:
+                    sig[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    sig[name] = types.get(name, "*" + dt)
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                else:
+                    sig[name] = "i32"
+                    if name not in ("M",):
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+            try:
+                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                                   target=GPUTarget("cuda", arch, 32),
+                                   options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+            except Exception as e:
+                bad.append(f"{fn.__name__} {cfg} W{bits} g{gs} {dt}: {type(e).__name__} {str(e)[-300:]}")
+                continue
+            if (bits, gs, dt) == (4, 128, "fp16") and k.metadata.shared > smem_limit:
+                bad.append(f"{fn.__name__} {cfg}: {k.metadata.shared} B shared memory > {smem_limit}")
+print("\n".join(bad) or "all compiled")
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_config_compiles_for_gpu_targets(arch):
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], env=env, capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

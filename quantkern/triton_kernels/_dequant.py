@@ -31,17 +31,17 @@ def load_codes(qw_ptr, offs_n, K, N, k0, stride_qk, BITS: tl.constexpr, BLOCK_K:
     mask_n = offs_n < N
     q = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
     row0 = 0  # first row of the current plane in qweight
+    # plane p has width 1 << p and 32 >> p values a word (constexprs cannot be named inside the
+    # unrolled loop: Triton forbids reassigning them)
     for p in tl.static_range(4):
-        W: tl.constexpr = 1 << p
-        if BITS & W:
-            VPW: tl.constexpr = 32 // W
-            offs_w = k0 // VPW + tl.arange(0, BLOCK_K // VPW)
+        if BITS & (1 << p):
+            offs_w = k0 // (32 >> p) + tl.arange(0, BLOCK_K // (32 >> p))
             words = tl.load(qw_ptr + (row0 + offs_w)[:, None] * stride_qk + offs_n[None, :],
-                            mask=(offs_w[:, None] < tl.cdiv(K, VPW)) & mask_n[None, :], other=0)
+                            mask=(offs_w[:, None] < tl.cdiv(K, 32 >> p)) & mask_n[None, :], other=0)
             # arithmetic shift of int32 is fine: the mask drops the sign-extended bits
-            vals = (words[:, None, :] >> (tl.arange(0, VPW) * W)[None, :, None]) & ((1 << W) - 1)
-            q |= tl.reshape(vals, (BLOCK_K, BLOCK_N)) << (BITS & (W - 1))
-            row0 += tl.cdiv(K, VPW)
+            vals = (words[:, None, :] >> (tl.arange(0, 32 >> p) << p)[None, :, None]) & ((1 << (1 << p)) - 1)
+            q |= tl.reshape(vals, (BLOCK_K, BLOCK_N)) << (BITS & ((1 << p) - 1))
+            row0 += tl.cdiv(K, 32 >> p)
     return q
 
 

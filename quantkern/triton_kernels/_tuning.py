@@ -45,6 +45,7 @@ GEMV_CONFIGS = [
     _cfg(1, 64, 128, 4, 4, split_k=4),
     _cfg(1, 128, 128, 4, 3, split_k=2),
     _cfg(1, 32, 256, 4, 3, split_k=8),
+    _cfg(1, 32, 128, 4, 4, split_k=1),  # no reduction kernels: for wide layers (N >= 8192)
     _cfg(16, 64, 128, 4, 4, split_k=4),
     _cfg(16, 128, 64, 4, 4, split_k=4),
     _cfg(16, 64, 256, 4, 3, split_k=8),
