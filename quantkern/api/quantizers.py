@@ -10,7 +10,9 @@ from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
 from ..calibration import BlockInput, InputCatcher, find_decoder_blocks, run_block
+from ..kernels.reference import dequantize_gptq
 from ..kernels.registry import warn_once
+from ..nn import QuantLinear
 from .base import BaseQuantizer
 from .config import GPTQConfig, RTNConfig
 from .registry import register_quantizer
@@ -87,16 +89,23 @@ class GPTQQuantizer(BaseQuantizer):
             block = self.blocks[i]
             prefix = f"{self.blocks_name}.{i}."
             targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
+            done: dict[str, QuantLinear] = {}
             if targets:
                 for stage in self._stages(block, targets, inputs[0]):
-                    losses.update(self._quantize_stage(block, prefix, stage, inputs, device))
+                    losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done))
             outputs = run_block(block, inputs, device)
             inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
+            for name, ql in done.items():
+                set_module(self.model, name, ql)
         self.report["gptq_losses"] = losses
 
-    def _quantize_stage(self, block, prefix, stage, inputs, device) -> dict[str, float]:
-        """Collect H for the stage's Linears (stopping each forward once they have all run), quantize
-        them and swap in QuantLinear, so later stages are calibrated on quantized outputs."""
+    def _quantize_stage(self, block, prefix, stage, inputs, device, done: dict) -> dict[str, float]:
+        """Collect H for the stage's Linears (stopping each forward once they have all run) and quantize
+        them, so later stages are calibrated on quantized outputs.
+
+        Until the block is finished each Linear keeps running as a dense layer holding exactly the
+        weights the reference kernel dequantizes (no per-call unpacking); its QuantLinear goes into
+        ``done`` and is swapped in by the caller."""
         c = self.config
         gptq = {name: GPTQ(mod.weight, prefix + name) for name, mod in stage.items()}
         run_block(block, inputs, device, collect=stage, keep_outputs=False, stop_after=set(stage),
@@ -112,7 +121,13 @@ class GPTQQuantizer(BaseQuantizer):
                 qw, losses[prefix + name] = g.quantize(c.scheme(), c.damp_percent, c.blocksize, c.static_groups,
                                                        c.mse, c.torch_scale_dtype)
             g.free()
-            set_module(self.model, prefix + name, self.make_quant_linear(mod, qw, prefix + name))
+            ql = self.make_quant_linear(mod, qw, prefix + name)
+            w = dequantize_gptq(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, ql.bits, ql.in_features,
+                                dtype=mod.weight.dtype)
+            mod.weight.data = w.t().contiguous()
+            if mod.bias is not None:
+                mod.bias.data = ql.bias.to(mod.bias.dtype)
+            done[prefix + name] = ql
         return losses
 
     # stages ---------------------------------------------------------------------------------------
