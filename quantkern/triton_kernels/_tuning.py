@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -139,13 +141,18 @@ _CACHE: dict[tuple, dict] = {}
 def pick_config(key: tuple, candidates: list[dict], launch) -> dict:
     """The fastest of ``candidates`` for ``key`` (timed once per key with ``launch(cfg)``, cached).
 
-    Under the interpreter or with a single candidate nothing is timed and the first one is used.
+    Under the interpreter or with a single candidate nothing is timed and the first one is used;
+    so is it during a CUDA graph capture (warm the layer up eagerly first to capture a tuned config).
     """
     cfg = _CACHE.get(key)
     if cfg is not None:
         return cfg
     if interpreting() or len(candidates) == 1:
         cfg = candidates[0]
+    elif torch.cuda.is_current_stream_capturing():
+        # timing inside a CUDA graph capture is impossible: use the first candidate for this
+        # capture (not cached, so a later eager call still tunes); run once eagerly before capturing
+        return candidates[0]
     else:
         from triton.testing import do_bench
 

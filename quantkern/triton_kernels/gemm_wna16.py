@@ -1,11 +1,13 @@
 """Tensor-core GEMM ``y = x @ dequant(W) (+ bias)`` for W{2..8}A16, the path for M > 16.
 
 Algorithm: each program owns a ``BLOCK_M x BLOCK_N`` output tile and walks K in ``BLOCK_K`` steps:
-load an activation tile, load the packed weight tile (``VPW = 32 // bits`` codes per int32 word,
-packed along K), unpack with one shift and mask per code, subtract the zero point, and feed
-``tl.dot`` (fp16 / bf16 operands, fp32 accumulator). Group scales are applied in fp32 (see
-:mod:`._dequant` for the three group modes). Programs are launched in ``GROUP_M``-row bands so that
-the weight column tiles a band needs stay in L2 while its row tiles run.
+load an activation tile, load the packed weight words of the tile once (bit planes, ``32 / w``
+codes a word, packed along K), unpack them in registers with shifts and masks, and feed ``tl.dot``
+(fp16 / bf16 operands, fp32 accumulator). With regular groups the raw codes go to the tensor cores
+and zero point and scale are applied in fp32 to the tile's product; otherwise the tile is
+dequantized per element first (see :mod:`._dequant` for the three group modes). Programs are
+launched in ``GROUP_M``-row bands so that the weight column tiles a band needs stay in L2 while its
+row tiles run.
 
 Layout: :mod:`quantkern.triton_kernels.layout` (``TritonWeight``). Constraints: x fp16 / bf16
 ``[M, K]`` with unit stride along K; any M, N, K (edges are masked); scales fp16 / bf16 / fp32; the
