@@ -9,11 +9,13 @@ Public functions:
 
 from .config import CheckpointConfigError, parse_quantization_config
 from .files import CheckpointFileError
+from .inspect import format_inspection, inspect_checkpoint, read_gguf
 from .load import load_quantized
 from .save import SAVE_FORMATS, save_quantized
 from .validate import CheckpointTensorError
 
 __all__ = [
-    "save_quantized", "load_quantized", "SAVE_FORMATS", "parse_quantization_config",
+    "save_quantized", "load_quantized", "inspect_checkpoint", "format_inspection", "read_gguf", "SAVE_FORMATS",
+    "parse_quantization_config",
     "CheckpointConfigError", "CheckpointFileError", "CheckpointTensorError",
 ]

@@ -1,0 +1,224 @@
+"""Describe a checkpoint without loading the model: format, scheme, layers, sizes and consistency.
+
+Reads ``config.json`` and the safetensors headers (shapes and dtypes only, no tensor data), or a
+GGUF file through the ``gguf`` package's reader. Problems found (bad config, tensor shapes that contradict each other or the config)
+are listed in ``"problems"`` rather than raised; only an unreadable path raises.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from ..formats.bitpack import packed_length
+from .config import CheckpointConfigError, parse_quantization_config
+from .files import CheckpointFileError, read_headers, read_json, safetensors_files
+
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def read_gguf(path) -> "object":
+    """Open a GGUF file with the ``gguf`` package's reader after cheap sanity checks; every failure is a
+    :class:`CheckpointFileError` naming the file (truncated, corrupt, wrong magic)."""
+    import gguf
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointFileError(f"{path}: cannot read ({e})") from None
+    if magic != b"GGUF":
+        raise CheckpointFileError(f"{path}: not a GGUF file (magic {magic!r})")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise CheckpointFileError(f"{path}: tensor {t.name} extends past the end of the file (truncated)")
+    except CheckpointFileError:
+        raise
+    except Exception as e:  # the reader raises ValueError / IndexError / struct errors on corrupt input
+        raise CheckpointFileError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
+    return reader
+
+
+def _field_value(reader, key):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:
+        return None
+
+
+def _inspect_gguf(path: Path) -> dict:
+    reader = read_gguf(path)
+    arch = _field_value(reader, "general.architecture")
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    info = {"path": str(path), "format": "gguf", "architecture": arch, "tensor_types": dict(types),
+            "num_tensors": len(reader.tensors), "total_bytes": int(sum(int(t.n_bytes) for t in reader.tensors)),
+            "file_bytes": os.path.getsize(path), "problems": []}
+    blocks = _field_value(reader, f"{arch}.block_count")
+    info["num_layers"] = blocks
+    names = {t.name for t in reader.tensors}
+    if isinstance(blocks, int):
+        missing = [i for i in range(blocks) if not any(n.startswith(f"blk.{i}.") for n in names)]
+        if missing:
+            info["problems"].append(f"{arch}.block_count={blocks} but blocks {missing[:5]} have no tensors")
+    requant = _field_value(reader, "quantkern.requantized")
+    if isinstance(requant, list):
+        info["requantized"] = [r for r in requant if r]
+    info["consistent"] = not info["problems"]
+    return info
+
+
+def _expected_gptq(bits, gs, k, n):
+    g = 1 if gs == -1 else -(-k // gs)
+    return g, {"qzeros": (g, packed_length(n, bits)), "scales": (g, n), "g_idx": (k,)}
+
+
+def _inspect_dir(path: Path) -> dict:
+    info = {"path": str(path), "problems": []}
+    cfg = read_json(path / "config.json", "config.json")
+    info["model_type"] = cfg.get("model_type")
+    info["architectures"] = cfg.get("architectures")
+    files = safetensors_files(path)
+    headers = read_headers(files)
+    info["files"] = [f.name for f in files]
+    info["file_bytes"] = sum(f.stat().st_size for f in files)
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        info["format"] = "dense"
+        info["problems"].append("config.json has no quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    parsed = None
+    try:
+        if method == "compressed-tensors":
+            from .compressed import parse_compressed_config
+
+            parsed = parse_compressed_config(qc)
+            info["format"] = f"compressed-tensors ({parsed.format})"
+            info["groups"] = {k: {"targets": v.targets, "bits": v.weights.num_bits, "group_size": v.weights.group_size,
+                                  "symmetric": v.weights.symmetric, "strategy": v.weights.strategy}
+                              for k, v in parsed.config_groups.items()}
+        elif qc is not None:
+            parsed = parse_quantization_config(qc)
+            info["format"] = parsed.checkpoint_format if method == "gptq" else "awq-gemm"
+            s = parsed.scheme
+            info.update(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.act_order)
+    except (CheckpointConfigError, ImportError) as e:
+        info.setdefault("format", str(method))
+        info["problems"].append(str(e))
+    layers, qbytes = [], 0
+    suffix = ".weight_packed" if method == "compressed-tensors" else ".qweight"
+    for key in sorted(k for k in headers if k.endswith(suffix)):
+        name = key[: -len(suffix)]
+        _, dtype, shape = headers[key]
+        layer = {"name": name}
+        parts = {p: headers[k] for p in ("qzeros", "scales", "g_idx", "weight_scale", "weight_zero_point")
+                 if (k := f"{name}.{p}") in headers}
+        qbytes += sum(_ST_SIZES.get(d, 0) * _numel(s) for _, d, s in [headers[key], *parts.values()])
+        if dtype != "I32" or len(shape) != 2:
+            info["problems"].append(f"{key}: dtype {dtype} shape {list(shape)}, expected a 2-D I32 tensor")
+            layers.append(layer)
+            continue
+        if parsed is not None and method in ("gptq", "awq"):
+            s = parsed.scheme_for(name)
+            if s is None:
+                info["problems"].append(f"{key}: the config excludes this module, yet it holds packed weights")
+                continue
+            if method == "gptq":
+                k_ = shape[0] * 32 // s.bits
+                n_ = shape[1]
+            else:
+                k_, n_ = shape[0], shape[1] * 8
+            g, exp = _expected_gptq(s.bits, s.group_size, k_, n_)
+            if method == "awq":
+                exp = {"qzeros": (g, shape[1]), "scales": (g, n_)}
+            for p, want in exp.items():
+                if p in parts and tuple(parts[p][2]) != want:
+                    info["problems"].append(f"{name}.{p}: shape {list(parts[p][2])}, expected {list(want)} "
+                                            f"for a {k_}->{n_} {s.describe()} layer")
+                elif p not in parts and p != "g_idx":
+                    info["problems"].append(f"{name}.{p}: missing")
+            layer.update(in_features=k_, out_features=n_, bits=s.bits, group_size=s.group_size, groups=g)
+        elif "weight_scale" in parts:
+            n_, g = parts["weight_scale"][2]
+            layer.update(out_features=n_, groups=g)
+        layers.append(layer)
+    info["layers"] = layers
+    info["num_quantized_layers"] = len(layers)
+    total = sum(_ST_SIZES.get(d, 0) * _numel(s) for _, d, s in headers.values())
+    info.update(total_bytes=total, quantized_bytes=qbytes, dense_bytes=total - qbytes,
+                num_tensors=len(headers))
+    if qc is not None and not layers:
+        info["problems"].append("quantization_config is present but no packed weights were found")
+    info["consistent"] = not info["problems"]
+    return info
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def inspect_checkpoint(path) -> dict:
+    """Describe the checkpoint at ``path`` (a directory, or a ``.gguf`` file) without loading it.
+
+    Keys: ``format``, ``bits`` / ``group_size`` / ``sym`` / ``desc_act`` (GPTQ, AWQ), ``groups``
+    (compressed-tensors), ``layers`` (name, in/out features, groups), ``num_quantized_layers``,
+    ``total_bytes`` / ``quantized_bytes`` / ``dense_bytes``, ``consistent`` and ``problems``.
+    Raises :class:`CheckpointFileError` when the path cannot be read at all."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _inspect_gguf(path)
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _inspect_gguf(ggufs[0])
+    if not path.exists():
+        raise CheckpointFileError(f"{path} does not exist")
+    return _inspect_dir(path)
+
+
+def _mb(n) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def format_inspection(info: dict) -> str:
+    """A human-readable summary of :func:`inspect_checkpoint`'s dict."""
+    lines = [f"checkpoint: {info['path']}", f"format:     {info.get('format')}"]
+    if info.get("format") == "gguf":
+        lines.append(f"arch:       {info.get('architecture')}, {info.get('num_layers')} blocks, "
+                     f"{info['num_tensors']} tensors")
+        lines.append("types:      " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items())))
+        if info.get("requantized"):
+            lines.append(f"re-quantized at export: {len(info['requantized'])} layer(s)")
+        lines.append(f"size:       {_mb(info['file_bytes'])}")
+    else:
+        if info.get("model_type"):
+            lines.append(f"model:      {info.get('model_type')} {info.get('architectures') or ''}")
+        if "bits" in info:
+            g = "per-channel" if info["group_size"] == -1 else f"group {info['group_size']}"
+            lines.append(f"scheme:     {info['bits']}-bit, {g}, {'sym' if info['sym'] else 'asym'}"
+                         f"{', act-order' if info['desc_act'] else ''}")
+        for gname, g in (info.get("groups") or {}).items():
+            lines.append(f"scheme:     {gname}: {g['bits']}-bit {g['strategy']} {g['group_size'] or ''} "
+                         f"{'sym' if g['symmetric'] else 'asym'} -> {g['targets']}")
+        lines.append(f"layers:     {info.get('num_quantized_layers', 0)} quantized, {info.get('num_tensors', 0)} tensors "
+                     f"in {len(info.get('files', []))} file(s)")
+        if "total_bytes" in info:
+            lines.append(f"size:       {_mb(info['total_bytes'])} (quantized {_mb(info['quantized_bytes'])}, "
+                         f"dense {_mb(info['dense_bytes'])})")
+    if info["problems"]:
+        lines.append(f"consistent: NO ({len(info['problems'])} problem(s))")
+        lines += [f"  - {p}" for p in info["problems"][:20]]
+    else:
+        lines.append("consistent: yes")
+    return "\n".join(lines)
