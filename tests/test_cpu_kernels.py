@@ -6,9 +6,10 @@ AVX-512) is compared over the awkward-shape grid: M in (1, 2, 3, 17, 127, 128, 1
 multiples of 16 where the GPTQ layout allows, ragged last groups, every bits / group / sym /
 act-order combination, fp32 / bf16 / fp16 activations.
 
-Tolerance (see ``_check``): the kernel accumulates sum q*x*s and sum z*x*s in fp32 and rounds the
-result to the output dtype once, so the bound is ``eps_out * |ref| + eps_fp32 * sqrt(K) * S`` with S
-the magnitude of those two sums (|x| @ (q + z) * s). One wrong code moves y by about S / K, far
+Tolerance (see ``_Oracle.check``): the kernel accumulates sum q*x*s and sum z*x*s in fp32 and rounds
+the result to the output dtype once, so the bound is ``eps_out * |ref| + eps_fp32 * sqrt(K) * S`` with
+S the magnitude of those two sums (|x| @ (q + z) * s); the BF16 kernel decodes q as 128 + q (and z as
+128 + z), so for it S grows by |x| @ 256 * s. One wrong code moves y by about S / K, far
 above the fp32 term for the K used here (K <= 224: sqrt(K) * eps_fp32 ~ 2e-6 * S vs S / K >= 4e-3 * S).
 """
 
@@ -43,7 +44,7 @@ def ext():
 
 @pytest.fixture(scope="session")
 def isas(ext):
-    order = ["portable", "avx2", "avx512"]
+    order = ["portable", "avx2", "avx512", "avx512bf16"]
     return order[: order.index(ops.best_isa()) + 1]
 
 
@@ -80,11 +81,13 @@ class _Oracle:
         z = qw.zeros.double()[g].t()
         self.w = ((qw.codes.double() - z) * s).t().contiguous()  # [K, N]
         self.mag = ((qw.codes.double() + z) * s).t().contiguous()
+        self.s = s.t().contiguous()
         self.bias = None if bias is None else bias.double()
 
-    def check(self, y, x):
+    def check(self, y, x, offset: float = 0.0):
+        """``offset``: a constant the kernel adds to every code and zero (the BF16 kernel's 128 each)."""
         xd = x.double()
-        ref, mag = xd @ self.w, xd.abs() @ self.mag
+        ref, mag = xd @ self.w, xd.abs() @ (self.mag + 2 * offset * self.s)
         if self.bias is not None:
             ref, mag = ref + self.bias, mag + self.bias.abs()
         assert y.dtype == x.dtype and y.shape == ref.shape
@@ -95,8 +98,8 @@ class _Oracle:
         assert worst <= 1.0, f"max error / tolerance = {worst:.3g} (max abs error {err.max().item():.3g})"
 
 
-def _check(y, x, qw, bias=None):
-    _Oracle(qw, bias).check(y, x)
+def _check(y, x, qw, bias=None, offset=0.0):
+    _Oracle(qw, bias).check(y, x, offset)
 
 
 # --- layout: bit-exact ---------------------------------------------------------------------------
@@ -113,6 +116,17 @@ def test_pack_roundtrip_bit_exact(bits, group, act_order):
     # the per-call gather is skipped exactly when the padded order is the identity
     needs_gather = act_order or (group != -1 and 224 % group % p.vpw != 0)
     assert (p.src is not None) == needs_gather
+
+
+def test_code_positions_are_pair_interleaved():
+    # k = 0..7 of column 0 hold codes 1..8: even k in the low half-word, odd k in the high half
+    codes = torch.zeros(16, 8, dtype=torch.int32)
+    codes[0] = torch.arange(1, 9)
+    qw = QuantizedWeight(codes, torch.ones(1, 16), torch.zeros(1, 16, dtype=torch.int32),
+                         torch.zeros(8, dtype=torch.int32), WeightScheme(4, -1, False, False))
+    p = layout.pack_cpu(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4)
+    expect = 1 | 3 << 4 | 5 << 8 | 7 << 12 | 2 << 16 | 4 << 20 | 6 << 24 | 8 << 28
+    assert int(p.w[0, 0, 0]) & 0xFFFFFFFF == expect and not p.w[0, 0, 1:].any()
 
 
 def test_pack_from_gptq_matches_canonical():
@@ -158,10 +172,11 @@ def test_gemm_matches_reference(isas, bits, group, sym, act_order):
         for m, x32 in xs.items():
             for dtype in (torch.float32, torch.bfloat16):
                 x = x32.to(dtype)
-                oracle.check(kern(lin, x), x)
+                bf16_dot = isa == "avx512bf16" and dtype == torch.bfloat16 and bits <= 4
+                oracle.check(kern(lin, x), x, offset=128.0 if bf16_dot else 0.0)
 
 
-@pytest.mark.parametrize("isa_index", [0, 1, 2])
+@pytest.mark.parametrize("isa_index", [0, 1, 2, 3])
 def test_gemm_arbitrary_g_idx_bias_and_fp16(isas, isa_index):
     if isa_index >= len(isas):
         pytest.skip(f"this CPU runs only {isas}")
@@ -175,7 +190,8 @@ def test_gemm_arbitrary_g_idx_bias_and_fp16(isas, isa_index):
     for m in (1, 5, 9):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(m, 96).to(dtype)
-            oracle.check(kern(lin, x), x)
+            bf16_dot = isas[isa_index] == "avx512bf16" and dtype == torch.bfloat16
+            oracle.check(kern(lin, x), x, offset=128.0 if bf16_dot else 0.0)
 
 
 def test_quantlinear_auto_selects_cpu_and_matches(ext):
@@ -185,7 +201,7 @@ def test_quantlinear_auto_selects_cpu_and_matches(ext):
     assert select_kernel(lin, x.reshape(-1, 200)) is CpuKernel
     y = lin(x)
     assert y.shape == (2, 3, 40) and isinstance(lin.kernel_for(x.reshape(-1, 200)), CpuKernel)
-    _check(y.reshape(-1, 40), x.reshape(-1, 200), qw)
+    _check(y.reshape(-1, 40), x.reshape(-1, 200), qw, offset=128.0)
     explicit = QuantLinear.from_quantized(qw, dtype=torch.bfloat16, backend="cpu")
     assert torch.equal(explicit(x), y)
 

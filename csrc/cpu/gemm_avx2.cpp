@@ -18,8 +18,8 @@ template <int CB, int MT, int NACC, int J>
 inline __attribute__((always_inline)) void step(__m256i w0, __m256i w1, const float* xk, int64_t kp,
                                                 __m256 (&acc)[MT][NACC][2]) {
   const __m256i mask = _mm256_set1_epi32((1 << CB) - 1);
-  const __m256 f0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w0, CB * J), mask));
-  const __m256 f1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w1, CB * J), mask));
+  const __m256 f0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w0, code_shift(CB, J)), mask));
+  const __m256 f1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w1, code_shift(CB, J)), mask));
   for (int m = 0; m < MT; ++m) {
     const __m256 xv = _mm256_set1_ps(xk[m * kp + J]);
     acc[m][J % NACC][0] = _mm256_fmadd_ps(f0, xv, acc[m][J % NACC][0]);

@@ -2,9 +2,9 @@
 // columns of a block; codes are decoded in registers and never written back as floats.
 //
 // Decoding: for 2- and 4-bit containers a single vpermps both extracts and converts a code:
-// vpermps looks only at the low 4 bits of each lane's index, so (word >> CB*j) indexes a 16-entry
-// table of floats directly (the table is 0..15 for CB = 4, and i & 3 for CB = 2, which discards the
-// neighbouring code in bits 2-3). 8-bit codes use shift + mask + convert.
+// vpermps looks only at the low 4 bits of each lane's index, so (word >> code_shift(CB, j)) indexes a
+// 16-entry table of floats directly (the table is 0..15 for CB = 4, and i & 3 for CB = 2, which
+// discards the neighbouring code in bits 2-3). 8-bit codes use shift + mask + convert.
 //
 // Register blocking: MT rows of x share each decoded vector; with few rows the FMA chain is split
 // over NACC accumulators (by j) so the FMA latency is hidden.
@@ -28,11 +28,11 @@ namespace {
 template <int CB, int J>
 inline __attribute__((always_inline)) __m512 decode(__m512i w, __m512 lut) {
   if constexpr (CB == 8) {
-    __m512i q = J == 0 ? w : _mm512_srli_epi32(w, 8 * J);
-    if constexpr (J != 3) q = _mm512_and_si512(q, _mm512_set1_epi32(0xFF));
+    __m512i q = J == 0 ? w : _mm512_srli_epi32(w, code_shift(8, J));
+    if constexpr (code_shift(8, J) != 24) q = _mm512_and_si512(q, _mm512_set1_epi32(0xFF));
     return _mm512_cvtepi32_ps(q);
   } else {
-    const __m512i q = J == 0 ? w : _mm512_srli_epi32(w, CB * J);
+    const __m512i q = J == 0 ? w : _mm512_srli_epi32(w, code_shift(CB, J));
     return _mm512_permutexvar_ps(q, lut);
   }
 }

@@ -3,10 +3,13 @@
 // quantkern/kernels/cpu/layout.py repacks a QuantLinear once, at load, into:
 //
 //   w      int32 [NB, KW, 16]  NB = ceil(N / 16) blocks of 16 output columns. Word w[b, r, c] holds
-//                              VPW = 32 / CB consecutive (padded) k positions r*VPW .. r*VPW+VPW-1 of
-//                              column b*16 + c, lowest bits first, each in a CB-bit container
-//                              (CB = 2 for W2, 4 for W3/W4, 8 for W5..W8). One column block is one
-//                              contiguous stream, so a thread owning a block reads memory linearly.
+//                              VPW = 32 / CB consecutive (padded) k positions r*VPW + j of column
+//                              b*16 + c, each in a CB-bit container (CB = 2 for W2, 4 for W3/W4, 8 for
+//                              W5..W8) at bit code_shift(CB, j): even j in the low half-word, odd j in
+//                              the high half-word ("pair-interleaved"), so that one shift + mask leaves
+//                              the pair (j, j+1) in the two halves of a lane, as a bf16 dot product
+//                              wants it. One column block is one contiguous stream, so a thread owning
+//                              a block reads memory linearly.
 //   scales float [G, NB*16]    per group and column (fp32 copies of the layer's scales)
 //   zs     float [G, NB*16]    zero * scale, per group and column
 //   gptr   int32 [G + 1]       group g covers word rows gptr[g] .. gptr[g+1]-1
@@ -23,8 +26,12 @@
 
 namespace quantkern_cpu {
 
+// Bit offset of the code for k offset j (0 <= j < 32 / CB) inside a word.
+constexpr int code_shift(int cb, int j) { return (j & 1) * 16 + (j >> 1) * cb; }
+
 struct GemmArgs {
   const float* x;       // [M, Kp] activations in the padded k order, fp32
+  const uint16_t* xh;   // [M, Kp] the same as bf16 bits (only for the BF16 kernels, else nullptr)
   const float* xsum;    // [M, G] per-row, per-group sums of x
   const int32_t* w;     // [NB, KW, 16]
   const float* scales;  // [G, Np]
@@ -42,5 +49,6 @@ using BlockFn = void (*)(const GemmArgs&, int64_t b, int64_t m0, int64_t m1);
 BlockFn block_fn_scalar(int cb);
 BlockFn block_fn_avx2(int cb);
 BlockFn block_fn_avx512(int cb);
+BlockFn block_fn_avx512bf16(int cb);  // bf16 activations (a.xh), CB = 2 or 4
 
 }  // namespace quantkern_cpu

@@ -21,7 +21,7 @@ void block_scalar(const GemmArgs& a, int64_t b, int64_t m0, int64_t m1) {
         for (int j = 0; j < VPW; ++j) {
           const float xv = xk[j];
           for (int c = 0; c < 16; ++c) {
-            const uint32_t q = (static_cast<uint32_t>(wr[c]) >> (CB * j)) & MASK;
+            const uint32_t q = (static_cast<uint32_t>(wr[c]) >> code_shift(CB, j)) & MASK;
             acc[c] += static_cast<float>(q) * xv;
           }
         }

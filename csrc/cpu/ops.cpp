@@ -7,7 +7,9 @@
 //       src    int64 [Kp]: source column of x for each padded k position (K = a zero column); None
 //              when the padded order is the identity (Kp == K)
 //       cb     container bits (2, 4, 8); n = out_features; bias [n] or None
-//       isa    0 = best available, 1 = portable, 2 = AVX2, 3 = AVX-512 (an unavailable one raises)
+//       isa    0 = best available, 1 = portable, 2 = AVX2, 3 = AVX-512, 4 = AVX-512 + BF16 dot products
+//              for bf16 activations with 2- / 4-bit containers (other inputs: the AVX-512 kernel);
+//              a level this CPU lacks raises
 //     returns [M, n] in x's dtype; accumulation in fp32.
 //   quantkern_cpu::best_isa() -> int   the ISA level `isa=0` resolves to on this CPU.
 //
@@ -17,6 +19,7 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,28 +32,32 @@ namespace {
 
 int64_t best_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return 3;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return 4;
+  if (avx512) return 3;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
   return 1;
 }
 
-BlockFn pick(int64_t isa, int64_t cb) {
+// The requested level resolved against this CPU (raises if it is not available).
+int64_t resolve_isa(int64_t isa) {
   const int64_t best = best_isa();
-  if (isa == 0) isa = best;
-  TORCH_CHECK(isa >= 1 && isa <= 3, "quantkern_cpu::gemm: isa must be 0 (auto), 1 (portable), 2 (avx2) or 3 "
-              "(avx512), got ", isa);
+  TORCH_CHECK(isa >= 0 && isa <= 4, "quantkern_cpu::gemm: isa must be 0 (auto), 1 (portable), 2 (avx2), 3 "
+              "(avx512) or 4 (avx512bf16), got ", isa);
   TORCH_CHECK(isa <= best, "quantkern_cpu::gemm: isa ", isa, " requested but this CPU supports at most ", best);
-  BlockFn fn = isa == 3 ? block_fn_avx512(cb) : isa == 2 ? block_fn_avx2(cb) : block_fn_scalar(cb);
-  TORCH_CHECK(fn != nullptr, "quantkern_cpu::gemm: container bits must be 2, 4 or 8, got ", cb);
-  return fn;
+  return isa == 0 ? best : isa;
 }
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zs,
                 const at::Tensor& gptr, const std::optional<at::Tensor>& src, int64_t cb, int64_t n,
                 const std::optional<at::Tensor>& bias, int64_t isa) {
-  const BlockFn fn = pick(isa, cb);
+  isa = resolve_isa(isa);
+  TORCH_CHECK(cb == 2 || cb == 4 || cb == 8, "quantkern_cpu::gemm: container bits must be 2, 4 or 8, got ", cb);
+  // bf16 dot products only where they are exact: bf16 activations, codes < 128 (2- / 4-bit containers)
+  const bool use_bf16 = isa == 4 && x.scalar_type() == at::kBFloat16 && cb != 8;
+  const BlockFn fn = use_bf16 ? block_fn_avx512bf16(cb)
+                     : isa >= 3 ? block_fn_avx512(cb) : isa == 2 ? block_fn_avx2(cb) : block_fn_scalar(cb);
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "quantkern_cpu::gemm: x must be a 2-D float tensor, got ",
               x.dim(), "-D ", x.scalar_type());
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 16 && w.scalar_type() == at::kInt && w.is_contiguous(),
@@ -69,17 +76,19 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   for (int64_t g = 0; g < G; ++g) TORCH_CHECK(gp[g] <= gp[g + 1], "quantkern_cpu::gemm: gptr is not monotonic");
   if (bias) TORCH_CHECK(bias->numel() == n, "quantkern_cpu::gemm: bias has ", bias->numel(), " elements, expected ", n);
 
-  at::Tensor xf = x.to(at::kFloat).contiguous();
+  // activations in the padded k order: fp32 for the fp32 kernels, bf16 (as is) for the BF16 kernel
+  at::Tensor xa = use_bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
   if (src) {
     TORCH_CHECK(src->scalar_type() == at::kLong && src->numel() == Kp, "quantkern_cpu::gemm: src must be int64 [",
                 Kp, "]");
     // column K of the extended activation is the zero that padded k positions read
-    at::Tensor ext = at::zeros({M, K + 1}, xf.options());
-    ext.narrow(1, 0, K).copy_(xf);
-    xf = ext.index_select(1, *src).contiguous();
+    at::Tensor ext = at::zeros({M, K + 1}, xa.options());
+    ext.narrow(1, 0, K).copy_(xa);
+    xa = ext.index_select(1, *src).contiguous();
   } else {
     TORCH_CHECK(K == Kp, "quantkern_cpu::gemm: x has ", K, " features but the packed weight expects ", Kp);
   }
+  const at::Tensor xf = use_bf16 ? xa.to(at::kFloat) : xa;
   at::Tensor xsum = at::empty({M, G}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* xs = xsum.data_ptr<float>();
@@ -92,7 +101,8 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
     }
 
   at::Tensor y = at::zeros({M, Np}, xf.options());
-  const GemmArgs args{xp, xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(), zs.data_ptr<float>(), gp,
+  const uint16_t* xh = use_bf16 ? reinterpret_cast<const uint16_t*>(xa.data_ptr<at::BFloat16>()) : nullptr;
+  const GemmArgs args{xp, xh, xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(), zs.data_ptr<float>(), gp,
                       y.data_ptr<float>(), M, Kp, KW, G, Np};
   // Cache blocking. Rows are taken 8 at a time (one register tile); the column blocks are grouped
   // into "panels" whose packed weights (about kPanelBytes) stay in L2 while every 8-row chunk of x

@@ -6,7 +6,9 @@ csrc/cpu/gemm_kernels.h for how the kernels read it).
 - K is reordered so that each group is one contiguous run (for act-order: a stable sort by g_idx),
   each run padded with zero codes to a multiple of ``vpw = 32 / cb`` k positions;
 - words are ``[NB, KW, 16]``: 16 output columns per block, one int32 word per column holding ``vpw``
-  consecutive (padded) k positions, lowest bits first; N is padded to a multiple of 16 with zero
+  consecutive (padded) k positions; position ``j`` sits at bit :func:`code_shift` ``(cb, j)`` (even
+  positions in the low half-word, odd ones in the high half, so a pair (j, j+1) decodes into the two
+  bf16 halves of a lane with one shift and one mask); N is padded to a multiple of 16 with zero
   scales.
 
 ``src`` maps each padded k position to the input column it reads (``K`` for padding, read as 0); it
@@ -24,6 +26,11 @@ from ...formats.bitpack import unpack_cols, unpack_rows
 
 CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 BLOCK_N = 16
+
+
+def code_shift(cb: int, j: int) -> int:
+    """Bit offset of k position ``j`` inside a word (csrc/cpu/gemm_kernels.h: code_shift)."""
+    return (j & 1) * 16 + (j >> 1) * cb
 
 
 @dataclass
@@ -87,7 +94,7 @@ def pack_cpu(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
     cp = cp.view(kp // vpw, vpw, npad)
     words = torch.zeros(kp // vpw, npad, dtype=torch.int64)
     for j in range(vpw):
-        words |= cp[:, j] << (cb * j)
+        words |= cp[:, j] << code_shift(cb, j)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     w = words.view(kp // vpw, nb, BLOCK_N).permute(1, 0, 2).contiguous()
 
@@ -114,7 +121,7 @@ def unpack_cpu(p: CpuPackedWeight) -> torch.Tensor:
     nb, kw, _ = p.w.shape
     words = p.w.permute(1, 0, 2).reshape(kw, nb * BLOCK_N).to(torch.int64) & 0xFFFFFFFF
     mask = (1 << p.cb) - 1
-    cp = torch.stack([(words >> (p.cb * j)) & mask for j in range(p.vpw)], dim=1).reshape(kw * p.vpw, -1)
+    cp = torch.stack([(words >> code_shift(p.cb, j)) & mask for j in range(p.vpw)], dim=1).reshape(kw * p.vpw, -1)
     k = p.in_features
     src = p.src if p.src is not None else torch.arange(k)
     valid = src < k

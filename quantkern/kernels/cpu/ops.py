@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-ISA_LEVELS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+ISA_LEVELS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 _registered = False
 
 
@@ -25,7 +25,8 @@ def register_fakes() -> None:
 
 
 def isa_level(isa: str | int | None) -> int:
-    """The integer the op takes for an ISA name (``auto``, ``portable``, ``avx2``, ``avx512``)."""
+    """The integer the op takes for an ISA name (``auto``, ``portable``, ``avx2``, ``avx512``,
+    ``avx512bf16``: AVX-512 plus BF16 dot products for bf16 activations on W2..W4)."""
     if isa is None:
         return 0
     if isinstance(isa, int) and isa in ISA_LEVELS.values():
