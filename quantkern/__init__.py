@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from .api import (BaseConfig, BaseQuantizer, GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, convert, prepare,
                   register_quantizer)
+from .api import AWQConfig, AWQQuantizer
 from .core import QuantizedWeight, WeightScheme
 from .kernels import Backend
 from .nn import QuantLinear
@@ -36,4 +37,5 @@ __all__ = [
     "__version__", "BaseConfig", "BaseQuantizer", "GPTQConfig", "RTNConfig", "GPTQQuantizer", "RTNQuantizer",
     "prepare", "convert", "register_quantizer", "QuantizedWeight", "WeightScheme", "Backend", "QuantLinear",
     "save_quantized", "load_quantized",
+    "AWQConfig", "AWQQuantizer",
 ]

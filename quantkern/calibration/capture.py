@@ -8,6 +8,7 @@ collect each Linear's inputs for the algorithm; only one block's activations are
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass, field
 
@@ -70,8 +71,11 @@ class InputCatcher:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         extra_args = args[1:]
-        if extra_args:
-            raise RuntimeError("decoder block received extra positional arguments; cannot replay them")
+        if extra_args:  # e.g. GPT-2 passes past_key_values / attention_mask positionally: name them
+            names = [n for n in inspect.signature(module.forward).parameters if n not in ("self", "hidden_states")]
+            if len(extra_args) > len(names) or any(n in kwargs for n in names[:len(extra_args)]):
+                raise RuntimeError("decoder block received extra positional arguments; cannot replay them")
+            kwargs.update(zip(names, extra_args))
         mask = self._mask
         if mask is None or mask.shape != hidden.shape[:2]:
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)

@@ -1,0 +1,140 @@
+"""AWQ (Lin et al., 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration"): the math for one group of Linears that share an input, model-agnostic.
+
+1. Scale search. For input activations ``X [T, K]`` and the group's stacked weight ``W [N, K]``,
+   try per-input-channel scales ``s = mean|X|^α`` (or, with ``duo_scaling``, ``mean|X|^α /
+   mean|Ŵ|^(1-α)`` with ``Ŵ`` the weight normalised per group, as AutoAWQ does) for ``α`` on a grid
+   of ``n_grid`` points in ``[0, 1)``, normalised so ``max(s)·min(s) = 1``, and keep the one that
+   minimises ``‖X W^T − (X/s) Q(W·s)^T‖²`` (``Q``: fake quantization with the target scheme). The
+   identity ``s = 1`` is always a candidate, so the group's error never exceeds plain RTN's.
+2. The caller folds ``1/s`` into the op that produced ``X`` (norm weight/bias or the previous Linear's
+   output rows) — helpers below.
+3. Clipping search, per Linear: for each (output row, group), shrink ``max|w|`` by ``1 - i/n_grid``
+   for ``i < max_shrink·n_grid``, clamp the weight to ``±max``, fake-quantize, and keep the ratio that
+   minimises that group's partial output error on a subsample of tokens.
+
+All inputs are fp32 ``[T, K]`` with padding rows removed; weights ``[N, K]`` (``nn.Linear`` layout).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import WeightScheme, fake_quantize, find_qparams
+
+
+def group_slices(k: int, group_size: int) -> list[slice]:
+    gs = k if group_size == -1 else group_size
+    return [slice(s, min(s + gs, k)) for s in range(0, k, gs)]
+
+
+def fake_quantize_groups(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``w [N, K]`` -> its per-(row, group) min/max fake-quantized fp32 copy (what RTN would store)."""
+    w = w.float()
+    out = torch.empty_like(w)
+    for sl in group_slices(w.shape[1], scheme.group_size):
+        s, z = find_qparams(w[:, sl], scheme.bits, scheme.sym, scale_dtype)
+        out[:, sl] = fake_quantize(w[:, sl], s, z, scheme.maxq)
+    return out
+
+
+def _weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Mean over rows of |w| normalised by each (row, group)'s max |w|: ``[K]``."""
+    w = w.float().abs()
+    out = torch.empty_like(w)
+    for sl in group_slices(w.shape[1], group_size):
+        out[:, sl] = w[:, sl] / w[:, sl].amax(dim=1, keepdim=True).clamp(min=1e-8)
+    return out.mean(dim=0)
+
+
+@torch.no_grad()
+def search_scale(x: torch.Tensor, weight: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype,
+                 x_mean: torch.Tensor | None = None, n_grid: int = 20, duo_scaling: bool = True
+                 ) -> tuple[torch.Tensor, float, float]:
+    """Best input-channel scale for ``weight [N, K]`` (the group's Linears stacked along N) on inputs
+    ``x [T, K]``. ``x_mean`` (default ``mean|x|`` over rows) may come from more tokens than ``x``.
+
+    Returns ``(s [K] fp32, best_error, error_at_s=1)`` (mean squared output errors)."""
+    x = x.float()
+    w = weight.float()
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but the weight has {w.shape[1]} input channels")
+    x_mean = (x.abs().mean(dim=0) if x_mean is None else x_mean.float()).clamp(min=1e-8)
+    w_mean = _weight_mean(w, scheme.group_size).clamp(min=1e-8)
+    ref = x @ w.t()
+
+    def error(s: torch.Tensor) -> float:
+        q = fake_quantize_groups(w * s, scheme, scale_dtype) / s
+        return float((x @ q.t() - ref).pow_(2).mean())
+
+    ones = torch.ones_like(x_mean)
+    best_s, best = ones, error(ones)
+    rtn_err = best
+    for i in range(n_grid):
+        a = i / n_grid
+        s = x_mean.pow(a) / w_mean.pow(1 - a) if duo_scaling else x_mean.pow(a)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        if not torch.isfinite(s).all():
+            continue
+        err = error(s)
+        if err < best:
+            best, best_s = err, s
+    return best_s, best, rtn_err
+
+
+@torch.no_grad()
+def search_clip(x: torch.Tensor, weight: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype,
+                n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+    """Per-(row, group) clipping bound for ``weight [N, K]`` on inputs ``x [T, K]``.
+
+    Returns ``max_val [N, G]`` fp32 (``G`` groups, ragged last group allowed); clamp with
+    :func:`apply_clip`. Errors are each group's partial products ``x_g · w_g``."""
+    x, w = x.float(), weight.float()
+    cols = group_slices(w.shape[1], scheme.group_size)
+    best_max = torch.empty(w.shape[0], len(cols), device=w.device)
+    for g, sl in enumerate(cols):
+        wg, xg = w[:, sl], x[:, sl]
+        ref = xg @ wg.t()  # [T, N]
+        amax = wg.abs().amax(dim=1).clamp(min=1e-8)  # [N]
+        best_err = torch.full_like(amax, float("inf"))
+        best = amax.clone()
+        for i in range(max(1, int(max_shrink * n_grid))):
+            mv = amax * (1 - i / n_grid)
+            cw = torch.maximum(torch.minimum(wg, mv[:, None]), -mv[:, None])
+            s, z = find_qparams(cw, scheme.bits, scheme.sym, scale_dtype)
+            err = (xg @ fake_quantize(cw, s, z, scheme.maxq).t() - ref).pow_(2).mean(dim=0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, mv, best)
+        best_max[:, g] = best
+    return best_max
+
+
+def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: int) -> None:
+    """Clamp ``weight [N, K]`` in place to ``±max_val [N, G]`` group by group."""
+    for g, sl in enumerate(group_slices(weight.shape[1], group_size)):
+        mv = max_val[:, g:g + 1].to(weight.dtype)
+        weight[:, sl] = torch.maximum(torch.minimum(weight[:, sl], mv), -mv)
+
+
+# -- folding: keep the float model's function unchanged ---------------------------------------------
+def scale_input_channels(weight: torch.Tensor, s: torch.Tensor) -> None:
+    """``W <- W·diag(s)`` in place (``weight [N, K]``, ``s [K]``)."""
+    weight.mul_(s.to(weight.dtype)[None, :])
+
+
+def fold_into_norm(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor, offset: float = 0.0) -> None:
+    """Divide a norm's output by ``s``: ``(offset + w) <- (offset + w)/s`` and ``b <- b/s`` (in place).
+    ``offset = 1`` for Gemma-style norms that multiply by ``1 + w``."""
+    s32 = s.float()
+    weight.copy_(((weight.float() + offset) / s32 - offset).to(weight.dtype))
+    if bias is not None:
+        bias.copy_((bias.float() / s32).to(bias.dtype))
+
+
+def fold_into_linear_outputs(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor) -> None:
+    """Divide a Linear's outputs by ``s [N]``: rows of ``weight [N, K]`` and ``bias [N]`` (in place)."""
+    weight.div_(s.to(weight.dtype)[:, None])
+    if bias is not None:
+        bias.div_(s.to(bias.dtype))

@@ -1,0 +1,145 @@
+"""``AWQQuantizer``: AWQ block by block, output in :class:`~quantkern.nn.QuantLinear` (GPTQ layout).
+
+For each decoder block: one forward (hooks capture the input of each scale group and of every other
+target Linear), then per :class:`~quantkern.calibration.awq_specs.ScaleGroup` a scale search whose
+``1/s`` is folded into the producing norm / Linear (captured inputs are divided by ``s`` to match),
+then a clipping search and RTN per Linear. The block's quantized outputs feed the next block.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..algorithms import quantize_rtn
+from ..algorithms.awq import (apply_clip, fold_into_linear_outputs, fold_into_norm, scale_input_channels,
+                              search_clip, search_scale)
+from ..calibration import BlockInput, find_decoder_blocks, run_block
+from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
+from ..kernels.reference import dequantize_gptq
+from .calibrated import BlockwiseQuantizer
+from .configs_more import AWQConfig
+from .registry import register_quantizer
+from .targets import plan_targets, set_module
+
+logger = logging.getLogger("quantkern")
+
+
+def _subsample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    if x.shape[0] <= n:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(x.shape[0], generator=g)[:n].to(x.device)]
+
+
+@register_quantizer(AWQConfig)
+class AWQQuantizer(BlockwiseQuantizer):
+    """``AWQQuantizer(model, bits=4, group_size=128, zero_point=True, ...).quantize(data)``.
+
+    Raises ``ValueError`` in ``prepare`` for an architecture without an AWQ spec (see
+    :mod:`quantkern.calibration.awq_specs`). ``report["awq_errors"]`` holds, per scale group, the
+    group's output MSE with the chosen scales and with ``s = 1`` (plain RTN)."""
+
+    def _prepare(self) -> None:
+        c = self.config
+        self.spec = awq_spec_for(self.model)
+        self.blocks_name, self.blocks = find_decoder_blocks(self.model)
+        if self.spec.conv1d:
+            conv1d_to_linear(self.blocks)
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)
+        self.install_catcher(self.blocks[0])
+
+    def _convert(self) -> None:
+        inputs = self.take_inputs()
+        device = self.calibration_device()
+        errors: dict[str, tuple[float, float]] = {}
+        for i in tqdm(range(len(self.blocks)), desc="AWQ blocks", disable=not self.verbose):
+            block = self.blocks[i]
+            prefix = f"{self.blocks_name}.{i}."
+            targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
+            done = self._quantize_block(block, prefix, targets, inputs, device, errors) if targets else {}
+            outputs = run_block(block, inputs, device)
+            inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
+            for name, ql in done.items():
+                set_module(self.model, name, ql)
+        self.report["awq_errors"] = errors
+
+    def _groups(self, block: nn.Module, prefix: str, targets: dict[str, nn.Linear]):
+        """The spec's groups that apply to this block: all Linears present and quantized, and for a
+        Linear producer, its outputs exactly the group's inputs (not so for GQA's v_proj -> o_proj)."""
+        out = []
+        for g in self.spec.groups:
+            if not all(n in targets for n in g.linears):
+                logger.debug("quantkern: AWQ group %s%s skipped (not all quantized)", prefix, g.linears)
+                continue
+            prev = block.get_submodule(g.prev)
+            k = targets[g.linears[0]].in_features
+            if g.prev_kind == LINEAR:
+                if not isinstance(prev, nn.Linear) or prev.out_features != k:
+                    continue
+            elif getattr(prev, "weight", None) is None or prev.weight.shape != (k,):
+                raise ValueError(f"AWQ spec: {prefix}{g.prev} is not a norm with a [{k}] weight")
+            out.append((g, prev))
+        return out
+
+    def _quantize_block(self, block, prefix, targets, inputs, device, errors) -> dict:
+        c = self.config
+        scheme = c.scheme()
+        groups = self._groups(block, prefix, targets)
+        owner = {n: n for n in targets}  # Linear -> the Linear whose captured input it shares
+        for g, _ in groups:
+            for n in g.linears:
+                owner[n] = g.linears[0]
+        feats: dict[str, list[torch.Tensor]] = {n: [] for n in set(owner.values())}
+        sums: dict[str, torch.Tensor] = {}
+
+        def on_input(name, x):
+            x = x.detach().float()
+            feats[name].append(x.to("cpu") if c.offload else x)
+            sums[name] = sums.get(name, 0) + x.abs().sum(dim=0)
+
+        run_block(block, inputs, device, collect={n: targets[n] for n in feats}, on_input=on_input,
+                  keep_outputs=False)
+        x_all = {n: torch.cat(v) for n, v in feats.items() if v}
+        del feats
+        for n in list(x_all):
+            x_all[n] = _subsample(x_all[n], max(c.max_search_tokens, c.clip_tokens), seed=0).to(device)
+        counts = {n: sum(int(inp.token_mask.sum()) for inp in inputs) for n in x_all}
+
+        for g, prev in groups:
+            first = g.linears[0]
+            if first not in x_all:
+                continue
+            lins = [targets[n] for n in g.linears]
+            w = torch.cat([m.weight.detach().to(device) for m in lins])
+            x = x_all[first][:c.max_search_tokens]
+            s, err, rtn_err = search_scale(x, w, scheme, c.torch_scale_dtype, x_mean=sums[first] / counts[first],
+                                           n_grid=c.n_grid, duo_scaling=c.duo_scaling)
+            errors[prefix + ",".join(g.linears)] = (err, rtn_err)
+            s = s.to(prev.weight.device)
+            if g.prev_kind == LINEAR:
+                fold_into_linear_outputs(prev.weight.data, None if prev.bias is None else prev.bias.data, s)
+            else:
+                fold_into_norm(prev.weight.data, getattr(prev, "bias", None), s,
+                               offset=1.0 if g.prev_kind == GEMMA_NORM else 0.0)
+            for m in lins:
+                scale_input_channels(m.weight.data, s.to(m.weight.device))
+            x_all[first] = x_all[first] / s.to(x_all[first].device)
+
+        done = {}
+        for n, lin in targets.items():
+            if c.clip and n not in self.spec.no_clip and owner[n] in x_all:
+                x = x_all[owner[n]][:c.clip_tokens]
+                max_val = search_clip(x, lin.weight.detach().to(x.device), scheme, c.torch_scale_dtype,
+                                      n_grid=c.n_grid, max_shrink=c.max_shrink)
+                apply_clip(lin.weight.data, max_val.to(lin.weight.device), scheme.group_size)
+            qw = quantize_rtn(lin.weight, scheme, c.torch_scale_dtype)
+            ql = self.make_quant_linear(lin, qw, prefix + n)
+            # until the block's outputs are computed, run it dense with exactly the dequantized weights
+            lin.weight.data = dequantize_gptq(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, ql.bits, ql.in_features,
+                                              dtype=lin.weight.dtype).t().contiguous()
+            done[prefix + n] = ql
+        return done

@@ -1,0 +1,74 @@
+"""Configs of the calibrated algorithms beyond GPTQ: AWQ, SmoothQuant / W8A8, FP8, PTQ observers.
+
+Common settings (names as users know them from other tools): ``skip_layers`` (fnmatch patterns or
+dotted suffixes), ``device`` (where calibration runs), ``num_calibrate`` (use at most this many
+calibration samples), ``calibrate_seq_length`` (truncate each sample to this many tokens),
+``batch_size`` (rows per calibration forward), ``offload`` (keep captured block inputs on the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .config import BaseConfig, WeightOnlyConfig
+
+
+def _positive_int(name: str, v, allow_none: bool = False) -> None:
+    if allow_none and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
+
+
+def _bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be a bool, got {v!r}")
+
+
+def validate_calibration_fields(c) -> None:
+    _positive_int("num_calibrate", c.num_calibrate, allow_none=True)
+    _positive_int("calibrate_seq_length", c.calibrate_seq_length, allow_none=True)
+    _positive_int("batch_size", c.batch_size)
+    _bool("offload", c.offload)
+
+
+@dataclass(frozen=True)
+class AWQConfig(WeightOnlyConfig):
+    """AWQ: activation-aware scale search per group of Linears sharing an input, folded into the
+    preceding norm / Linear, then a weight-clipping search, then RTN into the GPTQ packed layout.
+
+    ``zero_point=True`` (default) is asymmetric quantization (``sym=False``); ``sym`` may be given
+    instead but must agree. ``duo_scaling``: scales from activation *and* weight magnitudes (AutoAWQ's
+    default) rather than activations alone (the paper). ``n_grid``: α grid points in [0, 1);
+    ``clip``: run the clipping search, shrinking ``max|w|`` by at most ``max_shrink``;
+    ``max_search_tokens`` / ``clip_tokens``: token subsample sizes for the two searches (fixed seed)."""
+
+    method: ClassVar[str] = "awq"
+    sym: bool | None = None
+    zero_point: bool = True
+    duo_scaling: bool = True
+    n_grid: int = 20
+    clip: bool = True
+    max_shrink: float = 0.5
+    max_search_tokens: int = 4096
+    clip_tokens: int = 512
+    num_calibrate: int | None = None
+    calibrate_seq_length: int | None = None
+    batch_size: int = 8
+    offload: bool = False
+
+    def __post_init__(self):
+        _bool("zero_point", self.zero_point)
+        if self.sym is None:
+            object.__setattr__(self, "sym", not self.zero_point)
+        elif isinstance(self.sym, bool) and self.sym == self.zero_point:
+            raise ValueError(f"sym={self.sym} contradicts zero_point={self.zero_point} (sym means no zero point)")
+        super().__post_init__()
+        for name in ("duo_scaling", "clip"):
+            _bool(name, getattr(self, name))
+        for name in ("n_grid", "max_search_tokens", "clip_tokens"):
+            _positive_int(name, getattr(self, name))
+        if not (isinstance(self.max_shrink, (int, float)) and 0 <= self.max_shrink < 1):
+            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink!r}")
+        validate_calibration_fields(self)
