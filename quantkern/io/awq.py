@@ -16,8 +16,7 @@ from .. import __version__
 from ..core import WeightScheme
 from ..formats.awq import AWQTensors, awq_shapes, awq_unsupported, pack_awq, unpack_awq
 from ..formats.gptq import pack_gptq
-from ..nn import QuantLinear
-from .validate import FLOAT_DTYPES, CheckpointTensorError, check_scales, check_tensor
+from .validate import FLOAT_DTYPES, CheckpointTensorError, check_bias, check_scales, check_tensor
 
 
 def awq_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -75,7 +74,7 @@ def awq_layer_to_gptq(name: str, tensors: dict[str, torch.Tensor], scheme: Weigh
     out = {f"{name}.qweight": t.qweight, f"{name}.qzeros": t.qzeros, f"{name}.scales": t.scales,
            f"{name}.g_idx": t.g_idx}
     if f"{name}.bias" in tensors:
-        check_tensor(f"{name}.bias", tensors[f"{name}.bias"], FLOAT_DTYPES, (out_features,))
+        check_bias(f"{name}.bias", tensors[f"{name}.bias"], out_features)
         out[f"{name}.bias"] = tensors[f"{name}.bias"]
     return out
 

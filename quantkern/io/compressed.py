@@ -27,7 +27,8 @@ from torch import nn
 from ..core import QuantizedWeight, WeightScheme
 from ..formats.gptq import pack_gptq
 from .config import CheckpointConfigError
-from .validate import FLOAT_DTYPES, CheckpointTensorError, check_g_idx, check_linear_scheme, check_scales, check_tensor
+from .validate import (FLOAT_DTYPES, CheckpointTensorError, check_bias, check_g_idx, check_linear_scheme,
+                       check_scales, check_tensor)
 
 _TOP_KEYS = {"quant_method", "version", "config_groups", "format", "quantization_status", "global_compression_ratio",
              "ignore", "kv_cache_scheme", "sparsity_config", "transform_config", "moe_sparsity_config",
@@ -168,12 +169,14 @@ def compressed_to_gptq(qc: dict, tensors: dict[str, torch.Tensor], model: nn.Mod
             for part in need:
                 if f"{name}.{part}" not in tensors:
                     raise CheckpointTensorError(f"{name}.{part}: missing (config group {gname})")
-            check_tensor(f"{name}.weight_packed", tensors[f"{name}.weight_packed"], (torch.int32,), (n, -(-k * b // 32)))
+            check_tensor(f"{name}.weight_packed", tensors[f"{name}.weight_packed"], (torch.int32,),
+                         (n, -(-k * b // 32)))
             check_tensor(f"{name}.weight_scale", tensors[f"{name}.weight_scale"], FLOAT_DTYPES, (n, g))
             check_scales(f"{name}.weight_scale", tensors[f"{name}.weight_scale"])
             shape = tensors[f"{name}.weight_shape"]
             if shape.dtype not in (torch.int32, torch.int64) or shape.tolist() != [n, k]:
-                raise CheckpointTensorError(f"{name}.weight_shape: {shape.tolist()} does not match the module ({n}, {k})")
+                raise CheckpointTensorError(f"{name}.weight_shape: {shape.tolist()} does not match the module "
+                                            f"({n}, {k})")
             codes = unpack_from_int32(tensors[f"{name}.weight_packed"], b, torch.Size([n, k])).to(torch.int32) + mid
             if w.symmetric:
                 zeros = torch.full((g, n), mid, dtype=torch.int32)
@@ -194,7 +197,7 @@ def compressed_to_gptq(qc: dict, tensors: dict[str, torch.Tensor], model: nn.Mod
             out = {f"{name}.qweight": t.qweight, f"{name}.qzeros": t.qzeros, f"{name}.scales": t.scales,
                    f"{name}.g_idx": t.g_idx}
             if f"{name}.bias" in tensors:
-                check_tensor(f"{name}.bias", tensors[f"{name}.bias"], FLOAT_DTYPES, (n,))
+                check_bias(f"{name}.bias", tensors[f"{name}.bias"], n)
                 out[f"{name}.bias"] = tensors[f"{name}.bias"]
             quant[name] = (scheme, out)
             used |= {f"{name}.{p}" for p in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",

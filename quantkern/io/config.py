@@ -67,7 +67,8 @@ def _check_scheme(where: str, bits, group_size, sym, desc_act) -> WeightScheme:
     _check_type(where, "bits", bits, int, SUPPORTED_BITS)
     _check_type(where, "group_size", group_size, int)
     if group_size == 0 or group_size < -1:
-        raise CheckpointConfigError(f"{where}: 'group_size' must be -1 (per channel) or a positive int, got {group_size}")
+        raise CheckpointConfigError(f"{where}: 'group_size' must be -1 (per channel) or a positive int, "
+                                    f"got {group_size}")
     _check_type(where, "sym", sym, bool)
     _check_type(where, "desc_act", desc_act, bool)
     return WeightScheme(bits=bits, group_size=group_size, sym=sym, act_order=desc_act)
@@ -177,7 +178,8 @@ def _parse_dynamic(where: str, dynamic) -> dict:
                 elif k == "group_size":
                     _check_type(f"{where}.dynamic[{key!r}]", k, v, int)
                     if v == 0 or v < -1:
-                        raise CheckpointConfigError(f"{where}.dynamic[{key!r}]: 'group_size' must be -1 or positive, got {v}")
+                        raise CheckpointConfigError(f"{where}.dynamic[{key!r}]: 'group_size' must be -1 or "
+                                                    f"positive, got {v}")
                 else:
                     _check_type(f"{where}.dynamic[{key!r}]", k, v, bool)
         out[key] = dict(over)

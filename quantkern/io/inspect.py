@@ -1,8 +1,9 @@
 """Describe a checkpoint without loading the model: format, scheme, layers, sizes and consistency.
 
 Reads ``config.json`` and the safetensors headers (shapes and dtypes only, no tensor data), or a
-GGUF file through the ``gguf`` package's reader. Problems found (bad config, tensor shapes that contradict each other or the config)
-are listed in ``"problems"`` rather than raised; only an unreadable path raises.
+GGUF file through the ``gguf`` package's reader. Problems found (bad config, tensor shapes that
+contradict each other or the config) are listed in ``"problems"`` rather than raised; only an
+unreadable path raises.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def format_inspection(info: dict) -> str:
         for gname, g in (info.get("groups") or {}).items():
             lines.append(f"scheme:     {gname}: {g['bits']}-bit {g['strategy']} {g['group_size'] or ''} "
                          f"{'sym' if g['symmetric'] else 'asym'} -> {g['targets']}")
-        lines.append(f"layers:     {info.get('num_quantized_layers', 0)} quantized, {info.get('num_tensors', 0)} tensors "
+        lines.append(f"layers:     {info.get('num_quantized_layers', 0)} quantized, "
+                     f"{info.get('num_tensors', 0)} tensors "
                      f"in {len(info.get('files', []))} file(s)")
         if "total_bytes" in info:
             lines.append(f"size:       {_mb(info['total_bytes'])} (quantized {_mb(info['quantized_bytes'])}, "

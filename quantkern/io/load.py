@@ -90,7 +90,8 @@ def assemble(model: nn.Module, quant: dict[str, tuple], dense: dict[str, torch.T
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    missing = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta")
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    missing = sorted(n for n, t in named if t.device.type == "meta")
     if missing:
         raise CheckpointTensorError(f"the checkpoint lacks {len(missing)} tensor(s): {missing[:8]}"
                                     f"{' ...' if len(missing) > 8 else ''}")

@@ -22,7 +22,8 @@ def check_tensor(name: str, t: torch.Tensor, dtypes, shape: tuple[int, ...]) -> 
     if t.dtype not in dtypes:
         raise CheckpointTensorError(f"{name}: dtype {t.dtype} is not one of {[str(d) for d in dtypes]}")
     if tuple(t.shape) != tuple(shape):
-        raise CheckpointTensorError(f"{name}: shape {tuple(t.shape)} does not match the config, expected {tuple(shape)}")
+        raise CheckpointTensorError(f"{name}: shape {tuple(t.shape)} does not match the config, "
+                                    f"expected {tuple(shape)}")
 
 
 def check_scales(name: str, scales: torch.Tensor) -> None:
@@ -32,6 +33,12 @@ def check_scales(name: str, scales: torch.Tensor) -> None:
         raise CheckpointTensorError(f"{name}: holds non-finite values")
     if not bool((s > 0).all()):
         raise CheckpointTensorError(f"{name}: holds values <= 0 (scales must be positive)")
+
+
+def check_bias(name: str, bias: torch.Tensor, out_features: int) -> None:
+    check_tensor(name, bias, FLOAT_DTYPES, (out_features,))
+    if not bool(torch.isfinite(bias.float()).all()):
+        raise CheckpointTensorError(f"{name}: holds non-finite values")
 
 
 def check_g_idx(name: str, g_idx: torch.Tensor, num_groups: int) -> None:
@@ -85,7 +92,7 @@ def validate_gptq_layer(name: str, tensors: dict[str, torch.Tensor], scheme: Wei
     out[f"{name}.scales"] = tensors[f"{name}.scales"]
     out[f"{name}.g_idx"] = g_idx
     if f"{name}.bias" in tensors:
-        check_tensor(f"{name}.bias", tensors[f"{name}.bias"], FLOAT_DTYPES, (out_features,))
+        check_bias(f"{name}.bias", tensors[f"{name}.bias"], out_features)
         out[f"{name}.bias"] = tensors[f"{name}.bias"]
     return out
 
@@ -97,7 +104,8 @@ def validate_dense(name: str, t: torch.Tensor, expected: torch.Tensor) -> None:
                                     f"expected {tuple(expected.shape)}")
     if expected.is_floating_point():
         if t.dtype not in FLOAT_DTYPES:
-            raise CheckpointTensorError(f"{name}: dtype {t.dtype} is not a float dtype {[str(d) for d in FLOAT_DTYPES]}")
+            raise CheckpointTensorError(f"{name}: dtype {t.dtype} is not a float dtype "
+                                        f"{[str(d) for d in FLOAT_DTYPES]}")
         if not bool(torch.isfinite(t.float()).all()):
             raise CheckpointTensorError(f"{name}: holds non-finite values")
     elif t.dtype != expected.dtype:
