@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 
 from .api import (BaseConfig, BaseQuantizer, GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, convert, prepare,
                   register_quantizer)
-from .api import AWQConfig, AWQQuantizer
+from .api import (AWQConfig, AWQQuantizer, SmoothQuantConfig, SmoothQuantQuantizer, W8A8Config,
+                  W8A8Quantizer)
+from .nn.w8a8_linear import W8A8Linear
 from .core import QuantizedWeight, WeightScheme
 from .kernels import Backend
 from .nn import QuantLinear
@@ -37,5 +39,6 @@ __all__ = [
     "__version__", "BaseConfig", "BaseQuantizer", "GPTQConfig", "RTNConfig", "GPTQQuantizer", "RTNQuantizer",
     "prepare", "convert", "register_quantizer", "QuantizedWeight", "WeightScheme", "Backend", "QuantLinear",
     "save_quantized", "load_quantized",
-    "AWQConfig", "AWQQuantizer",
+    "AWQConfig", "AWQQuantizer", "W8A8Config", "W8A8Quantizer", "SmoothQuantConfig", "SmoothQuantQuantizer",
+    "W8A8Linear",
 ]

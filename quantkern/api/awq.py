@@ -104,7 +104,7 @@ class AWQQuantizer(BlockwiseQuantizer):
         run_block(block, inputs, device, collect={n: targets[n] for n in feats}, on_input=on_input,
                   keep_outputs=False)
         x_all = {n: torch.cat(v) for n, v in feats.items() if v}
-        del feats
+        feats.clear()
         for n in list(x_all):
             x_all[n] = _subsample(x_all[n], max(c.max_search_tokens, c.clip_tokens), seed=0).to(device)
         counts = {n: sum(int(inp.token_mask.sum()) for inp in inputs) for n in x_all}

@@ -7,7 +7,10 @@ algorithms implement ``_convert`` with :func:`quantkern.calibration.run_block`.
 
 from __future__ import annotations
 
+import types
+
 import torch
+from torch import nn
 
 from ..calibration import BlockInput, InputCatcher, normalize_calibration_data
 from .base import BaseQuantizer
@@ -39,3 +42,48 @@ class BlockwiseQuantizer(BaseQuantizer):
             raise RuntimeError("no calibration forwards reached the model between prepare() and convert(); "
                                "run model(input_ids=...) on calibration batches first")
         return inputs
+
+
+class ActivationObservers:
+    """Forward pre-hooks that feed each watched module's input rows (padding removed, using the
+    ``attention_mask`` of the current model call) to an observer's ``update(x2d)``. Calibration runs
+    ordinary full-model forwards; nothing is stopped early."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], make_observer):
+        self.model = model
+        self.modules = modules
+        self.observers = {name: make_observer(name) for name in modules}
+        self._mask: torch.Tensor | None = None
+        self._hooks: list = []
+
+    def install(self) -> "ActivationObservers":
+        for name, mod in self.modules.items():
+            self._hooks.append(mod.register_forward_pre_hook(lambda m, args, _n=name: self._observe(_n, args[0])))
+        original = self.model.forward
+        obs = self
+
+        def forward(model_self, *args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            obs._mask = mask if mask is not None else (torch.ones_like(ids) if isinstance(ids, torch.Tensor) else None)
+            kwargs.setdefault("use_cache", False)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                obs._mask = None
+
+        self.model.forward = types.MethodType(forward, self.model)
+        return self
+
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        if self._mask is not None and self._mask.numel() == x2.shape[0]:
+            x2 = x2[self._mask.reshape(-1).bool().to(x2.device)]
+        self.observers[name].update(x2)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if "forward" in self.model.__dict__:
+            del self.model.__dict__["forward"]

@@ -72,3 +72,43 @@ class AWQConfig(WeightOnlyConfig):
         if not (isinstance(self.max_shrink, (int, float)) and 0 <= self.max_shrink < 1):
             raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink!r}")
         validate_calibration_fields(self)
+
+
+_W8A8_BACKENDS = ("auto", "int_mm", "reference")
+
+
+@dataclass(frozen=True)
+class W8A8Config(BaseConfig):
+    """W8A8 int8 without smoothing: int8 per-channel symmetric weights, int8 activations — dynamic per
+    token (default, needs no data) or, with ``act_static=True``, one static per-tensor scale per Linear
+    from the calibration abs-max. ``backend``: ``"auto"`` (``torch._int_mm`` where it applies),
+    ``"int_mm"`` or ``"reference"``; output modules are :class:`~quantkern.nn.W8A8Linear`."""
+
+    method: ClassVar[str] = "w8a8"
+    act_static: bool = False
+    backend: str = "auto"
+    num_calibrate: int | None = None
+    calibrate_seq_length: int | None = None
+    batch_size: int = 8
+    offload: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _bool("act_static", self.act_static)
+        if self.backend not in _W8A8_BACKENDS:
+            raise ValueError(f"backend must be one of {list(_W8A8_BACKENDS)}, got {self.backend!r}")
+        validate_calibration_fields(self)
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(W8A8Config):
+    """SmoothQuant then W8A8: per-channel smoothing ``s = max|X|^alpha / max|W|^(1-alpha)`` folded into
+    the norms before each group of Linears sharing an input (same per-architecture specs as AWQ)."""
+
+    method: ClassVar[str] = "smoothquant"
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")

@@ -70,12 +70,13 @@ AWQ_SPECS: dict[str, AWQSpec] = {
 }
 
 
-def awq_spec_for(model: nn.Module) -> AWQSpec:
-    """The spec for ``model.config.model_type``; ``ValueError`` naming the architecture if there is none."""
+def awq_spec_for(model: nn.Module, method: str = "AWQ") -> AWQSpec:
+    """The spec for ``model.config.model_type``; ``ValueError`` naming the architecture (and ``method``,
+    the algorithm asking: AWQ or SmoothQuant) if there is none."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     spec = AWQ_SPECS.get(model_type)
     if spec is None:
-        raise ValueError(f"AWQ has no spec for architecture model_type={model_type!r} ({type(model).__name__}); "
+        raise ValueError(f"{method} has no spec for architecture model_type={model_type!r} ({type(model).__name__}); "
                          f"supported: {sorted(AWQ_SPECS)}. Add an AWQSpec in quantkern.calibration.awq_specs")
     if model_type == "opt" and getattr(model.config, "activation_function", "relu") != "relu":
         # fc1 -> fc2 folding relies on ReLU being positively homogeneous

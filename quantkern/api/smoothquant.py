@@ -1,0 +1,100 @@
+"""``W8A8Quantizer`` (int8 weights and activations) and ``SmoothQuantQuantizer`` (smoothing first).
+
+Calibration (when needed: smoothing or static activation scales) runs ordinary full-model forwards
+with :class:`~quantkern.api.calibrated.ActivationObservers` recording each target Linear's per-channel
+input abs-max, taken from the float model as in the SmoothQuant paper. ``convert`` folds the
+smoothing factors into the norms, then replaces every target Linear by a
+:class:`~quantkern.nn.w8a8_linear.W8A8Linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..algorithms.awq import fold_into_norm, scale_input_channels
+from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
+from ..calibration import find_decoder_blocks
+from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
+from ..kernels.w8a8 import INT8_MAX
+from ..nn.w8a8_linear import W8A8Linear
+from .calibrated import ActivationObservers, BlockwiseQuantizer
+from .configs_more import SmoothQuantConfig, W8A8Config
+from .registry import register_quantizer
+from .targets import plan_targets, set_module
+
+
+def plan_unpacked(model: nn.Module, skip_layers, within: str):
+    """Targets for layouts without packing constraints (int8 / fp8 stored one value per byte)."""
+    return plan_targets(model, skip_layers, bits=32, group_size=-1, within=within)  # 32 bits: no packing rule
+
+
+@register_quantizer(W8A8Config)
+class W8A8Quantizer(BlockwiseQuantizer):
+    """``W8A8Quantizer(model, act_static=False).quantize(data=None)``: plain W8A8 int8."""
+
+    smoothing = False
+
+    @property
+    def needs_data(self) -> bool:
+        return self.smoothing or self.config.act_static
+
+    def _prepare(self) -> None:
+        c = self.config
+        if self.smoothing:
+            self.spec = awq_spec_for(self.model, method="SmoothQuant")
+        self.blocks_name, self.blocks = find_decoder_blocks(self.model)
+        if getattr(getattr(self.model, "config", None), "model_type", None) == "gpt2":
+            conv1d_to_linear(self.blocks)
+        self.plan = plan_unpacked(self.model, c.skip_layers, self.blocks_name)
+        self.observers = None
+        if self.needs_data:
+            self.observers = ActivationObservers(self.model, self.plan.quantize, lambda n: AbsMaxObserver()).install()
+
+    def _convert(self) -> None:
+        amax: dict[str, torch.Tensor] = {}
+        if self.observers is not None:
+            self.observers.remove()
+            amax = {n: o.amax for n, o in self.observers.observers.items() if o.amax is not None}
+            if not amax:
+                raise RuntimeError("no calibration forwards reached the model between prepare() and convert(); "
+                                   "run model(input_ids=...) on calibration batches first")
+        if self.smoothing:
+            self._smooth(amax)
+        for name, lin in list(self.plan.quantize.items()):
+            scale = None
+            if self.config.act_static:
+                a = amax.get(name)
+                scale = float(a.max()) / INT8_MAX if a is not None and float(a.max()) > 0 else 1.0
+            q = W8A8Linear.from_linear(lin, input_scale=scale)
+            q.name, q.backend = name, self.config.backend
+            set_module(self.model, name, q)
+
+    def _smooth(self, amax: dict[str, torch.Tensor]) -> None:
+        alpha = self.config.alpha
+        smoothed = []
+        for i, block in enumerate(self.blocks):
+            prefix = f"{self.blocks_name}.{i}."
+            for g in self.spec.groups:
+                names = [prefix + n for n in g.linears]
+                if g.prev_kind == LINEAR or not all(n in self.plan.quantize and n in amax for n in names):
+                    continue
+                prev = block.get_submodule(g.prev)
+                lins = [self.plan.quantize[n] for n in names]
+                s = smoothing_factors(amax[names[0]], torch.cat([m.weight for m in lins]), alpha)
+                fold_into_norm(prev.weight.data, getattr(prev, "bias", None), s.to(prev.weight.device),
+                               offset=1.0 if g.prev_kind == GEMMA_NORM else 0.0)
+                for m in lins:
+                    scale_input_channels(m.weight.data, s.to(m.weight.device))
+                for n in names:  # the inputs these Linears now see (for static scales)
+                    amax[n] = amax[n] / s.to(amax[n].device)
+                smoothed.append(prefix + g.prev)
+        self.report["smoothed"] = smoothed
+
+
+@register_quantizer(SmoothQuantConfig)
+class SmoothQuantQuantizer(W8A8Quantizer):
+    """``SmoothQuantQuantizer(model, alpha=0.5).quantize(data)``; raises ``ValueError`` in ``prepare``
+    for an architecture without a spec (the norms to fold into are architecture knowledge)."""
+
+    smoothing = True
