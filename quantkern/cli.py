@@ -1,4 +1,4 @@
-"""The ``quantkern`` command line: quantize, eval, generate, inspect."""
+"""The ``quantkern`` command line: quantize, eval, generate, inspect, export."""
 
 from __future__ import annotations
 
@@ -33,22 +33,25 @@ def _add_quantize(sub):
 def cmd_quantize(a) -> int:
     import torch
 
-    from . import GPTQQuantizer, RTNQuantizer, save_quantized
+    from . import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, save_quantized
     from .calibration import load_text, sample_windows
     from .eval import tokenize_text
     from .models import load_model
 
+    common = dict(bits=a.bits, group_size=a.group_size, sym=not a.asym, skip_layers=tuple(a.skip or ("lm_head",)))
+    # build (and so validate) the config before spending time on loading the model
+    if a.method == "rtn":
+        config = RTNConfig(mse=a.mse, **common)
+    else:
+        config = GPTQConfig(actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
+                            mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model, device=a.device or "cpu")
-    common = dict(bits=a.bits, group_size=a.group_size, sym=not a.asym, skip_layers=tuple(a.skip or ("lm_head",)))
     if a.method == "rtn":
-        q = RTNQuantizer(model, mse=a.mse, **common)
-        q.quantize()
+        RTNQuantizer(model, config).quantize()
     else:
-        q = GPTQQuantizer(model, actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
-                          mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
         ids = tokenize_text(tok, load_text(a.calib_text, "calibration"))
-        q.quantize(sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed))
+        GPTQQuantizer(model, config).quantize(sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed))
     path = save_quantized(model, a.out, tokenizer=tok, format=a.format, checkpoint_format=a.checkpoint_format)
     print(f"wrote {path}")
     return 0
@@ -119,17 +122,42 @@ def cmd_inspect(a) -> int:
     return 0 if info.get("consistent", True) else 1
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="re-write a quantized checkpoint in another format")
+    p.add_argument("path", help="a quantized checkpoint directory")
+    p.add_argument("--format", required=True, help="gptq, awq, compressed-tensors or gguf")
+    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None)
+    p.add_argument("--out", required=True)
+
+
+def cmd_export(a) -> int:
+    from transformers import AutoTokenizer
+
+    from . import load_quantized, save_quantized
+
+    model = load_quantized(a.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(a.path)
+    except (OSError, ValueError):
+        tok = None
+    path = save_quantized(model, a.out, tokenizer=tok, format=a.format, checkpoint_format=a.checkpoint_format)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="quantkern", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_quantize, _add_eval, _add_generate, _add_inspect):
+    for add in (_add_quantize, _add_eval, _add_generate, _add_inspect, _add_export):
         add(sub)
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect}[a.cmd](a)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+        cmds = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
+                "export": cmd_export}
+        return cmds[a.cmd](a)
+    except (ValueError, OSError, TypeError, RuntimeError) as e:
         print(f"quantkern {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 
