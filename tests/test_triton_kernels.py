@@ -3,8 +3,11 @@
 Without CUDA the kernels run on the CPU through Triton's interpreter: ``TRITON_INTERPRET=1`` is set
 while ``quantkern.triton_kernels`` is first imported (the kernels are then built interpreted) and,
 through an autouse fixture, during each test of this module only, so the variable never leaks into
-other test modules (where it would make AUTO pick the slow interpreted backend on a CPU). With CUDA
-the same grids run on the GPU in the ``gpu``-marked tests.
+other test modules (where it would make AUTO pick the slow interpreted backend on a CPU). If triton
+was imported earlier in the process without it, the interpreted tests skip with that reason. With
+CUDA every kernel test runs its same grid on the GPU instead (the ``cuda`` ids, marked ``gpu``);
+``test_every_config_compiles_for_gpu_targets`` (slow) compiles all autotune configs for sm_80 and
+sm_90 without a GPU.
 
 Tolerance: the fused kernels and ``x.float() @ W.float()`` differ by the rounding of the weight tile
 to the activation dtype (gather mode), the output rounding and fp32 accumulation, so elementwise
@@ -41,6 +44,9 @@ INTERPRETED = tk.kernels_interpreted()
 cpu_only = pytest.mark.skipif(not INTERPRETED, reason="kernels were not built for the interpreter "
                               "(CUDA present or triton_kernels imported before TRITON_INTERPRET=1)")
 needs_cuda = pytest.mark.skipif(not _CUDA or INTERPRETED, reason="needs CUDA (kernels built non-interpreted)")
+# every kernel test runs twice: on the CPU interpreter (default run) and on CUDA (marked gpu)
+DEVICES = [pytest.param("cpu", marks=cpu_only, id="interp"),
+           pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda], id="cuda")]
 
 M_LIST = (1, 2, 3, 17, 127, 128, 129)
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
@@ -168,62 +174,63 @@ def test_layout_rejects_inconsistent_tensors():
         tk.pack_triton_weight(qw.codes, qw.scales[:, :8], qw.zeros, qw.g_idx, 4, 32)
 
 
-# ---------------------------------------------------------------- kernels vs reference (interpreter)
-@cpu_only
+# ---------------------------------------------------------------- kernels vs reference
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", M_LIST)
 @pytest.mark.parametrize("bits,group_size,sym,act_order", [(2, 32, False, False), (3, 64, True, True),
                                                            (4, 128, False, True), (8, -1, True, False)])
-def test_m_sweep(m, bits, group_size, sym, act_order):
+def test_m_sweep(m, bits, group_size, sym, act_order, device):
     dtype = torch.bfloat16 if m in (2, 127) else torch.float16
-    run_case(m, 96, 256, bits, group_size, sym, act_order, dtype, bias=(m % 2 == 1))
+    run_case(m, 96, 256, bits, group_size, sym, act_order, dtype, device, bias=(m % 2 == 1))
 
 
-@cpu_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
 @pytest.mark.parametrize("m", [3, 17])
-def test_schemes(bits, group_size, m):
+def test_schemes(bits, group_size, m, device):
     # sym / act-order / dtype rotate through the grid so that every pair of them meets
     i = bits + group_size // 32
     sym, act_order = bool(i % 2), bool((i // 2) % 2) and group_size != -1
     dtype = (torch.float16, torch.bfloat16)[(i + m) % 2]
-    run_case(m, 48, 256, bits, group_size, sym, act_order, dtype, seed=i)
+    run_case(m, 48, 256, bits, group_size, sym, act_order, dtype, device, seed=i)
 
 
-@cpu_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,k,bits,group_size", [(19, 37, 3, 16), (33, 100, 5, 32), (7, 130, 4, 64),
                                                  (21, 45, 2, -1), (9, 70, 8, 32), (13, 50, 6, 16), (11, 64, 7, 32)])
 @pytest.mark.parametrize("m", [1, 2, 17])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_odd_shapes_and_ragged_groups(n, k, bits, group_size, m, dtype):
-    run_case(m, n, k, bits, group_size, False, False, dtype, bias=True)
+def test_odd_shapes_and_ragged_groups(n, k, bits, group_size, m, dtype, device):
+    run_case(m, n, k, bits, group_size, False, False, dtype, device, bias=True)
 
 
-@cpu_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", [GEMV1_CFG, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1),
                                     dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=16, SPLIT_K=16)])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_decode_modes_and_split_k(config, m):
+def test_decode_modes_and_split_k(config, m, device):
     bits = 2 if config["BLOCK_K"] == 16 else 4  # 2-bit words hold 16 codes: one word row a tile
     qw = make_qweight(40, 192, bits, 32, False, True)
-    w = tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits, 32)
-    x = torch.randn(m, 192).half()
-    b = torch.randn(40).half()
+    w = _to(tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, bits, 32), device)
+    x = torch.randn(m, 192).half().to(device)
+    b = torch.randn(40).half().to(device)
     check(tk.wna16_matmul(x, w, b, config=config), x, qw.dequantize().t(), b)
 
 
-@cpu_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sort", [False, True])
 @pytest.mark.parametrize("m", [2, 33])
-def test_arbitrary_g_idx_and_unaligned_groups(sort, m):
+def test_arbitrary_g_idx_and_unaligned_groups(sort, m, device):
     # group 48 is not a multiple of BLOCK_K=32 and g_idx is an arbitrary map: both gather per column
     qw = make_qweight(24, 96, 4, 48, False, False, scale_dtype=torch.float32)
-    x = torch.randn(m, 96).bfloat16()
-    w = tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 48)
-    check(tk.wna16_matmul(x, w, config=GEMV_CFG if m <= 16 else GEMM_CFG), x, qw.dequantize().t())
+    x = torch.randn(m, 96).bfloat16().to(device)
+    cfg = GEMV_CFG if m <= 16 else GEMM_CFG
+    w = _to(tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 48), device)
+    check(tk.wna16_matmul(x, w, config=cfg), x, qw.dequantize().t())
     qw.g_idx = torch.randint(0, 2, (96,), dtype=torch.int32, generator=torch.Generator().manual_seed(5))
-    w = tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 48, sort_act_order=sort)
-    check(tk.wna16_matmul(x, w, config=GEMV_CFG if m <= 16 else GEMM_CFG), x, qw.dequantize().t())
+    w = _to(tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 48, sort_act_order=sort), device)
+    check(tk.wna16_matmul(x, w, config=cfg), x, qw.dequantize().t())
 
 
 @cpu_only
@@ -237,10 +244,14 @@ def test_tolerance_catches_an_off_by_one_zero():
         check(tk.wna16_matmul(x, w, config=GEMV_CFG), x, qw.dequantize().t())
 
 
-@cpu_only
-@pytest.mark.parametrize("m", [1, 129])
-def test_registered_ops_autotune_path(m):
-    run_case(m, 64, 128, 4, 32, False, True, torch.float16, bias=True, config=None)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,bits", [(1, 4), (129, 4), (16, 3), (4096, 8)])
+def test_registered_ops_autotune_path(m, bits, device):
+    """The ops with no pinned config: interpreted, the first pruned candidate; on CUDA, autotuned."""
+    if device == "cpu" and m > 129:
+        pytest.skip("large M is for the GPU")
+    run_case(m, 256 if device == "cuda" else 64, 512 if device == "cuda" else 128, bits, 32, False, True,
+             torch.float16, device, bias=True, config=None)
 
 
 # ---------------------------------------------------------------- constraints: clear early errors
@@ -300,13 +311,15 @@ def test_bad_configs_raise(config, split_k, match):
 
 
 # ---------------------------------------------------------------- backend selection and QuantLinear
-@cpu_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", [Backend.TRITON, Backend.AUTO])
-def test_quant_linear_runs_triton(backend):
+def test_quant_linear_runs_triton(backend, device):
+    if device == "cuda" and backend is Backend.AUTO:
+        pytest.skip("AUTO picks the CUDA backend first on a GPU")
     qw = make_qweight(64, 128, 3, 32, False, True)
     bias = torch.randn(64)
-    layer = QuantLinear.from_quantized(qw, bias=bias, dtype=torch.float16, backend=backend)
-    x = torch.randn(2, 5, 128).half()
+    layer = QuantLinear.from_quantized(qw, bias=bias, dtype=torch.float16, backend=backend).to(device)
+    x = torch.randn(2, 5, 128).half().to(device)
     y = layer(x)
     assert isinstance(layer.kernel_for(x.reshape(-1, 128)), TritonKernel)
     assert y.shape == (2, 5, 64)
@@ -350,24 +363,15 @@ GRID = [(bits, gs, sym, act) for bits in (2, 3, 4, 8) for gs in (-1, 32, 64, 128
         for sym in (True, False) for act in (False, True) if not (act and gs == -1)]
 
 
-@cpu_only
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits,group_size,sym,act_order", GRID)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_full_grid_interpreted(bits, group_size, sym, act_order, dtype):
+def test_full_grid(bits, group_size, sym, act_order, dtype, device):
     for m in M_LIST:
-        run_case(m, 72, 320, bits, group_size, sym, act_order, dtype, bias=bool(m % 2))
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("bits,group_size,sym,act_order", GRID)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [None, "pinned"])
-@pytest.mark.parametrize("m", M_LIST)
-def test_grid_cuda(bits, group_size, sym, act_order, dtype, config, m):
-    for n, k in ((96, 256), (200, 1000)):
-        run_case(m, n, k, bits, group_size, sym, act_order, dtype, device="cuda", bias=bool(m % 2), config=config)
+        run_case(m, 72, 320, bits, group_size, sym, act_order, dtype, device, bias=bool(m % 2))
+        if device == "cuda":  # ragged last group and odd sizes at a realistic K
+            run_case(m, 200, 1000, bits, group_size, sym, act_order, dtype, device, bias=bool(m % 2))
 
 
 @pytest.mark.gpu
@@ -392,7 +396,8 @@ warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from quantkern.triton_kernels import gemm_wna16 as gm, gemv_wna16 as gv
+from quantkern.triton_kernels.gemm_wna16 import GROUP_M, _gemm_wna16_kernel
+from quantkern.triton_kernels.gemv_wna16 import _gemv_wna16_kernel
 from quantkern.triton_kernels._checks import group_mode
 from quantkern.triton_kernels._tuning import GEMM_CONFIGS, GEMV_CONFIGS
 
@@ -401,14 +406,14 @@ smem_limit = {80: 166912, 90: 232448}[arch]
 types = dict(qw_ptr="*i32", z_ptr="*u8", g_ptr="*i32", p_ptr="*fp32")
 variants = [(4, 128, -1, "fp16"), (3, 64, 4, "bf16"), (2, 32, -1, "fp16"), (8, -1, 128, "bf16"), (4, 0, -1, "fp16")]
 bad = []
-for fn, configs in ((gm._gemm_wna16_kernel, GEMM_CONFIGS), (gv._gemv_wna16_kernel, GEMV_CONFIGS)):
+for fn, configs in ((_gemm_wna16_kernel, GEMM_CONFIGS), (_gemv_wna16_kernel, GEMV_CONFIGS)):
     for cfg in configs:
         for bits, gs, zp, dt in variants:
             bk = min(cfg["BLOCK_K"], gs) if gs > 0 else cfg["BLOCK_K"]
             mode = group_mode(gs, bk)
             const = dict(BITS=bits, GROUP_MODE=mode, GROUP_SIZE=gs if mode == 1 else 1, ZERO_POINT=zp,
                          HAS_BIAS=True, DOT_FP32=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk)
-            const.update(GROUP_M=gm.GROUP_M) if fn is gm._gemm_wna16_kernel else const.update(SPLIT_K=cfg["SPLIT_K"])
+            const.update(GROUP_M=GROUP_M) if fn is _gemm_wna16_kernel else const.update(SPLIT_K=cfg["SPLIT_K"])
             sig, attrs = {}, {}
             for i, name in enumerate(fn.arg_names):
                 if name in const:
