@@ -70,11 +70,16 @@ class GPTQQuantizer(BaseQuantizer):
         self.catcher: InputCatcher | None = None
 
     def _prepare(self) -> None:
+        self.plan_blocks()
+        _warn_if_no_gpu(self.use_triton)
+        self.catcher = InputCatcher(self.model, self.blocks[0]).install()
+
+    def plan_blocks(self) -> None:
+        """Find the decoder blocks and validate the Linears to quantize in them (no data, no weights
+        needed: works on a model whose parameters are on the meta device)."""
         c = self.config
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
         self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)
-        _warn_if_no_gpu(self.use_triton)
-        self.catcher = InputCatcher(self.model, self.blocks[0]).install()
 
     def _convert(self) -> None:
         self.catcher.remove()
@@ -86,18 +91,26 @@ class GPTQQuantizer(BaseQuantizer):
         device = self.calibration_device()
         losses: dict[str, float] = {}
         for i in tqdm(range(len(self.blocks)), desc="GPTQ blocks", disable=not self.verbose):
-            block = self.blocks[i]
-            prefix = f"{self.blocks_name}.{i}."
-            targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
-            done: dict[str, QuantLinear] = {}
-            if targets:
-                for stage in self._stages(block, targets, inputs[0]):
-                    losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done))
-            outputs = run_block(block, inputs, device)
-            inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
+            inputs, done = self.quantize_block(i, inputs, device, losses)
             for name, ql in done.items():
                 set_module(self.model, name, ql)
         self.report["gptq_losses"] = losses
+
+    def quantize_block(self, i: int, inputs: list[BlockInput], device, losses: dict[str, float]
+                       ) -> tuple[list[BlockInput], dict[str, QuantLinear]]:
+        """Quantize the planned Linears of block ``i`` (weights materialised) on ``inputs`` and return
+        the block's outputs as the next block's inputs (on the inputs' device) and ``{full name:
+        QuantLinear}``, not yet swapped in: the block's Linears hold the dequantized weights meanwhile.
+        GPTQ losses are added to ``losses``. Needs :meth:`plan_blocks`."""
+        block = self.blocks[i]
+        prefix = f"{self.blocks_name}.{i}."
+        targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
+        done: dict[str, QuantLinear] = {}
+        if targets:
+            for stage in self._stages(block, targets, inputs[0]):
+                losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done))
+        outputs = run_block(block, inputs, device)
+        return [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)], done
 
     def _quantize_stage(self, block, prefix, stage, inputs, device, done: dict) -> dict[str, float]:
         """Collect H for the stage's Linears (stopping each forward once they have all run) and quantize
