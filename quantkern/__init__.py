@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 from .api import (BaseConfig, BaseQuantizer, GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, convert, prepare,
                   register_quantizer)
-from .api import (AWQConfig, AWQQuantizer, SmoothQuantConfig, SmoothQuantQuantizer, W8A8Config,
-                  W8A8Quantizer)
+from .api import (AWQConfig, AWQQuantizer, FP8Config, FP8Quantizer, SmoothQuantConfig, SmoothQuantQuantizer,
+                  W8A8Config, W8A8Quantizer)
+from .nn.fp8_linear import FP8Linear
 from .nn.w8a8_linear import W8A8Linear
 from .core import QuantizedWeight, WeightScheme
 from .kernels import Backend
@@ -40,5 +41,5 @@ __all__ = [
     "prepare", "convert", "register_quantizer", "QuantizedWeight", "WeightScheme", "Backend", "QuantLinear",
     "save_quantized", "load_quantized",
     "AWQConfig", "AWQQuantizer", "W8A8Config", "W8A8Quantizer", "SmoothQuantConfig", "SmoothQuantQuantizer",
-    "W8A8Linear",
+    "W8A8Linear", "FP8Config", "FP8Quantizer", "FP8Linear",
 ]

@@ -112,3 +112,42 @@ class SmoothQuantConfig(W8A8Config):
         super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+
+
+_FP8_PAIRS = (("float8_e4m3fn", None), ("float8_e4m3fn", "float8_e4m3fn"))
+
+
+@dataclass(frozen=True)
+class FP8Config(BaseConfig):
+    """FP8 E4M3 with per-output-channel weight scales. ``act_dtype=None``: weight-only (W8A16 fp8);
+    ``"float8_e4m3fn"``: W8A8 fp8 with per-token dynamic activation scales, or one static per-tensor
+    scale per Linear with ``act_static=True`` (then calibration data is needed). ``backend``:
+    ``"auto"`` (``torch._scaled_mm`` on sm89+ GPUs, emulation elsewhere), ``"scaled_mm"`` (fail if
+    unavailable) or ``"emulated"``. Output modules are :class:`~quantkern.nn.fp8_linear.FP8Linear`."""
+
+    method: ClassVar[str] = "fp8"
+    weight_dtype: str = "float8_e4m3fn"
+    act_dtype: str | None = "float8_e4m3fn"
+    act_static: bool = False
+    backend: str = "auto"
+    num_calibrate: int | None = None
+    calibrate_seq_length: int | None = None
+    batch_size: int = 8
+    offload: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.weight_dtype, self.act_dtype) not in _FP8_PAIRS:
+            hint = " (int8 activations: use W8A8Config / SmoothQuantConfig)" if self.act_dtype == "int8" else ""
+            raise ValueError(f"unsupported (weight_dtype, act_dtype) pair ({self.weight_dtype!r}, {self.act_dtype!r})"
+                             f"{hint}; supported: {list(_FP8_PAIRS)}")
+        _bool("act_static", self.act_static)
+        if self.act_static and self.act_dtype is None:
+            raise ValueError("act_static=True needs quantized activations (act_dtype='float8_e4m3fn')")
+        if self.backend not in ("auto", "scaled_mm", "emulated"):
+            raise ValueError(f"backend must be one of ['auto', 'scaled_mm', 'emulated'], got {self.backend!r}")
+        validate_calibration_fields(self)
+
+    @property
+    def act_mode(self) -> str:
+        return "none" if self.act_dtype is None else ("static" if self.act_static else "dynamic")

@@ -1,4 +1,5 @@
-"""``W8A8Quantizer`` (int8 weights and activations) and ``SmoothQuantQuantizer`` (smoothing first).
+"""``W8A8Quantizer`` (int8 weights and activations), ``SmoothQuantQuantizer`` (smoothing first) and
+``FP8Quantizer`` (fp8 E4M3 weight-only or W8A8).
 
 Calibration (when needed: smoothing or static activation scales) runs ordinary full-model forwards
 with :class:`~quantkern.api.calibrated.ActivationObservers` recording each target Linear's per-channel
@@ -16,10 +17,11 @@ from ..algorithms.awq import fold_into_norm, scale_input_channels
 from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
 from ..calibration import find_decoder_blocks
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
-from ..kernels.w8a8 import INT8_MAX
+from ..kernels.w8a8 import FP8_MAX, INT8_MAX
+from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
 from .calibrated import ActivationObservers, BlockwiseQuantizer
-from .configs_more import SmoothQuantConfig, W8A8Config
+from .configs_more import FP8Config, SmoothQuantConfig, W8A8Config
 from .registry import register_quantizer
 from .targets import plan_targets, set_module
 
@@ -62,13 +64,16 @@ class W8A8Quantizer(BlockwiseQuantizer):
         if self.smoothing:
             self._smooth(amax)
         for name, lin in list(self.plan.quantize.items()):
-            scale = None
-            if self.config.act_static:
-                a = amax.get(name)
-                scale = float(a.max()) / INT8_MAX if a is not None and float(a.max()) > 0 else 1.0
-            q = W8A8Linear.from_linear(lin, input_scale=scale)
+            q = self.make_module(lin, amax.get(name))
             q.name, q.backend = name, self.config.backend
             set_module(self.model, name, q)
+
+    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None) -> nn.Module:
+        """The quantized replacement of ``lin``; ``act_amax``: its observed per-channel input abs-max."""
+        scale = None
+        if self.config.act_static:
+            scale = float(act_amax.max()) / INT8_MAX if act_amax is not None and float(act_amax.max()) > 0 else 1.0
+        return W8A8Linear.from_linear(lin, input_scale=scale)
 
     def _smooth(self, amax: dict[str, torch.Tensor]) -> None:
         alpha = self.config.alpha
@@ -98,3 +103,15 @@ class SmoothQuantQuantizer(W8A8Quantizer):
     for an architecture without a spec (the norms to fold into are architecture knowledge)."""
 
     smoothing = True
+
+
+@register_quantizer(FP8Config)
+class FP8Quantizer(W8A8Quantizer):
+    """``FP8Quantizer(model, act_dtype="float8_e4m3fn" | None, act_static=False).quantize(data=None)``:
+    FP8 E4M3 weight-only or W8A8 (see :class:`~quantkern.api.configs_more.FP8Config`)."""
+
+    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None) -> nn.Module:
+        scale = None
+        if self.config.act_mode == "static":
+            scale = float(act_amax.max()) / FP8_MAX if act_amax is not None and float(act_amax.max()) > 0 else 1.0
+        return FP8Linear.from_linear(lin, act=self.config.act_mode, input_scale=scale)

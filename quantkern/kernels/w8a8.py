@@ -113,3 +113,86 @@ def check_w8a8_args(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         raise ValueError(f"W8A8: activations must be fp32/fp16/bf16, got {x2d.dtype}")
     if weight_scale.numel() != weight.shape[0]:
         raise ValueError(f"W8A8: weight_scale has {weight_scale.numel()} values for {weight.shape[0]} channels")
+
+
+# -- FP8 E4M3 ---------------------------------------------------------------------------------------
+# Casting a value beyond ±448 to float8_e4m3fn gives NaN, so every cast below clamps to the E4M3 range
+# first: finite input never becomes NaN. Scales are fp32; all-zero rows get scale 1.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def cast_to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``clamp(x / scale, ±448)`` as ``float8_e4m3fn`` (``scale`` broadcastable to ``x``)."""
+    return (x.float() / scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_fp8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [R, C]`` -> ``(fp8 [R, C], scale fp32 [R, 1])``: per output channel for weights, per token
+    (dynamic) for activations. Raises ``ValueError`` for non-finite input."""
+    amax = x.detach().float().abs().amax(dim=-1, keepdim=True)
+    if not torch.isfinite(amax).all():
+        raise ValueError("FP8: values contain inf/NaN; cannot compute scales")
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return cast_to_fp8(x, scale), scale
+
+
+def fp8_scaled_mm_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``torch._scaled_mm`` applies: CUDA with compute capability >= 8.9, K and N multiples of 16."""
+    if not (x2d.is_cuda and hasattr(torch, "_scaled_mm")):
+        return False
+    n, k = weight.shape
+    return torch.cuda.get_device_capability(x2d.device) >= (8, 9) and k % 16 == 0 and n % 16 == 0
+
+
+def fp8_linear_impl(x2d, weight, weight_scale, bias=None, input_scale=None, act: str = "dynamic",
+                    use_scaled_mm: bool = True) -> torch.Tensor:
+    """``act``: ``"none"`` (weight-only: dequantize the fp8 weight to x's dtype), ``"dynamic"``
+    (per-token fp8 activations) or ``"static"`` (per-tensor ``input_scale``)."""
+    ws = weight_scale.float().reshape(-1, 1)
+    if act == "none":
+        w = (weight.float() * ws).to(x2d.dtype)  # scale in fp32: a tiny scale must not underflow in fp16
+        y = x2d @ w.t()
+        return y + bias.to(y.dtype) if bias is not None else y
+    if act == "dynamic":
+        xq, xs = quantize_fp8_per_row(x2d)
+    else:
+        xs = input_scale.float().reshape(1, 1).expand(x2d.shape[0], 1)
+        xq = cast_to_fp8(x2d, xs)
+    if use_scaled_mm and fp8_scaled_mm_ok(x2d, weight):
+        # row-wise scales: scale_a [M, 1], scale_b [1, N]; b must be column-major (a transposed view)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=xs.contiguous(), scale_b=ws.reshape(1, -1).contiguous(),
+                             out_dtype=torch.bfloat16).float()
+    else:  # emulation: fp8 values are exact in fp32
+        y = (xq.float() @ weight.float().t()) * xs * ws.reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2d.dtype)
+
+
+def fp8_linear_reference(x2d, weight, weight_scale, bias=None, input_scale=None, act: str = "dynamic"):
+    """The fp64 oracle of :func:`fp8_linear_impl` (same activation casts)."""
+    ws = weight_scale.cpu().double().reshape(1, -1)
+    if act == "none":
+        y = x2d.cpu().double() @ (weight.cpu().double() * ws.t()).t()
+    else:
+        if act == "dynamic":
+            xq, xs = quantize_fp8_per_row(x2d)
+        else:
+            xs = input_scale.float().reshape(1, 1)
+            xq = cast_to_fp8(x2d, xs)
+        y = (xq.cpu().double() @ weight.cpu().double().t()) * xs.cpu().double() * ws
+    return y + bias.cpu().double() if bias is not None else y
+
+
+@torch.library.custom_op("quantkern::fp8_linear", mutates_args=())
+def fp8_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               input_scale: torch.Tensor | None = None, act: str = "dynamic", use_scaled_mm: bool = True
+               ) -> torch.Tensor:
+    """``[M, K]`` activations x fp8 E4M3 ``[N, K]`` weight (scales ``[N, 1]``) -> ``[M, N]`` in x's dtype."""
+    return fp8_linear_impl(x2d, weight, weight_scale, bias, input_scale, act, use_scaled_mm)
+
+
+@fp8_linear.register_fake
+def _(x2d, weight, weight_scale, bias=None, input_scale=None, act="dynamic", use_scaled_mm=True):
+    return x2d.new_empty(x2d.shape[0], weight.shape[0])
