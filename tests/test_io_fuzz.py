@@ -28,10 +28,13 @@ json_values = st.recursive(
 gptq_keys = st.sampled_from(["quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "dynamic",
                              "lm_head", "format", "damp_percent", "zero_point", "version", "modules_to_not_convert",
                              "bogus"])
-good_values = {"quant_method": st.sampled_from(["gptq", "awq", "gguf", 3]), "bits": st.sampled_from([2, 4, 8, 0, 9, True, "4"]),
-               "group_size": st.sampled_from([-1, 0, 32, 128, -5, 1.5]), "checkpoint_format": st.sampled_from(["gptq", "gptq_v2", "v9"]),
+good_values = {"quant_method": st.sampled_from(["gptq", "awq", "gguf", 3]),
+               "bits": st.sampled_from([2, 4, 8, 0, 9, True, "4"]),
+               "group_size": st.sampled_from([-1, 0, 32, 128, -5, 1.5]),
+               "checkpoint_format": st.sampled_from(["gptq", "gptq_v2", "v9"]),
                "dynamic": st.dictionaries(st.sampled_from(["+:.*", "-:q_proj", "(", "+:["]),
-                                          st.dictionaries(st.sampled_from(["bits", "group_size", "sym", "x"]), json_values, max_size=2),
+                                          st.dictionaries(st.sampled_from(["bits", "group_size", "sym", "x"]),
+                                                          json_values, max_size=2),
                                           max_size=2)}
 
 
@@ -45,8 +48,9 @@ def quant_configs(draw):
 
 @st.composite
 def near_valid_configs(draw):
-    d = {"quant_method": "gptq", "bits": draw(st.sampled_from([2, 3, 4, 8])), "group_size": draw(st.sampled_from([-1, 32, 128])),
-         "desc_act": draw(st.booleans()), "sym": draw(st.booleans()), "checkpoint_format": draw(st.sampled_from(["gptq", "gptq_v2"]))}
+    d = {"quant_method": "gptq", "bits": draw(st.sampled_from([2, 3, 4, 8])),
+         "group_size": draw(st.sampled_from([-1, 32, 128])), "desc_act": draw(st.booleans()),
+         "sym": draw(st.booleans()), "checkpoint_format": draw(st.sampled_from(["gptq", "gptq_v2"]))}
     if draw(st.booleans()):
         d = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
     for key in draw(st.lists(gptq_keys, max_size=2, unique=True)):
@@ -91,7 +95,9 @@ def _tensor(draw, shape, dtype):
             t.view(-1)[draw(st.integers(0, t.numel() - 1))] = special
         return t
     lo, hi = {torch.int32: (-2**31, 2**31 - 1), torch.int64: (-4, 10), torch.int8: (-128, 127)}[dtype]
-    return torch.randint(lo, hi, shape, dtype=torch.int64).to(dtype) if math.prod(shape) else torch.zeros(shape, dtype=dtype)
+    if not math.prod(shape):
+        return torch.zeros(shape, dtype=dtype)
+    return torch.randint(lo, hi, shape, dtype=torch.int64).to(dtype)
 
 
 @st.composite
@@ -125,7 +131,8 @@ def layer_tensors(draw):
         elif defect == "shape":
             t[part] = _tensor(draw, tuple(t[part].shape), t[part].dtype)
         elif part in ("L.scales", "L.bias"):
-            t[part].view(-1)[draw(st.integers(0, t[part].numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), 0.0, -1.0]))
+            bad = draw(st.sampled_from([float("nan"), float("inf"), 0.0, -1.0]))
+            t[part].view(-1)[draw(st.integers(0, t[part].numel() - 1))] = bad
         elif part == "L.g_idx":
             t[part][draw(st.integers(0, k - 1))] = draw(st.sampled_from([-1, g, 2**30]))
         elif part == "L.qzeros":

@@ -189,3 +189,23 @@ def test_smollm2_from_gguf_roundtrip(tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["dtype"] == "float32"
     assert "lm_head.weight" not in _file_tensors(path)
     assert torch.equal(out, ref)
+
+
+def test_quantized_lm_head_unties(tmp_path):
+    model = quantize_linears(tiny_llama(tie=True), WeightScheme(4, 32, True, False), skip=())
+    assert isinstance(model.lm_head, QuantLinear)
+    path, loaded, ref, out = _roundtrip(model, tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["lm_head"] is True
+    assert isinstance(loaded.lm_head, QuantLinear)
+    assert torch.equal(out, ref)
+
+
+def test_partially_quantized_model(tmp_path):
+    # dense Linears inside the blocks get GPTQModel "-:" exclusions so that other readers skip them
+    model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False), skip=("lm_head", "mlp"))
+    path, loaded, ref, out = _roundtrip(model, tmp_path)
+    dynamic = json.loads((path / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert sum(k.startswith("-:") for k in dynamic) == 6 and not any("lm_head" in k for k in dynamic)
+    assert type(loaded.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert torch.equal(out, ref)

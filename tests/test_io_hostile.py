@@ -79,7 +79,8 @@ def test_config_problems(ckpt):
 
 def test_config_bits_contradict_tensors(ckpt):
     _edit_config(ckpt, lambda c: c["quantization_config"].update(bits=8))
-    with pytest.raises(CheckpointTensorError, match=r"model\.layers\.0\.mlp\.down_proj\.qweight: shape \(16, 64\) does not match the config, expected \(32, 64\)"):
+    with pytest.raises(CheckpointTensorError, match=r"model\.layers\.0\.mlp\.down_proj\.qweight: shape \(16, 64\) "
+                                                    r"does not match the config, expected \(32, 64\)"):
         load_quantized(ckpt)
 
 
@@ -159,9 +160,12 @@ def _v1_overflow(t):
     (lambda t: t.pop("model.norm.weight"), r"lacks 1 tensor\(s\): \['model.norm.weight'\]"),
     (lambda t: t.update(extra=torch.zeros(2)), r"extra: unexpected tensor"),
     (lambda t: t.update({"model.norm.weight": torch.zeros(3)}), r"model.norm.weight: shape \(3,\)"),
-    (lambda t: t.update({"model.norm.weight": torch.full((64,), float("inf"))}), r"model.norm.weight: holds non-finite"),
-    (lambda t: t.update({"model.norm.weight": torch.zeros(64, dtype=torch.int32)}), r"model.norm.weight: dtype torch.int32"),
-    (lambda t: t.update({"model.norm.qweight": torch.zeros(2, 64, dtype=torch.int32)}), r"model.norm.qweight: module 'model.norm' is a LlamaRMSNorm"),
+    (lambda t: t.update({"model.norm.weight": torch.full((64,), float("inf"))}),
+     r"model.norm.weight: holds non-finite"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(64, dtype=torch.int32)}),
+     r"model.norm.weight: dtype torch.int32"),
+    (lambda t: t.update({"model.norm.qweight": torch.zeros(2, 64, dtype=torch.int32)}),
+     r"model.norm.qweight: module 'model.norm' is a LlamaRMSNorm"),
 ])
 def test_bad_tensors_are_named(ckpt, edit, match):
     _edit_tensors(ckpt, edit)

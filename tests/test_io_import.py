@@ -118,7 +118,8 @@ def test_awq_export_refuses_unrepresentable(tmp_path):
         model = quantize_linears(tiny_llama(), scheme)
         with pytest.raises(ValueError, match=match):
             save_quantized(model, tmp_path / "x", format="awq")
-    mixed = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False), schemes={"mlp": WeightScheme(4, 16, True, False)})
+    mixed = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False),
+                             schemes={"mlp": WeightScheme(4, 16, True, False)})
     with pytest.raises(ValueError, match=r"one group_size for the whole model; the layers use \[16, 32\]"):
         save_quantized(mixed, tmp_path / "x", format="awq")
     assert not (tmp_path / "x").exists()
@@ -129,7 +130,8 @@ def test_awq_export_refuses_unrepresentable(tmp_path):
     (lambda q, t: q.update(bits=8), CheckpointConfigError, r"'bits' must be one of \(4,\)"),
     (lambda q, t: q.update(w_bit=4), CheckpointConfigError, r"unknown key\(s\) \['w_bit'\]"),
     (lambda q, t: t.update({"model.layers.0.mlp.up_proj.qweight": torch.zeros(64, 8, dtype=torch.int32)}),
-     CheckpointTensorError, r"model\.layers\.0\.mlp\.up_proj\.qweight: shape \(64, 8\) does not match the config, expected \(64, 16\)"),
+     CheckpointTensorError,
+     r"model\.layers\.0\.mlp\.up_proj\.qweight: shape \(64, 8\) does not match the config, expected \(64, 16\)"),
     (lambda q, t: t["model.layers.1.mlp.up_proj.scales"].fill_(float("nan")),
      CheckpointTensorError, r"model\.layers\.1\.mlp\.up_proj\.scales: holds non-finite"),
 ])

@@ -29,8 +29,8 @@ def test_gptq(tmp_path, model):
     assert "4-bit, group 32, asym, act-order" in text and "consistent: yes" in text
 
 
-@pytest.mark.parametrize("fmt, expect", [("awq", "awq-gemm"), ("compressed-tensors", "compressed-tensors (pack-quantized)"),
-                                         ("gguf", "gguf")])
+@pytest.mark.parametrize("fmt, expect", [("awq", "awq-gemm"), ("gguf", "gguf"),
+                                         ("compressed-tensors", "compressed-tensors (pack-quantized)")])
 def test_other_formats(tmp_path, fmt, expect):
     m = quantize_linears(tiny_llama(), WeightScheme(4, 32, False, False))
     path = save_quantized(m, tmp_path / ("m.gguf" if fmt == "gguf" else "m"), format=fmt)
@@ -50,7 +50,8 @@ def test_inconsistent_checkpoint_is_reported(tmp_path, model):
     save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
     info = inspect_checkpoint(path)
     assert not info["consistent"]
-    assert any(p.startswith("model.layers.1.mlp.up_proj.scales: shape [1, 128], expected [2, 128]") for p in info["problems"])
+    want = "model.layers.1.mlp.up_proj.scales: shape [1, 128], expected [2, 128]"
+    assert any(p.startswith(want) for p in info["problems"])
     assert "consistent: NO (1 problem(s))" in format_inspection(info)
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"]["bits"] = 9
