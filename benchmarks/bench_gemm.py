@@ -23,6 +23,7 @@ reference, so a fast wrong kernel shows up in the same table.
     python benchmarks/bench_gemm.py                 # the full grid (tens of minutes on an H100)
     python benchmarks/bench_gemm.py --quick         # 2 shapes, W4/W8, 6 values of M
     python benchmarks/bench_gemm.py --shape 4096x14336 --m 1,16,256 --bits 4 --dtypes bf16
+    python benchmarks/bench_gemm.py --quick --methods triton,torch_int4 --tag triton
     TRITON_INTERPRET=1 python benchmarks/bench_gemm.py --device cpu --shape 256x128 --m 1,17 --reps 2
 """
 
@@ -176,6 +177,8 @@ def run(args) -> list[dict]:
                     ref = x.float() @ w_ref
                     methods = [("cublas", "torch.matmul", lambda x=x: x @ dense, k * n * 2, None)]
                     for cls in registered_kernels():
+                        if args.methods and cls.backend.value not in args.methods:
+                            continue
                         ok, why = cls.can_implement(layer, x)
                         if not ok:
                             if (cls.backend, why) not in declined:
@@ -187,7 +190,9 @@ def run(args) -> list[dict]:
                         kern = built[cls]
                         methods.append((f"quantkern_{cls.backend.value}", cls.__name__,
                                         lambda kern=kern, x=x: kern(layer, x), None, True))
-                    if callable(int4):
+                    if args.methods and "torch_int4" not in args.methods:
+                        pass
+                    elif callable(int4):
                         methods.append(("torch_int4", "aten._weight_int4pack_mm", lambda x=x: int4(x), None, True))
                     elif m == args.m[0] and bits == 4:
                         print(f"#   torch_int4 skipped: {int4}")
@@ -277,6 +282,8 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--sym", action="store_true", help="symmetric zeros (default asymmetric)")
     p.add_argument("--act-order", action="store_true", help="random act-order g_idx")
+    p.add_argument("--methods", help="comma-separated subset of: triton, cuda, cpu, reference, torch_int4 "
+                   "(default: all; cuBLAS always runs)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--peak-tbps", type=float, help="override the peak HBM bandwidth (TB/s)")
@@ -288,6 +295,7 @@ def parse_args(argv=None):
     a.m = [int(v) for v in a.m.split(",")] if a.m else QUICK["m"] if a.quick else M_VALUES
     a.bits = [int(v) for v in a.bits.split(",")] if a.bits else QUICK["bits"] if a.quick else [2, 3, 4, 8]
     a.dtypes = a.dtypes.split(",")
+    a.methods = a.methods.split(",") if a.methods else None
     bad = [d for d in a.dtypes if d not in DTYPES]
     if bad:
         p.error(f"unknown dtypes {bad}; choose from {list(DTYPES)}")

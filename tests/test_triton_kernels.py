@@ -397,7 +397,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from quantkern.triton_kernels.gemm_wna16 import GROUP_M, _gemm_wna16_kernel
-from quantkern.triton_kernels.gemv_wna16 import _gemv_wna16_kernel
+from quantkern.triton_kernels.gemv_wna16 import _gemv_wna16_kernel, _splitk_reduce_kernel
 from quantkern.triton_kernels._checks import group_mode
 from quantkern.triton_kernels._tuning import GEMM_CONFIGS, GEMV_CONFIGS
 
@@ -434,6 +434,15 @@ for fn, configs in ((_gemm_wna16_kernel, GEMM_CONFIGS), (_gemv_wna16_kernel, GEM
                 continue
             if (bits, gs, dt) == (4, 128, "fp16") and k.metadata.shared > smem_limit:
                 bad.append(f"{fn.__name__} {cfg}: {k.metadata.shared} B shared memory > {smem_limit}")
+for dt in ("fp16", "bf16"):
+    sig = dict(p_ptr="*fp32", b_ptr="*" + dt, y_ptr="*" + dt, MN="i32", N="i32", SPLIT_K="constexpr",
+               HAS_BIAS="constexpr", BLOCK="constexpr")
+    try:
+        triton.compile(ASTSource(fn=_splitk_reduce_kernel, signature=sig,
+                                 constexprs=dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=1024)),
+                       target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    except Exception as e:
+        bad.append(f"_splitk_reduce_kernel {dt}: {type(e).__name__} {str(e)[-300:]}")
 print("\n".join(bad) or "all compiled")
 sys.exit(1 if bad else 0)
 """

@@ -9,8 +9,8 @@ streaming weights: the grid is ``(N tiles, SPLIT_K, M tiles)``. Each program red
 - ``BLOCK_M == 16``: ``tl.dot`` on the tensor cores with the rows beyond M masked.
 
 With ``SPLIT_K == 1`` the program writes the output (bias added, x's dtype). Otherwise each K slice
-writes an fp32 partial ``[SPLIT_K, M, N]`` and the host sums them (deterministic, unlike atomics),
-adds the bias and casts. Unpacking and group modes: :mod:`._dequant`; layout: :mod:`.layout`.
+writes an fp32 partial ``[SPLIT_K, M, N]`` and a second small kernel sums them in a fixed order
+(deterministic, unlike atomics), adds the bias and casts. Unpacking and group modes: :mod:`._dequant`; layout: :mod:`.layout`.
 Constraints: as :mod:`.gemm_wna16`; the op is meant for M <= 16 but is correct for any M.
 """
 
@@ -79,6 +79,21 @@ def _gemv_wna16_kernel(
         tl.store(p_ptrs, acc, mask=mask)
 
 
+@triton.jit
+def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """``y = sum(partial[0:SPLIT_K]) (+ bias)`` cast to y's dtype, in a fixed order (deterministic);
+    one launch instead of torch's sum, add and cast."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, zero_point: int,
                config: dict | None = None) -> torch.Tensor:
@@ -114,12 +129,11 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        if split == 1:
-            return y
-        out = partial.sum(0)
-        if bias is not None:
-            out += bias.to(torch.float32)
-        return out.to(x.dtype)
+        if split > 1:
+            _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
+                partial, bias if bias is not None else scales, y, m * n, n,
+                SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
+        return y
 
     if config is None:
         key = ("gemv", bucket_m(m), n, k, bits, group_size, zero_point >= 0, x.dtype, scales.dtype,
