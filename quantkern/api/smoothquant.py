@@ -51,7 +51,10 @@ class W8A8Quantizer(BlockwiseQuantizer):
         self.plan = plan_unpacked(self.model, c.skip_layers, self.blocks_name)
         self.observers = None
         if self.needs_data:
-            self.observers = ActivationObservers(self.model, self.plan.quantize, lambda n: AbsMaxObserver()).install()
+            self.observers = ActivationObservers(self.model, self.plan.quantize, self.new_observer).install()
+
+    def new_observer(self, name: str):
+        return AbsMaxObserver()
 
     def _convert(self) -> None:
         amax: dict[str, torch.Tensor] = {}
