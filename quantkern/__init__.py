@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 from .api import (BaseConfig, BaseQuantizer, GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, convert, prepare,
                   register_quantizer)
 from .api import (AWQConfig, AWQQuantizer, FP8Config, FP8Quantizer, PTQConfig, PTQQuantizer, SmoothQuantConfig,
-                  SmoothQuantQuantizer, W8A8Config, W8A8Quantizer)
+                  SmoothQuantQuantizer, W8A8Config, W8A8Quantizer, ZeroQuantConfig, ZeroQuantQuantizer)
 from .nn.fp8_linear import FP8Linear
 from .nn.w8a8_linear import W8A8Linear
 from .core import QuantizedWeight, WeightScheme
@@ -42,5 +42,5 @@ __all__ = [
     "save_quantized", "load_quantized",
     "AWQConfig", "AWQQuantizer", "W8A8Config", "W8A8Quantizer", "SmoothQuantConfig", "SmoothQuantQuantizer",
     "W8A8Linear", "FP8Config", "FP8Quantizer", "FP8Linear",
-    "PTQConfig", "PTQQuantizer",
+    "PTQConfig", "PTQQuantizer", "ZeroQuantConfig", "ZeroQuantQuantizer",
 ]

@@ -32,7 +32,7 @@ class PTQQuantizer(W8A8Quantizer):
                   "mse": dict(fp8=c.act_dtype != "int8")}.get(c.observer, {})
         return make_observer(c.observer, **kwargs)
 
-    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None) -> nn.Module:
+    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
         amax = float(act_amax.max()) if act_amax is not None else 0.0
         if self.config.weight_dtype == "int8":
             return W8A8Linear.from_linear(lin, input_scale=amax / INT8_MAX if amax > 0 else 1.0)

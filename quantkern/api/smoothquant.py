@@ -67,11 +67,11 @@ class W8A8Quantizer(BlockwiseQuantizer):
         if self.smoothing:
             self._smooth(amax)
         for name, lin in list(self.plan.quantize.items()):
-            q = self.make_module(lin, amax.get(name))
-            q.name, q.backend = name, self.config.backend
+            q = self.make_module(lin, amax.get(name), name)
+            q.name, q.backend = name, getattr(self.config, "backend", "auto")
             set_module(self.model, name, q)
 
-    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None) -> nn.Module:
+    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
         """The quantized replacement of ``lin``; ``act_amax``: its observed per-channel input abs-max."""
         scale = None
         if self.config.act_static:
@@ -113,7 +113,7 @@ class FP8Quantizer(W8A8Quantizer):
     """``FP8Quantizer(model, act_dtype="float8_e4m3fn" | None, act_static=False).quantize(data=None)``:
     FP8 E4M3 weight-only or W8A8 (see :class:`~quantkern.api.configs_more.FP8Config`)."""
 
-    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None) -> nn.Module:
+    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
         scale = None
         if self.config.act_mode == "static":
             scale = float(act_amax.max()) / FP8_MAX if act_amax is not None and float(act_amax.max()) > 0 else 1.0

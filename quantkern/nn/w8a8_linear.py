@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.w8a8 import check_w8a8_args, quantize_int8_per_channel, w8a8_linear, w8a8_linear_reference
+from ..kernels.w8a8 import (check_w8a8_args, dequantize_codes, qparams_from_range, quantize_int8_per_channel,
+                            quantize_rows, quantize_weight_groups, quantize_with, w8a8_linear, w8a8_linear_reference)
 
 
 class W8A8Linear(nn.Module):
@@ -63,3 +64,82 @@ class W8A8Linear(nn.Module):
                 raise RuntimeError("backend='int_mm' but this torch has no torch._int_mm")
             y = w8a8_linear(x2.contiguous(), self.weight, self.weight_scale, self.bias, self.input_scale)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class ZeroQuantLinear(nn.Module):
+    """ZeroQuant-style Linear: group-wise int weights and token-wise (or static per-tensor) int activations.
+
+    State dict: ``weight`` int8 (signed codes) or uint8 (``w_unsign``) ``[N, K]``, ``weight_scale``
+    fp32 ``[N, G]``, ``weight_zero_point`` (same dtype as ``weight``, ``[N, G]``; only with
+    ``w_has_zero``), ``input_scale`` fp32 ``[1]`` and ``input_zero_point`` int32 ``[1]`` (static
+    activations; the zero point only with ``a_has_zero``), ``bias``. The forward is the pure-PyTorch
+    reference (fake-quantized activations times the dequantized weight in fp32); there is no fused
+    kernel for these layouts yet.
+    """
+
+    def __init__(self, in_features, out_features, w_bits=8, group_size=64, w_has_zero=False, w_unsign=False,
+                 a_bits=8, a_has_zero=False, a_unsign=False, static=False, bias=False, dtype=torch.float16,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.group_size, self.w_has_zero, self.w_unsign = w_bits, group_size, w_has_zero, w_unsign
+        self.a_bits, self.a_has_zero, self.a_unsign = a_bits, a_has_zero, a_unsign
+        self.name = ""
+        gs = in_features if group_size == -1 else group_size
+        g = -(-in_features // gs)
+        wdt = torch.uint8 if w_unsign else torch.int8
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=wdt, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, g, dtype=torch.float32, device=device))
+        self.register_buffer("weight_zero_point",
+                             torch.zeros(out_features, g, dtype=wdt, device=device) if w_has_zero else None)
+        self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
+        self.register_buffer("input_zero_point", torch.zeros(1, dtype=torch.int32, device=device)
+                             if static and a_has_zero else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("g_idx", torch.arange(in_features, device=device) // gs, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act_range: tuple[float, float] | None = None, **scheme):
+        """``scheme``: the constructor's quantization keywords; ``act_range`` (lo, hi) makes activations static."""
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, static=act_range is not None,
+                  bias=linear.bias is not None, dtype=w.dtype, device=w.device, **scheme)
+        codes, s, z = quantize_weight_groups(w, mod.w_bits, mod.group_size, mod.w_has_zero, mod.w_unsign)
+        mod.weight.copy_(codes.to(mod.weight.dtype))
+        mod.weight_scale.copy_(s)
+        if mod.w_has_zero:
+            mod.weight_zero_point.copy_(z.to(mod.weight.dtype))
+        if act_range is not None:
+            lo, hi = (torch.tensor([float(v)]) for v in act_range)
+            s, z = qparams_from_range(lo, hi, mod.a_bits, mod.a_has_zero, mod.a_unsign)
+            mod.input_scale.copy_(s)
+            if mod.a_has_zero:
+                mod.input_zero_point.copy_(z)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def dequantized_weight(self) -> torch.Tensor:
+        z = self.weight_zero_point.float()[:, self.g_idx] if self.w_has_zero else 0.0
+        return (self.weight.float() - z) * self.weight_scale[:, self.g_idx]
+
+    def extra_repr(self) -> str:
+        act = "static" if self.input_scale is not None else "per-token"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
+                f"group_size={self.group_size}, w_has_zero={self.w_has_zero}, w_unsign={self.w_unsign}, "
+                f"a_bits={self.a_bits} {act}, a_has_zero={self.a_has_zero}, a_unsign={self.a_unsign}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"ZeroQuantLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.input_scale is None:
+            q, s, z = quantize_rows(x2, self.a_bits, self.a_has_zero, self.a_unsign)
+        else:
+            s = self.input_scale.reshape(1, 1)
+            z = self.input_zero_point.reshape(1, 1) if self.input_zero_point is not None else torch.zeros_like(s)
+            q = quantize_with(x2, s, z, self.a_bits, self.a_unsign)
+        y = dequantize_codes(q, s, z) @ self.dequantized_weight().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
