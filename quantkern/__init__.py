@@ -15,6 +15,8 @@ from .api import (BaseConfig, BaseQuantizer, GPTQConfig, GPTQQuantizer, RTNConfi
                   register_quantizer)
 from .api import (AWQConfig, AWQQuantizer, FP8Config, FP8Quantizer, PTQConfig, PTQQuantizer, SmoothQuantConfig,
                   SmoothQuantQuantizer, W8A8Config, W8A8Quantizer, ZeroQuantConfig, ZeroQuantQuantizer)
+from .api import FP4Config, FP4Quantizer
+from .nn.fp4_linear import FP4Linear
 from .nn.fp8_linear import FP8Linear
 from .nn.w8a8_linear import W8A8Linear
 from .core import QuantizedWeight, WeightScheme
@@ -43,4 +45,5 @@ __all__ = [
     "AWQConfig", "AWQQuantizer", "W8A8Config", "W8A8Quantizer", "SmoothQuantConfig", "SmoothQuantQuantizer",
     "W8A8Linear", "FP8Config", "FP8Quantizer", "FP8Linear",
     "PTQConfig", "PTQQuantizer", "ZeroQuantConfig", "ZeroQuantQuantizer",
+    "FP4Config", "FP4Quantizer", "FP4Linear",
 ]

@@ -240,3 +240,26 @@ class ZeroQuantConfig(BaseConfig):
     def scheme_kwargs(self) -> dict:
         return dict(w_bits=self.w_bits, group_size=self.w_group_size, w_has_zero=self.w_has_zero,
                     w_unsign=self.w_unsign, a_bits=self.a_bits, a_has_zero=self.a_has_zero, a_unsign=self.a_unsign)
+
+
+@dataclass(frozen=True)
+class FP4Config(BaseConfig):
+    """FP4 (E2M1) weight-only with one scale per (row, group of ``group_size`` input channels);
+    ``scale_dtype`` in float16 / bfloat16 / float32 / float8_e4m3fn; ``mse``: clipping search per
+    group. Data-free. Output modules: :class:`~quantkern.nn.fp4_linear.FP4Linear`."""
+
+    method: ClassVar[str] = "fp4"
+    group_size: int = 32
+    scale_dtype: str = "float16"
+    mse: bool = False
+
+    def __post_init__(self):
+        from ..nn.fp4_linear import SCALE_DTYPES
+
+        super().__post_init__()
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g > 0):
+            raise ValueError(f"group_size must be -1 or a positive int, got {g!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        _bool("mse", self.mse)

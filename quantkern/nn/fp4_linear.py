@@ -1,0 +1,101 @@
+"""FP4 (E2M1) weight-only Linear with group scales, and the E2M1 codec.
+
+E2M1 magnitudes: ``0, 0.5, 1, 1.5, 2, 3, 4, 6`` (index 0..7, bits 0-2 of a code); bit 3 is the
+sign. Two codes per byte along K, the even column in the low nibble (an odd K is padded with a zero
+code). State dict: ``weight_packed`` uint8 ``[N, ceil(K/2)]``, ``weight_scale`` ``[N, G]`` (group
+scales, G = ceil(K/group_size); fp16 / bf16 / fp32 / fp8 E4M3), ``bias`` ``[N]``.
+``W[n, k] = e2m1(code[n, k]) · weight_scale[n, k // group_size]``.
+
+The forward is the pure-PyTorch reference (decode through a 16-entry table, then a dense GEMM in x's
+dtype); E2M1 is not a uniform grid, so the integer WnA16 kernels cannot run it as-is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAX = 6.0
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "float8_e4m3fn": torch.float8_e4m3fn}
+
+
+def e2m1_table(device=None) -> torch.Tensor:
+    """fp32 ``[16]``: value of each 4-bit code."""
+    mag = torch.tensor(E2M1_VALUES, device=device)
+    return torch.cat([mag, -mag])
+
+
+def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 code (uint8 in [0, 16)) of each value of ``x`` (already divided by its scale);
+    magnitudes beyond 6 saturate, ties round to the larger magnitude."""
+    mag = torch.tensor(E2M1_VALUES, device=x.device)
+    mids = (mag[1:] + mag[:-1]) / 2
+    a = x.float().abs()
+    idx = torch.bucketize(a, mids, right=True).clamp_(max=7)  # right=True: a tie goes up
+    sign = (x < 0) & (idx > 0)  # no negative zero code
+    return (idx + 8 * sign).to(torch.uint8)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[N, K]`` -> ``[N, ceil(K/2)]``, even column in the low nibble."""
+    n, k = codes.shape
+    if k % 2:
+        codes = torch.cat([codes, torch.zeros(n, 1, dtype=codes.dtype, device=codes.device)], dim=1)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    out = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return out[:, :k]
+
+
+class FP4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
+                 scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        if not (group_size == -1 or (isinstance(group_size, int) and group_size > 0)):
+            raise ValueError(f"group_size must be -1 or a positive int, got {group_size!r}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.name = ""
+        gs = in_features if group_size == -1 else group_size
+        self.register_buffer("weight_packed", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8,
+                                                          device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, -(-in_features // gs), device=device)
+                             .to(scale_dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.float16) -> "FP4Linear":
+        """``codes`` uint8 ``[N, K]`` (E2M1), ``scales`` ``[N, G]`` in the storage dtype."""
+        n, k = codes.shape
+        mod = cls(k, n, group_size, bias=bias is not None, scale_dtype=scales.dtype, dtype=dtype,
+                  device=codes.device)
+        if scales.shape != mod.weight_scale.shape:
+            raise ValueError(f"scales shape {tuple(scales.shape)} != expected {tuple(mod.weight_scale.shape)}")
+        mod.weight_packed.copy_(pack_nibbles(codes))
+        mod.weight_scale.copy_(scales)
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
+        return mod
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 ``[N, K]``."""
+        codes = unpack_nibbles(self.weight_packed, self.in_features).long()
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        g_idx = torch.arange(self.in_features, device=codes.device) // gs
+        return e2m1_table(codes.device)[codes] * self.weight_scale.float()[:, g_idx]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight=fp4 e2m1, "
+                f"group_size={self.group_size}, scale_dtype={self.weight_scale.dtype}, bias={self.bias is not None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FP4Linear: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"FP4Linear: activations must be fp32/fp16/bf16, got {x.dtype}")
+        w = self.dequantized_weight().to(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
