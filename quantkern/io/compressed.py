@@ -63,14 +63,21 @@ def _weight_args(scheme: WeightScheme, symmetric: bool):
 
 
 def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """``(state dict, quantization_config, {})`` in the pack-quantized format.
+    """``(state dict, quantization_config, {})``: QuantLinear layers as "pack-quantized", W8A8Linear
+    as "int-quantized", FP8Linear as "float-quantized" (:mod:`.compressed_act`); several formats in
+    one model make the top-level format "mixed-precision".
 
     Raises ``ValueError`` naming a layer whose group size does not divide its in_features (the format
-    has no ragged groups)."""
-    from .save import dense_state_dict, quant_layers
+    has no ragged groups) or that uses act-order."""
+    from ..nn import QuantLinear
+    from .compressed_act import act_layers, act_scheme
+    from .save import dense_state_dict
 
     QuantizationArgs, QuantizationScheme, QuantizationConfig, pack_to_int32, _ = _ct()
-    layers = quant_layers(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    others = act_layers(model)
+    if not layers and not others:
+        raise ValueError("the model has no QuantLinear / W8A8Linear / FP8Linear layers: quantize it before saving")
     sd = dense_state_dict(model)
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, m in layers.items():
@@ -94,14 +101,22 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
         if not symmetric:
             zp = (qw.zeros.cpu().t() - mid).to(torch.int8).contiguous()
             sd[f"{name}.weight_zero_point"] = pack_to_int32(zp, s.bits, packed_dim=0).contiguous()
-        groups[(s.bits, s.group_size, symmetric)].append(name)
+        groups[("pack-quantized", s.bits, s.group_size, symmetric)].append(name)
+    for name, (fmt, act) in others.items():
+        groups[(fmt, act)].append(name)
     dense = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     config_groups = {}
-    for i, ((bits, gs, symmetric), names) in enumerate(sorted(groups.items())):
+    for i, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
         targets = ["Linear"] if len(groups) == 1 else names
-        args = _weight_args(WeightScheme(bits, gs, symmetric, False), symmetric)
-        config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
-    qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+        if key[0] == "pack-quantized":
+            _, bits, gs, symmetric = key
+            args = _weight_args(WeightScheme(bits, gs, symmetric, False), symmetric)
+            config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
+        else:
+            config_groups[f"group_{i}"] = act_scheme(key[0], key[1], targets)
+    formats = {key[0] for key in groups}
+    qconfig = QuantizationConfig(config_groups=config_groups,
+                                 format=formats.pop() if len(formats) == 1 else "mixed-precision",
                                  quantization_status="compressed", ignore=dense if len(groups) == 1 else [])
     import compressed_tensors
 
@@ -128,14 +143,19 @@ def parse_compressed_config(qc: dict):
     if cfg.quantization_status != "compressed":
         raise CheckpointConfigError(f"{where}: quantization_status {cfg.quantization_status!r} is not supported; "
                                     "only 'compressed' checkpoints hold packed weights")
+    from .compressed_act import ACT_FORMATS, check_act_scheme
+
     for gname, s in cfg.config_groups.items():
         fmt = s.format or cfg.format
+        if fmt in ACT_FORMATS:
+            check_act_scheme(f"{where}.config_groups.{gname}", fmt, s)
+            continue
         if fmt != "pack-quantized":
             raise CheckpointConfigError(f"{where}.config_groups.{gname}: format {fmt!r} is not supported; "
-                                        "quantkern imports 'pack-quantized' int weights only")
+                                        f"quantkern imports 'pack-quantized', {' and '.join(ACT_FORMATS)}")
         if s.input_activations is not None or s.output_activations is not None:
             raise CheckpointConfigError(f"{where}.config_groups.{gname}: activation quantization is not supported "
-                                        "by quantkern's weight-only QuantLinear")
+                                        "with pack-quantized weights (weight-only QuantLinear)")
         w = s.weights
         if w is None or w.type != "int" or w.num_bits not in (2, 3, 4, 5, 6, 7, 8):
             raise CheckpointConfigError(f"{where}.config_groups.{gname}: weights must be int with 2..8 bits, got {w}")
@@ -145,18 +165,29 @@ def parse_compressed_config(qc: dict):
     return cfg
 
 
-def compressed_to_gptq(qc: dict, tensors: dict[str, torch.Tensor], model: nn.Module):
-    """Match the config's schemes to the skeleton's Linears, validate their tensors and convert them to
-    the GPTQ v2 layout. Returns ``({name: (scheme, tensors)}, {dense tensors})``."""
+def compressed_to_gptq(qc: dict, tensors: dict[str, torch.Tensor], model: nn.Module, dtype=None, backend="auto"):
+    """Match the config's schemes to the skeleton's Linears, validate their tensors and convert them:
+    pack-quantized to the GPTQ v2 layout (``{name: (scheme, tensors)}``), int-/float-quantized to a
+    W8A8Linear / FP8Linear built on the meta device (``{name: (module, tensors)}``). Returns
+    ``(that dict, {dense tensors})``."""
     from compressed_tensors.utils import match_named_modules
+
+    from .compressed_act import ACT_FORMATS, build_act_layer, check_act_scheme
 
     unpack_from_int32 = _ct()[4]
     cfg = parse_compressed_config(qc)
     quant, used = {}, set()
     for gname, s in cfg.config_groups.items():
         w = s.weights
+        fmt = s.format or cfg.format
         for name, mod in match_named_modules(model, s.targets, cfg.ignore):
             if not isinstance(mod, nn.Linear) or name in quant:
+                continue
+            if fmt in ACT_FORMATS:
+                act = check_act_scheme(gname, fmt, s)
+                module, out, names = build_act_layer(name, fmt, act, mod, tensors, dtype, backend)
+                quant[name] = (module, out)
+                used |= names
                 continue
             k, n = mod.in_features, mod.out_features
             gs = w.group_size if w.strategy == "group" else -1

@@ -67,11 +67,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def assemble(model: nn.Module, quant: dict[str, tuple], dense: dict[str, torch.Tensor], device, dtype, backend):
     """Replace the Linears named in ``quant`` (``{name: (scheme, {tensor name: v2 GPTQ tensor})}``)
-    with QuantLinear, validate ``dense`` against the skeleton and assign everything.
+    with QuantLinear (or, for ``{name: (module, tensors)}``, with that ready-made module), validate
+    ``dense`` against the skeleton and assign everything.
 
     Raises :class:`CheckpointTensorError` for unexpected / missing / mis-shaped tensors."""
     state = {}
     for name, (scheme, tensors) in quant.items():
+        if isinstance(scheme, nn.Module):  # a layer built by the format (W8A8Linear / FP8Linear)
+            _set_module(model, name, scheme)
+            state.update(tensors)
+            continue
         old = model.get_submodule(name)
         scales = tensors[f"{name}.scales"]
         sdtype = dtype or scales.dtype
@@ -130,7 +135,7 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto") -> nn.Module:
         files = safetensors_files(path)
         tensors = read_tensors(files)
         model = build_skeleton(config_dict, dtype)
-        quant, dense = compressed_to_gptq(qc, tensors, model)
+        quant, dense = compressed_to_gptq(qc, tensors, model, dtype, backend)
         return assemble(model, quant, dense, device, dtype, backend)
     cfg = parse_quantization_config(qc)
     files = safetensors_files(path)
