@@ -124,3 +124,23 @@ def test_hostile(tmp_path, kind, cfg_fn, t_fn, err, match):
     path = _save_edit(tmp_path, kind, cfg_fn, t_fn)
     with pytest.raises(err, match=match):
         load_quantized(path)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "gguf"])
+def test_other_formats_refuse_w8a8_and_fp8(tmp_path, fmt):
+    model = convert(tiny_llama(), MAKERS["fp8-dynamic"], only="mlp")
+    quantize_linears(model, WeightScheme(4, 32, True, False))
+    with pytest.raises(ValueError, match=rf"model\.layers\.0\.mlp\.gate_proj is a FP8Linear: '{fmt}' cannot store it"):
+        save_quantized(model, tmp_path / "x", format=fmt)
+    assert not (tmp_path / "x").exists()
+
+
+def test_inspect_w8a8(tmp_path):
+    from quantkern.io import format_inspection, inspect_checkpoint
+
+    path = save_quantized(convert(tiny_llama(), MAKERS["w8a8-static"]), tmp_path / "w", format="compressed-tensors")
+    info = inspect_checkpoint(path)
+    assert info["consistent"] and info["num_quantized_layers"] == 14
+    down = next(layer for layer in info["layers"] if layer["name"] == "model.layers.1.mlp.down_proj")
+    assert (down["in_features"], down["out_features"], down["static_activations"]) == (128, 64, True)
+    assert "int8 channel sym, activations int8 static per-tensor" in format_inspection(info)

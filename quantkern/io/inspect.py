@@ -103,8 +103,9 @@ def _inspect_dir(path: Path) -> dict:
 
             parsed = parse_compressed_config(qc)
             info["format"] = f"compressed-tensors ({parsed.format})"
-            info["groups"] = {k: {"targets": v.targets, "bits": v.weights.num_bits, "group_size": v.weights.group_size,
-                                  "symmetric": v.weights.symmetric, "strategy": v.weights.strategy}
+            info["groups"] = {k: {"targets": v.targets, "bits": v.weights.num_bits, "type": v.weights.type,
+                                  "group_size": v.weights.group_size, "symmetric": v.weights.symmetric,
+                                  "strategy": v.weights.strategy, "activations": _acts(v.input_activations)}
                               for k, v in parsed.config_groups.items()}
         elif qc is not None:
             parsed = parse_quantization_config(qc)
@@ -116,10 +117,20 @@ def _inspect_dir(path: Path) -> dict:
         info["problems"].append(str(e))
     layers, qbytes = [], 0
     suffix = ".weight_packed" if method == "compressed-tensors" else ".qweight"
-    for key in sorted(k for k in headers if k.endswith(suffix)):
-        name = key[: -len(suffix)]
+    keys = [k for k in headers if k.endswith(suffix)]
+    if method == "compressed-tensors":  # int8 / fp8 weights (int- / float-quantized) are stored unpacked
+        keys += [k for k, (_, d, _) in headers.items() if k.endswith(".weight") and d in ("I8", "F8_E4M3")]
+    for key in sorted(keys):
+        name = key.rpartition(".")[0]
         _, dtype, shape = headers[key]
         layer = {"name": name}
+        if key.endswith(".weight"):
+            layer.update(in_features=shape[1], out_features=shape[0], bits=8, weight_dtype=dtype,
+                         static_activations=f"{name}.input_scale" in headers)
+            qbytes += sum(_ST_SIZES.get(d, 0) * _numel(sh) for k, (_, d, sh) in headers.items()
+                          if k.startswith(f"{name}.") and not k.endswith(".bias"))
+            layers.append(layer)
+            continue
         parts = {p: headers[k] for p in ("qzeros", "scales", "g_idx", "weight_scale", "weight_zero_point")
                  if (k := f"{name}.{p}") in headers}
         qbytes += sum(_ST_SIZES.get(d, 0) * _numel(s) for _, d, s in [headers[key], *parts.values()])
@@ -160,6 +171,12 @@ def _inspect_dir(path: Path) -> dict:
         info["problems"].append("quantization_config is present but no packed weights were found")
     info["consistent"] = not info["problems"]
     return info
+
+
+def _acts(a) -> str:
+    if a is None:
+        return "not quantized"
+    return f"{a.type}{a.num_bits} {'dynamic' if a.dynamic else 'static'} per-{a.strategy}"
 
 
 def _numel(shape) -> int:
@@ -210,8 +227,9 @@ def format_inspection(info: dict) -> str:
             lines.append(f"scheme:     {info['bits']}-bit, {g}, {'sym' if info['sym'] else 'asym'}"
                          f"{', act-order' if info['desc_act'] else ''}")
         for gname, g in (info.get("groups") or {}).items():
-            lines.append(f"scheme:     {gname}: {g['bits']}-bit {g['strategy']} {g['group_size'] or ''} "
-                         f"{'sym' if g['symmetric'] else 'asym'} -> {g['targets']}")
+            gs = f" {g['group_size']}" if g["group_size"] else ""
+            lines.append(f"scheme:     {gname}: {g['type']}{g['bits']} {g['strategy']}{gs} "
+                         f"{'sym' if g['symmetric'] else 'asym'}, activations {g['activations']} -> {g['targets']}")
         lines.append(f"layers:     {info.get('num_quantized_layers', 0)} quantized, "
                      f"{info.get('num_tensors', 0)} tensors "
                      f"in {len(info.get('files', []))} file(s)")

@@ -173,6 +173,14 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
         raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
     if format != "gptq" and checkpoint_format is not None:
         raise ValueError(f"checkpoint_format applies to format='gptq' only, got {checkpoint_format!r} with {format!r}")
+    if format != "compressed-tensors":
+        from .compressed_act import act_layers
+
+        others = act_layers(model)
+        if others:
+            name, (fmt, _) = next(iter(others.items()))
+            raise ValueError(f"{name} is a {'W8A8Linear' if fmt == 'int-quantized' else 'FP8Linear'}: "
+                             f"{format!r} cannot store it; save with format='compressed-tensors'")
     if format == "gguf":
         from .gguf_export import save_gguf
 
