@@ -130,3 +130,19 @@ def test_smollm2_gguf_perplexity_within_one_percent(tmp_path, scheme):
     assert abs(ppl_gguf - ppl_ours) / ppl_ours < 0.01, (ppl_ours, ppl_gguf)
     tok2 = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="smol.gguf")
     assert tok2(text).input_ids[:20] == ids[0, :20].tolist()
+
+
+def test_interrupted_gguf_export_leaves_nothing(tmp_path, monkeypatch):
+    import quantkern.io.gguf_export as ge
+
+    model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False))
+    good = save_quantized(model, tmp_path / "m.gguf", format="gguf")
+    before = good.read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ge, "encode_blocks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(model, tmp_path / "m.gguf", format="gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"] and good.read_bytes() == before

@@ -209,3 +209,17 @@ def test_partially_quantized_model(tmp_path):
     assert sum(k.startswith("-:") for k in dynamic) == 6 and not any("lm_head" in k for k in dynamic)
     assert type(loaded.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+def test_load_to_cuda(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = quantize_linears(tiny_llama(dtype=torch.float16), WeightScheme(4, 32, False, True))
+    path = save_quantized(model, tmp_path / "ckpt")
+    loaded = load_quantized(path, device="cuda", backend="reference")
+    assert all(t.device.type == "cuda" for t in loaded.state_dict().values())
+    x = tokens()
+    with torch.no_grad():
+        ref, out = model(x).logits.float(), loaded(x.cuda()).logits.float().cpu()
+    assert float((out - ref).norm() / ref.norm()) < 1e-2
