@@ -189,7 +189,7 @@ def run(args) -> list[dict]:
                             built[cls] = cls(layer)  # repacks once per layer, like QuantLinear does
                         kern = built[cls]
                         methods.append((f"quantkern_{cls.backend.value}", cls.__name__,
-                                        lambda kern=kern, x=x: kern(layer, x), None, True))
+                                        lambda kern=kern, layer=layer, x=x: kern(layer, x), None, True))
                     if args.methods and "torch_int4" not in args.methods:
                         pass
                     elif callable(int4):

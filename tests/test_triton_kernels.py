@@ -101,7 +101,8 @@ def run_case(m, n, k, bits, group_size, sym, act_order, dtype, device="cpu", bia
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=gen).to(dtype).to(device)
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
-    cfg = None if config is None else (GEMV_CFG if m <= tk.DECODE_MAX_M else GEMM_CFG)
+    # M = 1 takes the GEMV mode (BLOCK_M = 1), other decode sizes tl.dot, M > 16 the GEMM
+    cfg = None if config is None else GEMV1_CFG if m == 1 else GEMV_CFG if m <= tk.DECODE_MAX_M else GEMM_CFG
     y = tk.wna16_matmul(x, w, b, config=cfg)
     check(y, x, qw.dequantize(torch.float32).t(), b)
 
@@ -220,12 +221,12 @@ def test_decode_modes_and_split_k(config, m, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sort", [False, True])
-@pytest.mark.parametrize("m", [2, 33])
+@pytest.mark.parametrize("m", [1, 2, 33])
 def test_arbitrary_g_idx_and_unaligned_groups(sort, m, device):
     # group 48 is not a multiple of BLOCK_K=32 and g_idx is an arbitrary map: both gather per column
     qw = make_qweight(24, 96, 4, 48, False, False, scale_dtype=torch.float32)
     x = torch.randn(m, 96).bfloat16().to(device)
-    cfg = GEMV_CFG if m <= 16 else GEMM_CFG
+    cfg = GEMV1_CFG if m == 1 else GEMV_CFG if m <= 16 else GEMM_CFG
     w = _to(tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 48), device)
     check(tk.wna16_matmul(x, w, config=cfg), x, qw.dequantize().t())
     qw.g_idx = torch.randint(0, 2, (96,), dtype=torch.int32, generator=torch.Generator().manual_seed(5))

@@ -4,14 +4,17 @@ At decode the whole weight is read once per token and M is tiny, so the job is t
 streaming weights: the grid is ``(N tiles, SPLIT_K, M tiles)``. Each program reduces one K slice
 (a multiple of BLOCK_K) for one ``BLOCK_N`` column tile. Two inner products, a compile-time choice:
 
-- ``BLOCK_M == 1``: GEMV on the CUDA cores, one activation row per program; the unpacked tile is
-  multiplied by the row broadcast along N and summed over K (no tensor-core padding waste at M = 1).
+- ``BLOCK_M == 1``: GEMV on the CUDA cores, one activation row per program (no tensor-core padding
+  waste at M = 1). For 2 / 4 / 8 bits the products accumulate element-wise in the unpacked
+  ``[words, VPW, BLOCK_N]`` shape and K is reduced once at the end (:func:`_gemv_single_plane`); for
+  multi-plane widths (3, 5, 6, 7) each tile is reduced over K as it comes.
 - ``BLOCK_M == 16``: ``tl.dot`` on the tensor cores with the rows beyond M masked.
 
 With ``SPLIT_K == 1`` the program writes the output (bias added, x's dtype). Otherwise each K slice
 writes an fp32 partial ``[SPLIT_K, M, N]`` and a second small kernel sums them in a fixed order
-(deterministic, unlike atomics), adds the bias and casts. Unpacking and group modes: :mod:`._dequant`; layout: :mod:`.layout`.
-Constraints: as :mod:`.gemm_wna16`; the op is meant for M <= 16 but is correct for any M.
+(deterministic, unlike atomics), adds the bias and casts. Unpacking and group modes:
+:mod:`._dequant`; layout: :mod:`.layout`. Constraints: as :mod:`.gemm_wna16`; the op is meant for
+M <= 16 but is correct for any M.
 """
 
 from __future__ import annotations
@@ -23,6 +26,53 @@ import triton.language as tl
 from ._checks import check_inputs, dot_in_fp32, group_mode
 from ._dequant import dot_acc, load_codes, load_dequant_gathered, load_group
 from ._tuning import GEMV_CONFIGS, bucket_m, check_block_k, pick_config, prune, validate_config
+
+
+@triton.jit
+def _gemv_single_plane(x_row, qw_ptr, s_ptr, z_ptr, g_ptr, offs_n, K, N, k_begin, k_end, stride_qk, stride_sg,
+                       stride_zg, BITS: tl.constexpr, GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                       ZERO_POINT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One activation row times the K slice ``[k_begin, k_end)`` of a single-plane (2 / 4 / 8-bit)
+    weight -> fp32 [BLOCK_N], fully dequantized.
+
+    The words of a tile are unpacked in registers into ``[BLOCK_K / VPW, VPW, BLOCK_N]`` (each thread
+    keeps the VPW codes of its own words: no reshape, no shared memory) and multiplied by the
+    activations loaded in the same shape; products accumulate element-wise and K is reduced once,
+    after the loop, instead of with shuffles and barriers in every tile.
+    """
+    VPW: tl.constexpr = 32 // BITS
+    R: tl.constexpr = BLOCK_K // VPW
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, R)
+    offs_i = tl.arange(0, VPW)
+    acc = tl.zeros((R, VPW, BLOCK_N), dtype=tl.float32)
+    if GROUP_MODE == 0:
+        s, z = load_group(s_ptr, z_ptr, 0, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+        zs = z * s
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        rows = k0 // VPW + offs_r
+        words = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :],
+                        mask=(rows[:, None] < tl.cdiv(K, VPW)) & mask_n[None, :], other=0)
+        q = ((words[:, None, :] >> (offs_i * BITS)[None, :, None]) & ((1 << BITS) - 1)).to(tl.float32)
+        offs_k = k0 + offs_r[:, None] * VPW + offs_i[None, :]  # [R, VPW]: code (r, i) is column r * VPW + i
+        mask_k = offs_k < K
+        xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, :, None]
+        if GROUP_MODE == 2:
+            g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)[:, :, None]
+            mask3 = mask_k[:, :, None] & mask_n[None, None, :]
+            s3 = tl.load(s_ptr + g * stride_sg + offs_n[None, None, :], mask=mask3, other=0.0).to(tl.float32)
+            if ZERO_POINT >= 0:
+                acc += xv * ((q - ZERO_POINT) * s3)
+            else:
+                z3 = tl.load(z_ptr + g * stride_zg + offs_n[None, None, :], mask=mask3, other=0).to(tl.float32)
+                acc += xv * ((q - z3) * s3)
+        else:
+            if GROUP_MODE == 1:
+                s, z = load_group(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+                zs = z * s
+            acc += xv * (q * s[None, None, :] - zs[None, None, :])
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
 
 
 @triton.jit
@@ -43,31 +93,36 @@ def _gemv_wna16_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # mode 0: sum of x over this K slice
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        if GROUP_MODE == 2:
-            w = load_dequant_gathered(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg,
-                                      stride_zg, BITS, ZERO_POINT)
-        else:
-            w = load_codes(qw_ptr, offs_n, K, N, k0, stride_qk, BITS, BLOCK_K)
-        if BLOCK_M == 1:
-            part = tl.sum(tl.reshape(a, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32), axis=0)[None, :]
-        else:
-            part = dot_acc(a, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32)
-        if GROUP_MODE == 1:
-            s, z = load_group(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
-            a_sum = tl.sum(a.to(tl.float32), axis=1)
-            acc += (part - a_sum[:, None] * z[None, :]) * s[None, :]
-        else:
-            acc += part
-            if GROUP_MODE == 0:
-                x_sum += tl.sum(a.to(tl.float32), axis=1)
-    if GROUP_MODE == 0:
-        s, z = load_group(s_ptr, z_ptr, 0, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
-        acc = (acc - x_sum[:, None] * z[None, :]) * s[None, :]
+    if BLOCK_M == 1 and (BITS & (BITS - 1)) == 0:
+        acc = _gemv_single_plane(x_ptr + pid_m.to(tl.int64) * stride_xm, qw_ptr, s_ptr, z_ptr, g_ptr, offs_n, K, N,
+                                 k_begin, k_end, stride_qk, stride_sg, stride_zg,
+                                 BITS, GROUP_MODE, GROUP_SIZE, ZERO_POINT, BLOCK_K)[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # mode 0: sum of x over this K slice
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+            if GROUP_MODE == 2:
+                w = load_dequant_gathered(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg,
+                                          stride_zg, BITS, ZERO_POINT)
+            else:
+                w = load_codes(qw_ptr, offs_n, K, N, k0, stride_qk, BITS, BLOCK_K)
+            if BLOCK_M == 1:
+                part = tl.sum(tl.reshape(a, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32), axis=0)[None, :]
+            else:
+                part = dot_acc(a, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32)
+            if GROUP_MODE == 1:
+                s, z = load_group(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+                a_sum = tl.sum(a.to(tl.float32), axis=1)
+                acc += (part - a_sum[:, None] * z[None, :]) * s[None, :]
+            else:
+                acc += part
+                if GROUP_MODE == 0:
+                    x_sum += tl.sum(a.to(tl.float32), axis=1)
+        if GROUP_MODE == 0:
+            s, z = load_group(s_ptr, z_ptr, 0, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+            acc = (acc - x_sum[:, None] * z[None, :]) * s[None, :]
     mask = mask_m[:, None] & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         if HAS_BIAS:
