@@ -228,3 +228,27 @@ def test_awq_config_round_trip_and_sym():
     assert qk.AWQConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="group_size=128 > in_features=64"):
         qk.AWQQuantizer(_make("llama"), verbose=False).prepare()
+
+
+def test_awq_per_layer_overrides(tiny_llama, token_data):
+    cfg = qk.AWQConfig(bits=4, group_size=32, overrides={"*.down_proj": {"bits": 8, "zero_point": False},
+                                                         "model.layers.0.self_attn.v_proj": {"group_size": 16}})
+    qk.AWQQuantizer(tiny_llama, cfg, verbose=False).quantize(token_data)
+    layers = tiny_llama.model.layers
+    assert layers[1].mlp.down_proj.bits == 8 and layers[1].mlp.down_proj.sym
+    assert layers[1].mlp.up_proj.bits == 4 and not layers[1].mlp.up_proj.sym
+    assert layers[0].self_attn.v_proj.group_size == 16 and layers[0].self_attn.k_proj.group_size == 32
+    assert layers[1].self_attn.v_proj.group_size == 32
+    assert qk.AWQConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_awq_override_errors(tiny_llama):
+    with pytest.raises(ValueError, match=r"cannot override \['n_grid'\] per layer"):
+        qk.AWQConfig(overrides={"*.q_proj": {"n_grid": 5}})
+    with pytest.raises(ValueError, match="bits must be one of"):
+        qk.AWQConfig(overrides={"*.q_proj": {"bits": 1}})
+    with pytest.raises(ValueError, match="must map module-name patterns"):
+        qk.AWQConfig(overrides=[("*.q_proj",)])
+    with pytest.raises(ValueError, match=r"per-layer overrides that cannot be quantized:\n.*o_proj.*group_size=128"):
+        qk.AWQQuantizer(tiny_llama, bits=4, group_size=32, overrides={"*.o_proj": {"group_size": 128}},
+                        verbose=False).prepare()

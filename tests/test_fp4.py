@@ -110,5 +110,13 @@ def test_fp4_config_errors(kwargs, match):
 
 
 def test_fp4_group_larger_than_layer(tiny_llama):
-    with pytest.raises(ValueError, match="group_size=128 is larger than in_features"):
+    with pytest.raises(ValueError, match=r"group_size is larger than in_features of: .*\(group_size=128, in_features=64\)"):
         qk.FP4Quantizer(tiny_llama, group_size=128, verbose=False).quantize()
+
+
+def test_fp4_per_layer_override(tiny_llama):
+    qk.FP4Quantizer(tiny_llama, group_size=32, overrides={"*.down_proj": {"group_size": 16, "scale_dtype": "bfloat16"}},
+                    verbose=False).quantize()
+    down, up = tiny_llama.model.layers[0].mlp.down_proj, tiny_llama.model.layers[0].mlp.up_proj
+    assert down.group_size == 16 and down.weight_scale.dtype == torch.bfloat16
+    assert up.group_size == 32 and up.weight_scale.dtype == torch.float16

@@ -233,3 +233,14 @@ def test_w8a8_cuda_int_mm(m, dtype):
     assert torch.equal(int8_mm(quantize_int8_per_token(x.cuda())[0], wq.cuda()).cpu(),
                        int8_mm_reference(quantize_int8_per_token(x)[0], wq))
     assert (y.cpu().double() - ref).norm() / ref.norm() < 2 * EPS[dtype]
+
+
+def test_w8a8_per_layer_static_override(tiny_llama, token_data):
+    cfg = qk.W8A8Config(overrides={"*.down_proj": {"act_static": True}})
+    q = qk.W8A8Quantizer(tiny_llama, cfg, verbose=False)
+    assert q.needs_data  # one layer needs calibrated scales
+    q.quantize(token_data)
+    assert tiny_llama.model.layers[0].mlp.down_proj.input_scale is not None
+    assert tiny_llama.model.layers[0].mlp.up_proj.input_scale is None
+    with pytest.raises(ValueError, match=r"cannot override \['alpha'\] per layer"):
+        qk.SmoothQuantConfig(overrides={"*.q_proj": {"alpha": 0.9}})

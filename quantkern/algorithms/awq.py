@@ -47,12 +47,29 @@ def _weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return out.mean(dim=0)
 
 
+def _segments(scheme, n: int) -> list[tuple[int, WeightScheme]]:
+    segs = [(n, scheme)] if isinstance(scheme, WeightScheme) else list(scheme)
+    if sum(r for r, _ in segs) != n:
+        raise ValueError(f"scheme segments cover {sum(r for r, _ in segs)} rows, the weight has {n}")
+    return segs
+
+
+def _per_segment(fn, w: torch.Tensor, segs, cat_dim: int) -> torch.Tensor:
+    outs, start = [], 0
+    for rows, sch in segs:
+        outs.append(fn(w[start:start + rows], sch))
+        start += rows
+    return torch.cat(outs, dim=cat_dim)
+
+
 @torch.no_grad()
-def search_scale(x: torch.Tensor, weight: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype,
+def search_scale(x: torch.Tensor, weight: torch.Tensor, scheme, scale_dtype: torch.dtype,
                  x_mean: torch.Tensor | None = None, n_grid: int = 20, duo_scaling: bool = True
                  ) -> tuple[torch.Tensor, float, float]:
     """Best input-channel scale for ``weight [N, K]`` (the group's Linears stacked along N) on inputs
     ``x [T, K]``. ``x_mean`` (default ``mean|x|`` over rows) may come from more tokens than ``x``.
+    ``scheme``: a :class:`WeightScheme`, or ``[(rows, scheme), ...]`` when the stacked Linears are
+    quantized differently (per-layer overrides).
 
     Returns ``(s [K] fp32, best_error, error_at_s=1)`` (mean squared output errors)."""
     x = x.float()
@@ -60,11 +77,13 @@ def search_scale(x: torch.Tensor, weight: torch.Tensor, scheme: WeightScheme, sc
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but the weight has {w.shape[1]} input channels")
     x_mean = (x.abs().mean(dim=0) if x_mean is None else x_mean.float()).clamp(min=1e-8)
-    w_mean = _weight_mean(w, scheme.group_size).clamp(min=1e-8)
+    segs = _segments(scheme, w.shape[0])
+    w_mean = (_per_segment(lambda ws, sch: _weight_mean(ws, sch.group_size)[None] * ws.shape[0], w, segs, 0)
+              .sum(0) / w.shape[0]).clamp(min=1e-8)
     ref = x @ w.t()
 
     def error(s: torch.Tensor) -> float:
-        q = fake_quantize_groups(w * s, scheme, scale_dtype) / s
+        q = _per_segment(lambda ws, sch: fake_quantize_groups(ws, sch, scale_dtype), w * s, segs, 0) / s
         return float((x @ q.t() - ref).pow_(2).mean())
 
     ones = torch.ones_like(x_mean)

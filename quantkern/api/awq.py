@@ -19,6 +19,7 @@ from ..algorithms.awq import (apply_clip, fold_into_linear_outputs, fold_into_no
                               search_clip, search_scale)
 from ..calibration import BlockInput, find_decoder_blocks, run_block
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
+from ..formats.gptq import packable
 from ..kernels.reference import dequantize_gptq
 from .calibrated import BlockwiseQuantizer
 from .configs_more import AWQConfig
@@ -50,6 +51,17 @@ class AWQQuantizer(BlockwiseQuantizer):
         if self.spec.conv1d:
             conv1d_to_linear(self.blocks)
         self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)
+        bad = []
+        for name, lin in self.plan.quantize.items():  # layers with overrides: check their own settings
+            lc = c.for_layer(name)
+            if lc is not c:
+                k, n = lin.in_features, lin.out_features
+                reason = packable(k, n, lc.bits) or (f"group_size={lc.group_size} > in_features={k}"
+                                                     if lc.group_size != -1 and lc.group_size > k else None)
+                if reason:
+                    bad.append(f"{name} ({k}->{n}, override bits={lc.bits}, group_size={lc.group_size}): {reason}")
+        if bad:
+            raise ValueError("per-layer overrides that cannot be quantized:\n  " + "\n  ".join(bad))
         self.install_catcher(self.blocks[0])
 
     def _convert(self) -> None:
@@ -87,7 +99,7 @@ class AWQQuantizer(BlockwiseQuantizer):
 
     def _quantize_block(self, block, prefix, targets, inputs, device, errors) -> dict:
         c = self.config
-        scheme = c.scheme()
+        schemes = {n: c.for_layer(prefix + n).scheme() for n in targets}
         groups = self._groups(block, prefix, targets)
         owner = {n: n for n in targets}  # Linear -> the Linear whose captured input it shares
         for g, _ in groups:
@@ -116,7 +128,8 @@ class AWQQuantizer(BlockwiseQuantizer):
             lins = [targets[n] for n in g.linears]
             w = torch.cat([m.weight.detach().to(device) for m in lins])
             x = x_all[first][:c.max_search_tokens]
-            s, err, rtn_err = search_scale(x, w, scheme, c.torch_scale_dtype, x_mean=sums[first] / counts[first],
+            segs = [(m.out_features, schemes[n]) for n, m in zip(g.linears, lins)]
+            s, err, rtn_err = search_scale(x, w, segs, c.torch_scale_dtype, x_mean=sums[first] / counts[first],
                                            n_grid=c.n_grid, duo_scaling=c.duo_scaling)
             errors[prefix + ",".join(g.linears)] = (err, rtn_err)
             s = s.to(prev.weight.device)
@@ -133,10 +146,10 @@ class AWQQuantizer(BlockwiseQuantizer):
         for n, lin in targets.items():
             if c.clip and n not in self.spec.no_clip and owner[n] in x_all:
                 x = x_all[owner[n]][:c.clip_tokens]
-                max_val = search_clip(x, lin.weight.detach().to(x.device), scheme, c.torch_scale_dtype,
+                max_val = search_clip(x, lin.weight.detach().to(x.device), schemes[n], c.torch_scale_dtype,
                                       n_grid=c.n_grid, max_shrink=c.max_shrink)
-                apply_clip(lin.weight.data, max_val.to(lin.weight.device), scheme.group_size)
-            qw = quantize_rtn(lin.weight, scheme, c.torch_scale_dtype)
+                apply_clip(lin.weight.data, max_val.to(lin.weight.device), schemes[n].group_size)
+            qw = quantize_rtn(lin.weight, schemes[n], c.torch_scale_dtype)
             ql = self.make_quant_linear(lin, qw, prefix + n)
             # until the block's outputs are computed, run it dense with exactly the dequantized weights
             lin.weight.data = dequantize_gptq(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, ql.bits, ql.in_features,

@@ -1,6 +1,7 @@
 """Configs of the calibrated algorithms beyond GPTQ: AWQ, SmoothQuant / W8A8, FP8, PTQ observers.
 
-Common settings (names as users know them from other tools): ``skip_layers`` (fnmatch patterns or
+Common settings (names as users know them from other tools): ``overrides`` (per-layer settings, see
+:class:`PerLayer`), ``skip_layers`` (fnmatch patterns or
 dotted suffixes), ``device`` (where calibration runs), ``num_calibrate`` (use at most this many
 calibration samples), ``calibrate_seq_length`` (truncate each sample to this many tokens),
 ``batch_size`` (rows per calibration forward), ``offload`` (keep captured block inputs on the CPU).
@@ -8,10 +9,12 @@ calibration samples), ``calibrate_seq_length`` (truncate each sample to this man
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .config import BaseConfig, WeightOnlyConfig
+from .targets import matches
 
 
 def _positive_int(name: str, v, allow_none: bool = False) -> None:
@@ -26,15 +29,60 @@ def _bool(name: str, v) -> None:
         raise ValueError(f"{name} must be a bool, got {v!r}")
 
 
+class PerLayer:
+    """Per-layer overrides: ``overrides={"*.down_proj": {"bits": 8}, ...}`` (fnmatch patterns or dotted
+    suffixes, as ``skip_layers``; the first matching pattern wins). Only the keys in ``layer_keys`` may
+    be overridden; each override is validated on construction by building the layer's config."""
+
+    layer_keys: ClassVar[tuple[str, ...]] = ()
+
+    def _normalize_overrides(self) -> None:
+        raw = self.overrides
+        items = list(raw.items()) if isinstance(raw, dict) else list(raw or ())
+        norm = []
+        for entry in items:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]):
+                raise ValueError(f"overrides must map module-name patterns to settings dicts, got {entry!r}")
+            pattern, settings = entry
+            settings = dict(settings)
+            bad = sorted(set(settings) - set(self.layer_keys))
+            if bad:
+                raise ValueError(f"{type(self).__name__} cannot override {bad} per layer; allowed: "
+                                 f"{list(self.layer_keys)}")
+            norm.append((pattern, tuple(sorted(settings.items()))))
+        object.__setattr__(self, "overrides", tuple(norm))
+        for pattern, _ in norm:  # build each layer config once so bad values fail now
+            self._layer_config(pattern)
+
+    def _layer_config(self, pattern: str):
+        settings = dict(dict(self.overrides)[pattern])
+        return dataclasses.replace(self, overrides=(), **self._fix_override(settings))
+
+    def _fix_override(self, settings: dict) -> dict:
+        return settings
+
+    def for_layer(self, name: str):
+        """This config with the first override whose pattern matches module ``name`` applied."""
+        for pattern, _ in self.overrides:
+            if matches(name, [pattern]):
+                return self._layer_config(pattern)
+        return self
+
+    def any_layer(self, key: str) -> bool:
+        """True if ``key`` is truthy in this config or in any override."""
+        return bool(getattr(self, key)) or any(bool(dict(st).get(key)) for _, st in self.overrides)
+
+
 def validate_calibration_fields(c) -> None:
     _positive_int("num_calibrate", c.num_calibrate, allow_none=True)
     _positive_int("calibrate_seq_length", c.calibrate_seq_length, allow_none=True)
     _positive_int("batch_size", c.batch_size)
     _bool("offload", c.offload)
+    c._normalize_overrides()
 
 
 @dataclass(frozen=True)
-class AWQConfig(WeightOnlyConfig):
+class AWQConfig(WeightOnlyConfig, PerLayer):
     """AWQ: activation-aware scale search per group of Linears sharing an input, folded into the
     preceding norm / Linear, then a weight-clipping search, then RTN into the GPTQ packed layout.
 
@@ -58,6 +106,9 @@ class AWQConfig(WeightOnlyConfig):
     batch_size: int = 8
     offload: bool = False
 
+    overrides: tuple = ()
+    layer_keys: ClassVar[tuple[str, ...]] = ("bits", "group_size", "zero_point")
+
     def __post_init__(self):
         _bool("zero_point", self.zero_point)
         if self.sym is None:
@@ -73,12 +124,17 @@ class AWQConfig(WeightOnlyConfig):
             raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink!r}")
         validate_calibration_fields(self)
 
+    def _fix_override(self, settings: dict) -> dict:
+        if "zero_point" in settings:  # sym follows zero_point in a layer's config
+            settings["sym"] = not settings["zero_point"]
+        return settings
+
 
 _W8A8_BACKENDS = ("auto", "int_mm", "reference")
 
 
 @dataclass(frozen=True)
-class W8A8Config(BaseConfig):
+class W8A8Config(BaseConfig, PerLayer):
     """W8A8 int8 without smoothing: int8 per-channel symmetric weights, int8 activations — dynamic per
     token (default, needs no data) or, with ``act_static=True``, one static per-tensor scale per Linear
     from the calibration abs-max. ``backend``: ``"auto"`` (``torch._int_mm`` where it applies),
@@ -91,6 +147,9 @@ class W8A8Config(BaseConfig):
     calibrate_seq_length: int | None = None
     batch_size: int = 8
     offload: bool = False
+
+    overrides: tuple = ()
+    layer_keys: ClassVar[tuple[str, ...]] = ("act_static",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,7 +177,7 @@ _FP8_PAIRS = (("float8_e4m3fn", None), ("float8_e4m3fn", "float8_e4m3fn"))
 
 
 @dataclass(frozen=True)
-class FP8Config(BaseConfig):
+class FP8Config(BaseConfig, PerLayer):
     """FP8 E4M3 with per-output-channel weight scales. ``act_dtype=None``: weight-only (W8A16 fp8);
     ``"float8_e4m3fn"``: W8A8 fp8 with per-token dynamic activation scales, or one static per-tensor
     scale per Linear with ``act_static=True`` (then calibration data is needed). ``backend``:
@@ -134,6 +193,9 @@ class FP8Config(BaseConfig):
     calibrate_seq_length: int | None = None
     batch_size: int = 8
     offload: bool = False
+
+    overrides: tuple = ()
+    layer_keys: ClassVar[tuple[str, ...]] = ("act_dtype", "act_static")
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,7 +219,7 @@ _PTQ_PAIRS = (("int8", "int8"), ("float8_e4m3fn", "float8_e4m3fn"))
 
 
 @dataclass(frozen=True)
-class PTQConfig(BaseConfig):
+class PTQConfig(BaseConfig, PerLayer):
     """Static post-training quantization: ``prepare`` puts an observer on the input of every target
     Linear, calibration forwards fill them, ``convert`` freezes one static per-tensor activation scale
     per Linear. Weights per-channel (int8 -> :class:`~quantkern.nn.W8A8Linear`, fp8 E4M3 ->
@@ -175,6 +237,9 @@ class PTQConfig(BaseConfig):
     calibrate_seq_length: int | None = None
     batch_size: int = 8
     offload: bool = False
+
+    overrides: tuple = ()
+    layer_keys: ClassVar[tuple[str, ...]] = ("observer", "percentile", "averaging_constant")
 
     def __post_init__(self):
         from ..algorithms.observers import OBSERVERS
@@ -200,7 +265,7 @@ class PTQConfig(BaseConfig):
 
 
 @dataclass(frozen=True)
-class ZeroQuantConfig(BaseConfig):
+class ZeroQuantConfig(BaseConfig, PerLayer):
     """ZeroQuant-style: group-wise integer weights (``w_bits``, ``w_group_size``; ``-1`` = per channel)
     and token-wise dynamic integer activations (``a_bits``), or one static per-tensor range per Linear
     with ``act_static=True`` (min-max observed on calibration data). ``*_has_zero``: asymmetric with
@@ -220,6 +285,10 @@ class ZeroQuantConfig(BaseConfig):
     calibrate_seq_length: int | None = None
     batch_size: int = 8
     offload: bool = False
+
+    overrides: tuple = ()
+    layer_keys: ClassVar[tuple[str, ...]] = ("w_bits", "w_group_size", "w_has_zero", "w_unsign", "a_bits",
+                                             "a_has_zero", "a_unsign", "act_static")
 
     def __post_init__(self):
         super().__post_init__()
@@ -243,7 +312,7 @@ class ZeroQuantConfig(BaseConfig):
 
 
 @dataclass(frozen=True)
-class FP4Config(BaseConfig):
+class FP4Config(BaseConfig, PerLayer):
     """FP4 (E2M1) weight-only with one scale per (row, group of ``group_size`` input channels);
     ``scale_dtype`` in float16 / bfloat16 / float32 / float8_e4m3fn; ``mse``: clipping search per
     group. Data-free. Output modules: :class:`~quantkern.nn.fp4_linear.FP4Linear`."""
@@ -252,6 +321,9 @@ class FP4Config(BaseConfig):
     group_size: int = 32
     scale_dtype: str = "float16"
     mse: bool = False
+
+    overrides: tuple = ()
+    layer_keys: ClassVar[tuple[str, ...]] = ("group_size", "scale_dtype", "mse")
 
     def __post_init__(self):
         from ..nn.fp4_linear import SCALE_DTYPES
@@ -263,3 +335,4 @@ class FP4Config(BaseConfig):
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         _bool("mse", self.mse)
+        self._normalize_overrides()

@@ -30,14 +30,15 @@ class FP4Quantizer(BaseQuantizer):
         if getattr(getattr(self.model, "config", None), "model_type", None) == "gpt2":
             conv1d_to_linear(blocks)
         self.plan = plan_unpacked(self.model, c.skip_layers, self.blocks_name)
-        bad = [f"{n} (in_features={m.in_features})" for n, m in self.plan.quantize.items()
-               if c.group_size != -1 and c.group_size > m.in_features]
+        gs = {n: c.for_layer(n).group_size for n in self.plan.quantize}
+        bad = [f"{n} (group_size={gs[n]}, in_features={m.in_features})" for n, m in self.plan.quantize.items()
+               if gs[n] != -1 and gs[n] > m.in_features]
         if bad:
-            raise ValueError(f"group_size={c.group_size} is larger than in_features of: {', '.join(bad)}")
+            raise ValueError(f"group_size is larger than in_features of: {', '.join(bad)}")
 
     def _convert(self) -> None:
-        c = self.config
         for name, lin in tqdm(list(self.plan.quantize.items()), desc="FP4", disable=not self.verbose, leave=False):
+            c = self.config.for_layer(name)
             codes, scales = quantize_fp4_groups(lin.weight, c.group_size, SCALE_DTYPES[c.scale_dtype], mse=c.mse)
             q = FP4Linear.from_codes(codes, scales, c.group_size, bias=lin.bias, dtype=lin.weight.dtype)
             q.name = name

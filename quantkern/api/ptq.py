@@ -26,7 +26,7 @@ class PTQQuantizer(W8A8Quantizer):
     needs_data = True
 
     def new_observer(self, name: str):
-        c = self.config
+        c = self.config.for_layer(name)
         kwargs = {"percentile": dict(percentile=c.percentile),
                   "moving_average": dict(averaging_constant=c.averaging_constant),
                   "mse": dict(fp8=c.act_dtype != "int8")}.get(c.observer, {})

@@ -39,7 +39,7 @@ class W8A8Quantizer(BlockwiseQuantizer):
 
     @property
     def needs_data(self) -> bool:
-        return self.smoothing or self.config.act_static
+        return self.smoothing or self.config.any_layer("act_static")
 
     def _prepare(self) -> None:
         c = self.config
@@ -74,7 +74,7 @@ class W8A8Quantizer(BlockwiseQuantizer):
     def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
         """The quantized replacement of ``lin``; ``act_amax``: its observed per-channel input abs-max."""
         scale = None
-        if self.config.act_static:
+        if self.config.for_layer(name).act_static:
             scale = float(act_amax.max()) / INT8_MAX if act_amax is not None and float(act_amax.max()) > 0 else 1.0
         return W8A8Linear.from_linear(lin, input_scale=scale)
 
@@ -114,7 +114,8 @@ class FP8Quantizer(W8A8Quantizer):
     FP8 E4M3 weight-only or W8A8 (see :class:`~quantkern.api.configs_more.FP8Config`)."""
 
     def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
+        mode = self.config.for_layer(name).act_mode
         scale = None
-        if self.config.act_mode == "static":
+        if mode == "static":
             scale = float(act_amax.max()) / FP8_MAX if act_amax is not None and float(act_amax.max()) > 0 else 1.0
-        return FP8Linear.from_linear(lin, act=self.config.act_mode, input_scale=scale)
+        return FP8Linear.from_linear(lin, act=mode, input_scale=scale)
