@@ -244,3 +244,11 @@ def test_w8a8_per_layer_static_override(tiny_llama, token_data):
     assert tiny_llama.model.layers[0].mlp.up_proj.input_scale is None
     with pytest.raises(ValueError, match=r"cannot override \['alpha'\] per layer"):
         qk.SmoothQuantConfig(overrides={"*.q_proj": {"alpha": 0.9}})
+
+
+def test_already_quantized_model_is_refused(tiny_llama, token_data):
+    qk.W8A8Quantizer(tiny_llama, verbose=False).quantize()
+    with pytest.raises(ValueError, match="already quantized .*W8A8Linear"):
+        qk.FP8Quantizer(tiny_llama, verbose=False).quantize()
+    with pytest.raises(ValueError, match="already quantized .*W8A8Linear"):
+        qk.AWQQuantizer(tiny_llama, bits=4, group_size=32, verbose=False).quantize(token_data)

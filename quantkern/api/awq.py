@@ -21,7 +21,7 @@ from ..calibration import BlockInput, find_decoder_blocks, run_block
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
 from ..formats.gptq import packable
 from ..kernels.reference import dequantize_gptq
-from .calibrated import BlockwiseQuantizer
+from .calibrated import BlockwiseQuantizer, check_no_quantized_modules
 from .configs_more import AWQConfig
 from .registry import register_quantizer
 from .targets import plan_targets, set_module
@@ -47,6 +47,7 @@ class AWQQuantizer(BlockwiseQuantizer):
     def _prepare(self) -> None:
         c = self.config
         self.spec = awq_spec_for(self.model)
+        check_no_quantized_modules(self.model)
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
         if self.spec.conv1d:
             conv1d_to_linear(self.blocks)

@@ -87,3 +87,16 @@ class ActivationObservers:
         self._hooks.clear()
         if "forward" in self.model.__dict__:
             del self.model.__dict__["forward"]
+
+
+def check_no_quantized_modules(model: nn.Module) -> None:
+    """Raise if ``model`` already holds this package's activation / float-format quantized layers."""
+    from ..nn.fp4_linear import FP4Linear
+    from ..nn.fp8_linear import FP8Linear
+    from ..nn.w8a8_linear import W8A8Linear, ZeroQuantLinear
+
+    kinds = (W8A8Linear, FP8Linear, FP4Linear, ZeroQuantLinear)
+    found = sorted({type(m).__name__ for m in model.modules() if isinstance(m, kinds)})
+    if found:
+        raise ValueError(f"model is already quantized (it contains {', '.join(found)} layers); "
+                         "start from the dense model")

@@ -20,7 +20,7 @@ from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_
 from ..kernels.w8a8 import FP8_MAX, INT8_MAX
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
-from .calibrated import ActivationObservers, BlockwiseQuantizer
+from .calibrated import ActivationObservers, BlockwiseQuantizer, check_no_quantized_modules
 from .configs_more import FP8Config, SmoothQuantConfig, W8A8Config
 from .registry import register_quantizer
 from .targets import plan_targets, set_module
@@ -28,6 +28,7 @@ from .targets import plan_targets, set_module
 
 def plan_unpacked(model: nn.Module, skip_layers, within: str):
     """Targets for layouts without packing constraints (int8 / fp8 stored one value per byte)."""
+    check_no_quantized_modules(model)
     return plan_targets(model, skip_layers, bits=32, group_size=-1, within=within)  # 32 bits: no packing rule
 
 
