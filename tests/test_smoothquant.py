@@ -1,9 +1,24 @@
 """W8A8 int8 (kernel vs oracle, module) and SmoothQuant (smoothing math, quantizer, errors)."""
 
 import copy
+import os
 
 import pytest
 import torch
+
+# The Triton W8A8 kernel runs on a CPU only interpreted: TRITON_INTERPRET=1 must be set when triton is
+# first imported (as in test_triton_kernels.py); it is restored right after so it never leaks.
+_saved_env = os.environ.get("TRITON_INTERPRET")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from quantkern.triton_kernels.w8a8_int8 import _w8a8_int8_kernel, w8a8_int8_matmul_triton
+except ImportError:  # triton missing
+    _w8a8_int8_kernel = w8a8_int8_matmul_triton = None
+if _saved_env is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _saved_env
 
 import quantkern as qk
 from quantkern.algorithms.smoothquant import AbsMaxObserver, smoothing_factors
@@ -252,3 +267,62 @@ def test_already_quantized_model_is_refused(tiny_llama, token_data):
         qk.FP8Quantizer(tiny_llama, verbose=False).quantize()
     with pytest.raises(ValueError, match="already quantized .*W8A8Linear"):
         qk.AWQQuantizer(tiny_llama, bits=4, group_size=32, verbose=False).quantize(token_data)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Interpreted launches also read TRITON_INTERPRET at run time: set it for the test only."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _triton_usable() -> str | None:
+    if w8a8_int8_matmul_triton is None:
+        return "triton is not installed"
+    if torch.cuda.is_available():
+        return None
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(_w8a8_int8_kernel, InterpretedFunction):
+        return "triton was imported before TRITON_INTERPRET=1 could be set"
+    return None
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 17, 127, 128, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_w8a8_matches_oracle(m, dtype, interpret):
+    why = _triton_usable()
+    if why:
+        pytest.skip(why)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    k, n = 67, 45
+    lin = _layer(k, n)
+    wq, ws = quantize_int8_per_channel(lin.weight)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    xq, xs = quantize_int8_per_token(x)
+    y = w8a8_int8_matmul_triton(xq.to(dev), xs.to(dev), wq.to(dev), ws.to(dev), lin.bias.to(dtype).to(dev), dtype)
+    ref = w8a8_linear_reference(x, wq, ws, lin.bias.to(dtype))
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert (y.cpu().double() - ref).norm() / ref.norm() < 2 * EPS[dtype]
+
+
+def test_triton_w8a8_module_backend_and_errors(interpret):
+    why = _triton_usable()
+    if why:
+        pytest.skip(why)
+    lin = _layer(64, 32)
+    for scale in (None, 0.02):
+        q = W8A8Linear.from_linear(lin, input_scale=scale)
+        x = torch.randn(5, 64)
+        q.backend = "reference"
+        ref = q(x)
+        q.backend = "triton"
+        assert torch.allclose(q(x), ref, rtol=1e-5, atol=1e-5)
+    a = torch.zeros(3, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="must be 2-D int8"):
+        w8a8_int8_matmul_triton(a.float(), torch.ones(3), a, torch.ones(3), None, torch.float32)
+    with pytest.raises(ValueError, match=r"expected \[N, 64\]"):
+        w8a8_int8_matmul_triton(a, torch.ones(3), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), None,
+                                torch.float32)
+    with pytest.raises(ValueError, match="a_scale has 2 values for M=3"):
+        w8a8_int8_matmul_triton(a, torch.ones(2), a, torch.ones(3), None, torch.float32)

@@ -130,7 +130,7 @@ class AWQConfig(WeightOnlyConfig, PerLayer):
         return settings
 
 
-_W8A8_BACKENDS = ("auto", "int_mm", "reference")
+_W8A8_BACKENDS = ("auto", "int_mm", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class W8A8Config(BaseConfig, PerLayer):
     """W8A8 int8 without smoothing: int8 per-channel symmetric weights, int8 activations — dynamic per
     token (default, needs no data) or, with ``act_static=True``, one static per-tensor scale per Linear
     from the calibration abs-max. ``backend``: ``"auto"`` (``torch._int_mm`` where it applies),
-    ``"int_mm"`` or ``"reference"``; output modules are :class:`~quantkern.nn.W8A8Linear`."""
+    ``"int_mm"``, ``"triton"`` (the fused-epilogue kernel) or ``"reference"``; output modules are :class:`~quantkern.nn.W8A8Linear`."""
 
     method: ClassVar[str] = "w8a8"
     act_static: bool = False

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..kernels.w8a8 import (check_w8a8_args, dequantize_codes, qparams_from_range, quantize_int8_per_channel,
-                            quantize_rows, quantize_weight_groups, quantize_with, w8a8_linear, w8a8_linear_reference)
+                            quantize_int8_per_token, quantize_int8_static, quantize_rows, quantize_weight_groups, quantize_with, w8a8_linear, w8a8_linear_reference)
 
 
 class W8A8Linear(nn.Module):
@@ -20,7 +20,9 @@ class W8A8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.name = ""
-        self.backend = "auto"  # "auto" | "int_mm" | "reference" (the fp64 oracle, for checks)
+        # "auto" (torch._int_mm where it applies) | "int_mm" | "triton" (fused epilogue, CUDA or the
+        # interpreter) | "reference" (the fp64 oracle, for checks)
+        self.backend = "auto"
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
@@ -53,10 +55,21 @@ class W8A8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"activations=int8 {act}")
 
+    def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
+        from ..triton_kernels.w8a8_int8 import w8a8_int8_matmul_triton  # imports triton: only when asked
+
+        if self.input_scale is None:
+            xq, xs = quantize_int8_per_token(x2)
+        else:
+            xq, xs = quantize_int8_static(x2, self.input_scale), self.input_scale
+        return w8a8_int8_matmul_triton(xq, xs, self.weight, self.weight_scale, self.bias, x2.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         check_w8a8_args(x2, self.weight, self.weight_scale)
-        if self.backend == "reference":
+        if self.backend == "triton":
+            y = self._forward_triton(x2)
+        elif self.backend == "reference":
             y = w8a8_linear_reference(x2, self.weight, self.weight_scale, self.bias, self.input_scale)
             y = y.to(device=x.device, dtype=x.dtype)
         else:
