@@ -1,7 +1,8 @@
 """Shared plumbing of the block-by-block quantizers added beside GPTQ (AWQ, SmoothQuant, FP8, PTQ).
 
 :class:`BlockwiseQuantizer` applies the common calibration settings (``num_calibrate`` and
-``calibrate_seq_length`` to the data given to ``quantize``; ``offload`` to the captured inputs) and installs / takes back the :class:`InputCatcher`; the
+``calibrate_seq_length`` to the data given to ``quantize``; ``offload`` to the captured inputs) and
+installs / takes back the :class:`InputCatcher`; the
 algorithms implement ``_convert`` with :func:`quantkern.calibration.run_block`.
 """
 

@@ -138,7 +138,8 @@ class W8A8Config(BaseConfig, PerLayer):
     """W8A8 int8 without smoothing: int8 per-channel symmetric weights, int8 activations — dynamic per
     token (default, needs no data) or, with ``act_static=True``, one static per-tensor scale per Linear
     from the calibration abs-max. ``backend``: ``"auto"`` (``torch._int_mm`` where it applies),
-    ``"int_mm"``, ``"triton"`` (the fused-epilogue kernel) or ``"reference"``; output modules are :class:`~quantkern.nn.W8A8Linear`."""
+    ``"int_mm"``, ``"triton"`` (the fused-epilogue kernel) or ``"reference"``; output modules are
+    :class:`~quantkern.nn.w8a8_linear.W8A8Linear`."""
 
     method: ClassVar[str] = "w8a8"
     act_static: bool = False

@@ -1,4 +1,7 @@
-"""W8A8 int8: per-output-channel int8 weights x int8 activations (per-token dynamic or per-tensor static).
+"""W8A8 kernels and their references: int8 (below), fp8 E4M3 and ZeroQuant-style integer ranges (the
+sections further down).
+
+W8A8 int8: per-output-channel int8 weights x int8 activations (per-token dynamic or per-tensor static).
 
 ``y[m, n] = (Σ_k xq[m, k] · wq[n, k]) · x_scale[m] · w_scale[n] + bias[n]`` with int32 accumulation.
 
@@ -8,8 +11,10 @@ Layouts: ``weight`` int8 ``[N, K]`` (``nn.Linear`` layout, symmetric, codes in [
 
 Paths for the int8 GEMM (``int8_mm``): ``torch._int_mm`` (cuBLASLt int8 on CUDA; oneDNN on CPU), with
 CUDA's constraints handled here (M > 16 is needed: small M is zero-padded; K and N must be multiples
-of 8, otherwise an exact fp64 product runs, since int32 matmul is CPU-only). The whole layer is the ``quantkern::w8a8_linear``
-custom op (with a fake implementation for tracing); :func:`w8a8_linear_reference` is its fp64 oracle.
+of 8, otherwise an exact fp64 product runs, since int32 matmul is CPU-only). The whole layer is the
+``quantkern::w8a8_linear`` custom op (with a fake implementation for tracing);
+:func:`w8a8_linear_reference` is its fp64 oracle. The fp8 layer is ``quantkern::fp8_linear``
+(``torch._scaled_mm`` on sm89+, exact fp32 emulation elsewhere), oracle :func:`fp8_linear_reference`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..kernels.w8a8 import (check_w8a8_args, dequantize_codes, qparams_from_range, quantize_int8_per_channel,
-                            quantize_int8_per_token, quantize_int8_static, quantize_rows, quantize_weight_groups, quantize_with, w8a8_linear, w8a8_linear_reference)
+                            quantize_int8_per_token, quantize_int8_static, quantize_rows, quantize_weight_groups,
+                            quantize_with, w8a8_linear, w8a8_linear_reference)
 
 
 class W8A8Linear(nn.Module):
