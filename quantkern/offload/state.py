@@ -1,0 +1,152 @@
+"""The resumable state of a streaming run, kept in a work directory next to the output.
+
+Layout of ``<out>.partial/`` (``.`` + out name + ``.partial`` in the output's parent):
+
+- ``manifest.json``: the run's identity (source fingerprint, quantization config, calibration hash,
+  dtype, checkpoint format, shard plan) and the finished blocks. Rewritten atomically after each block.
+- ``model-000NN-of-000MM.safetensors``: finished shards, already under their final names.
+- ``acts-000KK.safetensors``: the calibration hidden states after block KK (the inputs of block KK+1),
+  so a resumed run starts there without recomputing earlier blocks. At most two exist at a time, and
+  all are deleted when the run finishes.
+
+Every file is written to a temporary name, fsynced and renamed, so a kill at any moment leaves either
+the old file or the new one; the manifest is updated only after a block's files are in place, so a
+block is either finished (listed) or redone from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.json"
+STATE_VERSION = 1
+
+
+class StreamStateError(ValueError):
+    """A work directory that cannot be resumed: it was made by a different run (model, config, data)."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> int:
+    """Write ``tensors`` (CPU, contiguous) to ``path`` atomically; returns their total bytes."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def acts_name(block: int) -> str:
+    return f"acts-{block:05d}.safetensors"
+
+
+class RunState:
+    """Open (or start) the work directory ``work`` for a run with identity ``identity`` (a JSON-able
+    dict). With ``resume`` and a manifest present, the identities must match key by key, else
+    :class:`StreamStateError` names what differs; without ``resume`` any old state is deleted."""
+
+    def __init__(self, work: Path, identity: dict, resume: bool = True):
+        self.work = Path(work)
+        self.identity = json.loads(json.dumps(identity))  # normalise tuples etc. as JSON would
+        self.finished: list[int] = []
+        self.shards: dict[str, dict] = {}  # file name -> {"keys": [...], "bytes": n}
+        mpath = self.work / MANIFEST
+        if self.work.exists() and not resume:
+            shutil.rmtree(self.work)
+        if mpath.exists():
+            try:
+                m = json.loads(mpath.read_text())
+            except json.JSONDecodeError as e:  # cannot happen with atomic writes unless edited by hand
+                raise StreamStateError(f"{mpath} is not valid JSON ({e}); delete {self.work} or pass resume=False")
+            old = m.get("identity", {})
+            diff = [k for k in sorted(set(old) | set(self.identity)) if old.get(k) != self.identity.get(k)]
+            if diff:
+                raise StreamStateError(
+                    f"{self.work} holds an interrupted run made with a different {', '.join(diff)}; refusing to "
+                    "mix it with this one. Rerun with the original settings, or pass resume=False "
+                    "(--no-resume) to discard it and start over.")
+            self.finished = sorted(int(b) for b in m.get("finished", []))
+            self.shards = dict(m.get("shards", {}))
+        else:
+            self.work.mkdir(parents=True, exist_ok=True)
+        for f in self.work.glob(".*.tmp-*"):  # half-written files of a killed run
+            f.unlink()
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.finished or self.shards)
+
+    def save_manifest(self) -> None:
+        data = {"version": STATE_VERSION, "identity": self.identity, "finished": self.finished,
+                "shards": self.shards}
+        atomic_write_bytes(self.work / MANIFEST, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        n = atomic_save_safetensors(tensors, self.work / name)
+        self.shards[name] = {"keys": sorted(tensors), "bytes": n}
+
+    def commit_block(self, block: int, shard: str | None, tensors: dict[str, torch.Tensor] | None,
+                     acts: list[torch.Tensor] | None) -> None:
+        """Write block ``block``'s shard and the activations after it, then mark it finished and drop
+        the previous activations (only now: until the manifest names this block, they are the resume
+        point)."""
+        if shard is not None:
+            self.write_shard(shard, tensors)
+        if acts is not None:
+            atomic_save_safetensors({f"h{j}": h.contiguous() for j, h in enumerate(acts)}, self.work / acts_name(block))
+        self.finished = sorted(set(self.finished) | {block})
+        self.save_manifest()
+        for f in self.work.glob("acts-*.safetensors"):
+            if f.name != acts_name(block):
+                f.unlink()
+
+    def load_acts(self, block: int, count: int) -> list[torch.Tensor]:
+        """The hidden states saved after ``block`` (``count`` batches, on the CPU)."""
+        from .source import open_safetensors
+
+        path = self.work / acts_name(block)
+        if not path.exists():
+            raise StreamStateError(f"{path} is missing: the saved activations of block {block} are gone; "
+                                   "pass resume=False to start over")
+        with open_safetensors(path) as h:
+            d = {k: h.get_tensor(k) for k in h.keys()}
+        if len(d) != count:
+            raise StreamStateError(f"{path} holds {len(d)} batches, the calibration set has {count}")
+        return [d[f"h{j}"] for j in range(count)]
+
+    def finish(self, out_dir: Path) -> Path:
+        """Delete the scratch files and the manifest, then move the work directory to ``out_dir``
+        (an existing ``out_dir`` is replaced only once the new one is complete)."""
+        for f in self.work.glob("acts-*.safetensors"):
+            f.unlink()
+        (self.work / MANIFEST).unlink()
+        out_dir = Path(out_dir).absolute()
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rmdir(old)
+            os.rename(out_dir, old)
+        os.rename(self.work, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return out_dir

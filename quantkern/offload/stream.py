@@ -1,0 +1,315 @@
+"""``quantize_streaming``: quantize a model larger than memory, one decoder block at a time.
+
+The model is never assembled. Its skeleton is built on the meta device from ``config.json``; the
+embeddings are materialised only to capture the first block's inputs; then each block is read from
+the source safetensors, moved to the compute device, quantized with the very code of
+:class:`~quantkern.api.GPTQQuantizer` (``quantize_block``) or RTN, written as its own shard and sent
+back to the meta device. Peak memory ≈ one block + its GPTQ statistics + the calibration activations
+(+ the embeddings during capture), whatever the number of blocks.
+
+Calibration activations live on the CPU (moved to the device one batch at a time by ``run_block``)
+unless ``max_memory`` says the device holds them next to a block. Progress is kept in a work
+directory (:mod:`.state`), so a killed run started again with the same arguments continues after the
+last finished block and writes the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..algorithms import quantize_rtn
+from ..api import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer
+from ..api.targets import set_module
+from ..calibration import BlockInput, InputCatcher, group_batches, normalize_calibration_data
+from ..io.files import SAFE_WEIGHTS_INDEX_NAME, parse_size
+from ..io.load import build_skeleton
+from ..io.save import dense_state_dict, gptq_quantization_config, gptq_tensors, hf_config_dict, write_side_files
+from ..nn import QuantLinear
+from .source import SourceCheckpoint, resolve_model_dir
+from .state import RunState, StreamStateError
+
+logger = logging.getLogger("quantkern")
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def _release_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, and RSS would grow with blocks)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def calibration_hash(batches) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for t in (b.input_ids, b.attention_mask):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _budget(max_memory, device: torch.device) -> int | None:
+    """Bytes allowed on ``device`` from ``max_memory`` (bytes, "8GiB", or ``{device: size}``)."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, dict):
+        keys = {str(device), device.type, device.index}
+        size = next((v for k, v in max_memory.items() if k in keys or str(k) in keys), None)
+        return None if size is None else parse_size(size)
+    return parse_size(max_memory)
+
+
+def _output_weight_name(model: nn.Module) -> str | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        return None
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is out), None)
+
+
+def _materialise(root: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, where: str) -> None:
+    """Assign ``tensors`` (names relative to ``root``) in place of ``root``'s meta tensors, on ``device``;
+    raises ``ValueError`` naming any parameter left on the meta device."""
+    root.load_state_dict({k: t.to(device) for k, t in tensors.items()}, strict=False, assign=True)
+    left = [n for n, p in root.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise ValueError(f"the source checkpoint lacks {where} tensor(s) {left[:4]}")
+
+
+def _plan_rest_shards(source: SourceCheckpoint, names: list[str], itemsize: int, limit: int) -> list[list[str]]:
+    shards, size = [[]], 0
+    for n in names:
+        nb = itemsize * int(torch.tensor(source.shape(n)).prod()) if source.shape(n) else itemsize
+        if shards[-1] and size + nb > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nb
+    return shards
+
+
+def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibration_data=None, out_dir=None, *,
+                       device=None, offload: str = "disk", resume: bool = True, max_memory=None, dtype=None,
+                       tokenizer=None, checkpoint_format: str | None = None, max_shard_size="1GB",
+                       verbose: bool = True, callback=None) -> Path:
+    """Quantize the dense safetensors checkpoint ``model_dir_or_id`` (a directory or a Hugging Face id)
+    block by block into a GPTQ checkpoint at ``out_dir``; returns ``out_dir``.
+
+    - ``config``: :class:`GPTQConfig` (needs ``calibration_data``, as for ``GPTQQuantizer.quantize``)
+      or :class:`RTNConfig`. Linears outside the decoder blocks (``lm_head``) stay dense.
+    - ``device``: compute device (default ``config.device`` or "cpu"); ``dtype``: compute and storage
+      dtype of dense tensors (default: the checkpoint's). ``offload``: "disk" reads each block through
+      safetensors memory maps when it is processed; "cpu" reads the whole source into CPU memory first.
+    - ``resume``: continue an interrupted run from ``.<out name>.partial`` next to ``out_dir``; a run
+      made with another model, config, calibration set, dtype or format is refused with
+      :class:`~quantkern.offload.state.StreamStateError`. ``resume=False`` discards it.
+    - ``max_memory``: budget of the compute device (bytes, "20GiB", or ``{"cuda:0": "20GiB"}``): a
+      block that cannot fit raises ``ValueError`` before any work; activations go to the device only if
+      they fit next to a block, else they stay on the CPU.
+    - ``checkpoint_format``: None ("gptq" (v1) for symmetric schemes, "gptq_v2" for asymmetric ones,
+      since a v1 zero of -1 cannot be ruled out before every block is done), "gptq" or "gptq_v2".
+    - ``callback(info)``: called after every finished block with ``{"block", "num_blocks",
+      "seconds", "eta_seconds"}``.
+
+    The output has one shard per block plus shards for the other tensors, an index, ``config.json``
+    with ``quantization_config`` and ``quantize_config.json``; it loads with ``load_quantized``.
+    """
+    if not isinstance(config, (GPTQConfig, RTNConfig)):
+        raise TypeError(f"config must be a GPTQConfig or an RTNConfig, got {type(config).__name__}")
+    if out_dir is None:
+        raise ValueError("out_dir is required")
+    if checkpoint_format not in (None, "gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be None, 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    fmt = checkpoint_format or ("gptq" if config.sym else "gptq_v2")
+    use_gptq = isinstance(config, GPTQConfig)
+    batches = None
+    if use_gptq:
+        batches = group_batches(normalize_calibration_data(calibration_data, tokenizer), config.batch_size)
+    device = torch.device(device or config.device or "cpu")
+    out_dir = Path(out_dir).absolute()
+    source = SourceCheckpoint(resolve_model_dir(model_dir_or_id), offload)
+    model = build_skeleton(source.config_dict, dtype).eval()
+    model.config._name_or_path = str(source.path)
+    cdtype = next(model.parameters()).dtype
+    q = (GPTQQuantizer(model, config, use_triton=False, verbose=False) if use_gptq
+         else RTNQuantizer(model, config, verbose=False))
+    # RTN plans like GPTQ here (within the blocks): the output head is written dense either way
+    GPTQQuantizer.plan_blocks(q)  # validates every Linear's shape on the skeleton, before any data is read
+    blocks, bname, n_blocks = q.blocks, q.blocks_name, len(q.blocks)
+
+    # which tensors go where: the dense rest first, then one shard per block (final names from the start)
+    out_w = _output_weight_name(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    expected = [k for k in model.state_dict() if not k.startswith(bname + ".")]
+    rest_names = [k for k in expected if not (tied and k == out_w)]
+    missing = [k for k in rest_names if k not in source.headers]
+    if missing:
+        raise ValueError(f"the source checkpoint {source.path} lacks {missing[:4]}")
+    itemsize = torch.empty(0, dtype=cdtype).element_size()
+    rest = _plan_rest_shards(source, rest_names, itemsize, parse_size(max_shard_size))
+    total = len(rest) + n_blocks
+    shard = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    _check_budget(q, blocks[0], batches, itemsize, device, max_memory, use_gptq)
+    acts_device = _acts_device(q, blocks[0], batches, itemsize, device, max_memory) if use_gptq else None
+
+    identity = {"model": source.fingerprint(), "config": config.to_dict(), "dtype": str(cdtype),
+                "calibration": calibration_hash(batches) if use_gptq else None, "checkpoint_format": fmt,
+                "shards": shard}
+    state = RunState(out_dir.parent / f".{out_dir.name}.partial", identity, resume=resume)
+    resumed = state.resumed
+    if state.finished != list(range(len(state.finished))):
+        raise StreamStateError(f"{state.work}: finished blocks {state.finished} are not a prefix; start over")
+    for j, names in enumerate(rest):
+        if shard[j] not in state.shards:
+            state.write_shard(shard[j], source.load(names, cdtype))
+            state.save_manifest()
+    _release_memory()
+
+    start = len(state.finished)
+    inputs = None
+    if use_gptq and start < n_blocks:
+        inputs = _capture(model, bname, source, batches, rest_names, out_w, device, acts_device, cdtype)
+        if start:
+            hidden = state.load_acts(start - 1, len(inputs))
+            inputs = [BlockInput(h.to(acts_device), inp.kwargs, inp.token_mask) for inp, h in zip(inputs, hidden)]
+    if resumed and verbose:
+        tqdm.write(f"[quantkern] resuming {out_dir.name}: {start}/{n_blocks} blocks already done")
+
+    losses: dict[str, float] = {}
+    t_run = time.perf_counter()
+    bar = tqdm(total=n_blocks, initial=start, desc="quantizing blocks", disable=not verbose)
+    for i in range(start, n_blocks):
+        t0 = time.perf_counter()
+        block = blocks[i]
+        prefix = f"{bname}.{i}."
+        names = [prefix + k for k in block.state_dict()]
+        _materialise(block, {k[len(prefix):]: t for k, t in source.load(names, cdtype).items()}, device,
+                     f"block {i}")
+        if use_gptq:
+            inputs, done = q.quantize_block(i, inputs, device, losses)
+        else:
+            scheme = config.scheme()
+            done = {n: q.make_quant_linear(m, quantize_rtn(m.weight, scheme, config.torch_scale_dtype,
+                                                           mse=config.mse), n)
+                    for n, m in q.plan.quantize.items() if n.startswith(prefix)}
+        for name, ql in done.items():
+            set_module(model, name, ql)
+        sd = gptq_tensors(block, fmt)[0] if done else dense_state_dict(block)
+        last = i == n_blocks - 1
+        state.commit_block(i, shard[len(rest) + i], {prefix + k: t for k, t in sd.items()},
+                           [inp.hidden for inp in inputs] if use_gptq and not last else None)
+        # release the block: its modules (QuantLinears now, kept as meta placeholders) and the dense
+        # Linears they replaced, which the plan still references
+        block.to("meta")
+        for name in done:
+            q.plan.quantize[name].to("meta")
+        del sd, done
+        _release_memory()
+        dt = time.perf_counter() - t0
+        eta = (time.perf_counter() - t_run) / (i + 1 - start) * (n_blocks - 1 - i)
+        bar.update(1)
+        bar.set_postfix_str(f"block {i} {dt:.1f}s, ~{eta:.0f}s left")
+        if callback is not None:
+            callback({"block": i, "num_blocks": n_blocks, "seconds": dt, "eta_seconds": eta})
+    bar.close()
+    inputs = None
+    _finish_files(model, q, config, fmt, source, state, tokenizer)
+    return state.finish(out_dir)
+
+
+def _capture(model, bname, source, batches, rest_names, out_w, device, acts_device, cdtype) -> list[BlockInput]:
+    """Materialise what runs before block 0 (not the output head), catch block 0's inputs, release."""
+    needed = [k for k in rest_names if k != out_w]
+    _materialise_partial(model, source.load(needed, cdtype), device)
+    catcher = InputCatcher(model, model.get_submodule(bname)[0], offload_device=acts_device).install()
+    try:
+        for b in batches:
+            model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
+    finally:
+        catcher.remove()
+    if not catcher.inputs:
+        raise RuntimeError("no calibration forward reached the first decoder block")
+    model.to("meta")  # the embeddings are no longer needed; the rest of the skeleton stays empty
+    return catcher.inputs
+
+
+def _materialise_partial(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    model.load_state_dict({k: t.to(device) for k, t in tensors.items()}, strict=False, assign=True)
+    if device.type != "cpu":  # real buffers (rotary inv_freq) must follow the embeddings
+        for mod in model.modules():
+            for n, b in list(mod.named_buffers(recurse=False)):
+                if b.device.type not in ("meta", device.type):
+                    setattr(mod, n, b.to(device))
+
+
+def _block_bytes(block: nn.Module, itemsize: int) -> int:
+    return sum(p.numel() for p in block.parameters()) * itemsize
+
+
+def _check_budget(q, block, batches, itemsize, device, max_memory, use_gptq) -> None:
+    budget = _budget(max_memory, device)
+    if budget is None:
+        return
+    # weights, plus GPTQ's Hessian and its factorisation workspace for the widest Linear (fp32, ~3 K²)
+    widest = max((m.in_features for n, m in q.plan.quantize.items() if n.startswith(q.blocks_name + ".0.")),
+                 default=0)
+    need = _block_bytes(block, itemsize) + (3 * 4 * widest * widest if use_gptq else 0)
+    if use_gptq and batches:
+        b = max(batches, key=lambda x: x.input_ids.numel())
+        hidden = next(m.in_features for m in q.plan.quantize.values())
+        need += 8 * b.input_ids.numel() * hidden * itemsize  # one batch in flight, a few intermediates
+    if need > budget:
+        raise ValueError(f"max_memory for {device} is {budget / 2**30:.2f} GiB but one decoder block needs about "
+                         f"{need / 2**30:.2f} GiB (weights + GPTQ statistics + one batch); raise max_memory")
+
+
+def _acts_device(q, block, batches, itemsize, device, max_memory) -> torch.device:
+    """Keep all calibration activations on the device only when they fit next to a block."""
+    cpu = torch.device("cpu")
+    budget = _budget(max_memory, device)
+    if device.type == "cpu" or budget is None:
+        return cpu
+    hidden = next(m.in_features for m in q.plan.quantize.values())
+    acts = 2 * sum(b.input_ids.numel() for b in batches) * hidden * itemsize  # inputs + outputs of a block
+    return device if acts + 2 * _block_bytes(block, itemsize) <= budget else cpu
+
+
+def _finish_files(model, q, config, fmt, source, state, tokenizer) -> None:
+    """Index, ``config.json``, ``quantize_config.json``, generation config and tokenizer files."""
+    import json
+
+    scheme = config.scheme()
+    for name, lin in q.plan.quantize.items():  # meta QuantLinears stand in for the written layers
+        ql = QuantLinear(lin.in_features, lin.out_features, scheme.bits, scheme.group_size, scheme.sym,
+                         scheme.act_order, bias=lin.bias is not None, dtype=config.torch_scale_dtype,
+                         backend=config.backend, device="meta")
+        set_module(model, name, ql)
+    model.quantkern_config = config.to_dict()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    qcfg = gptq_quantization_config(model, layers, fmt)
+    config_dict = hf_config_dict(model, qcfg)
+    weight_map = {k: f for f, info in sorted(state.shards.items()) for k in info["keys"]}
+    index = {"metadata": {"total_size": sum(info["bytes"] for info in state.shards.values())},
+             "weight_map": weight_map}
+    (state.work / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    gen = source.path / "generation_config.json"
+    if gen.is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(source.path))
+    write_side_files(model, state.work, tokenizer, config_dict, {"quantize_config.json": qcfg})
+    if tokenizer is None:
+        for name in _TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copyfile(source.path / name, state.work / name)
