@@ -329,6 +329,12 @@ def test_quant_linear_runs_triton(backend, device):
     ref = gptq_gemm_reference(x.reshape(-1, 128), layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 3,
                               layer.bias)
     assert (y.reshape(-1, 64).float() - ref.float()).norm() / ref.float().norm() < 4 * EPS[torch.float16]
+    kernel = layer.kernel_for(x.reshape(-1, 128))
+    kernel.config = dict(GEMV_CFG, SPLIT_K=4)  # pinning on the backend object bypasses the autotuner
+    check(layer(x).reshape(-1, 64), x.reshape(-1, 128), w, layer.bias)
+    kernel.config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=1)
+    with pytest.raises(ValueError, match="BLOCK_K'] must be >= 32 for 3-bit"):
+        layer(x)
 
 
 @cpu_only
