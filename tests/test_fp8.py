@@ -144,3 +144,18 @@ def test_fp8_scaled_mm_matches_emulation(m):
     ref = fp8_linear_reference(x, wq, ws, lin.bias.bfloat16())
     y = fp8_linear(x.cuda(), wq.cuda(), ws.cuda(), lin.bias.bfloat16().cuda())
     assert (y.cpu().double() - ref).norm() / ref.norm() < 2 * EPS[torch.bfloat16]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_fp8_w8a8_on_smollm2_within_3_percent():
+    from quantkern.calibration import builtin_text
+    from quantkern.eval import perplexity, tokenize_text
+    from quantkern.models import load_model
+
+    model, tok = load_model("smollm2")
+    held = tokenize_text(tok, builtin_text("eval"), max_tokens=4 * 256)
+    ppl_fp = perplexity(model, held, seq_len=256, progress=False)
+    qk.FP8Quantizer(model, verbose=False).quantize()
+    ppl = perplexity(model, held, seq_len=256, progress=False)
+    assert ppl < 1.03 * ppl_fp, (ppl_fp, ppl)

@@ -326,3 +326,25 @@ def test_triton_w8a8_module_backend_and_errors(interpret):
                                 torch.float32)
     with pytest.raises(ValueError, match="a_scale has 2 values for M=3"):
         w8a8_int8_matmul_triton(a, torch.ones(2), a, torch.ones(3), None, torch.float32)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smoothquant_on_smollm2():
+    """SmoothQuant W8A8 stays close to fp32 and is not worse than W8A8 without smoothing."""
+    from quantkern.calibration import builtin_text, sample_windows
+    from quantkern.eval import perplexity, tokenize_text
+    from quantkern.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2")
+    held = tokenize_text(tok, builtin_text("eval"), max_tokens=4 * 256)
+    calib = sample_windows(tokenize_text(tok, builtin_text("calibration"), max_tokens=20000), 8, 256)
+    ppl_fp = perplexity(model, held, seq_len=256, progress=False)
+    plain = copy.deepcopy(model)
+    qk.W8A8Quantizer(plain, verbose=False).quantize()
+    ppl_plain = perplexity(plain, held, seq_len=256, progress=False)
+    del plain
+    qk.SmoothQuantQuantizer(model, alpha=0.5, verbose=False).quantize(calib)
+    ppl_sq = perplexity(model, held, seq_len=256, progress=False)
+    assert ppl_sq < 1.03 * ppl_fp and ppl_sq <= ppl_plain, (ppl_fp, ppl_plain, ppl_sq)
