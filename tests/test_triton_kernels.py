@@ -354,6 +354,17 @@ def test_opcheck(m):
     torch.library.opcheck(op, tuple(args))
 
 
+@cpu_only
+def test_torch_compile_traces_without_graph_breaks():
+    qw = make_qweight(32, 128, 4, 32, False, True)
+    w = tk.pack_triton_weight(qw.codes, qw.scales, qw.zeros, qw.g_idx, 4, 32)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: tk.wna16_matmul(x, w), backend="aot_eager", fullgraph=True)
+    for m in (3, 20):  # the decode op and the GEMM op, act-order permutation included
+        x = torch.randn(m, 128).half()
+        check(f(x), x, qw.dequantize().t())
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
