@@ -130,7 +130,8 @@ def test_hostile(tmp_path, kind, cfg_fn, t_fn, err, match):
 def test_other_formats_refuse_w8a8_and_fp8(tmp_path, fmt):
     model = convert(tiny_llama(), MAKERS["fp8-dynamic"], only="mlp")
     quantize_linears(model, WeightScheme(4, 32, True, False))
-    with pytest.raises(ValueError, match=rf"model\.layers\.0\.mlp\.gate_proj is a FP8Linear: '{fmt}' cannot store it"):
+    with pytest.raises(ValueError, match=rf"model\.layers\.0\.mlp\.gate_proj is a FP8Linear: format '{fmt}' cannot "
+                                         "store it; save with format='compressed-tensors'"):
         save_quantized(model, tmp_path / "x", format=fmt)
     assert not (tmp_path / "x").exists()
 
@@ -144,3 +145,14 @@ def test_inspect_w8a8(tmp_path):
     down = next(layer for layer in info["layers"] if layer["name"] == "model.layers.1.mlp.down_proj")
     assert (down["in_features"], down["out_features"], down["static_activations"]) == (128, 64, True)
     assert "int8 channel sym, activations int8 static per-tensor" in format_inspection(info)
+
+
+def test_unsupported_layer_type_is_refused(tmp_path):
+    from quantkern.nn.fp4_linear import FP4Linear
+
+    model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False), skip=("lm_head", "down_proj"))
+    model.model.layers[1].mlp.down_proj = FP4Linear(128, 64)
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ValueError, match=rf"model\.layers\.1\.mlp\.down_proj is a FP4Linear: format '{fmt}'"):
+            save_quantized(model, tmp_path / "x", format=fmt)
+    assert not (tmp_path / "x").exists()

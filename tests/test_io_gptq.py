@@ -223,3 +223,13 @@ def test_load_to_cuda(tmp_path):
     with torch.no_grad():
         ref, out = model(x).logits.float(), loaded(x.cuda()).logits.float().cpu()
     assert float((out - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_model_from_the_public_quantizer(tmp_path):
+    from quantkern import RTNConfig, RTNQuantizer
+
+    model = RTNQuantizer(tiny_llama(), RTNConfig(bits=3, group_size=32, sym=False, backend="reference")).quantize()
+    path, _, ref, out = _roundtrip(model, tmp_path)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"]) == (3, 32, False)
+    assert torch.equal(out, ref)

@@ -163,24 +163,24 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
       ``quantization_config``, ``quantize_config.json``, ``generation_config.json`` and the tokenizer
       files. ``checkpoint_format``: None (v1 when every zero >= 1, else v2), "gptq" or "gptq_v2".
     - ``format="awq"``: AWQ GEMM (4-bit, no act-order), see :mod:`quantkern.io.awq`.
-    - ``format="compressed-tensors"``: see :mod:`quantkern.io.compressed`.
+    - ``format="compressed-tensors"``: QuantLinear as pack-quantized, W8A8Linear as int-quantized,
+      FP8Linear as float-quantized; see :mod:`quantkern.io.compressed`.
     - ``format="gguf"``: ``path`` is a ``.gguf`` file, see :mod:`quantkern.io.gguf_export`.
 
-    Raises ``ValueError`` for a model without QuantLinear layers, a scheme the format cannot store, or
-    an unknown format. An exception leaves ``path`` as it was.
+    Raises ``ValueError`` for a model without quantized layers, a layer type or scheme the format cannot
+    store (named), or an unknown format. An exception leaves ``path`` as it was.
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
     if format != "gptq" and checkpoint_format is not None:
         raise ValueError(f"checkpoint_format applies to format='gptq' only, got {checkpoint_format!r} with {format!r}")
-    if format != "compressed-tensors":
-        from .compressed_act import act_layers
-
-        others = act_layers(model)
-        if others:
-            name, (fmt, _) = next(iter(others.items()))
-            raise ValueError(f"{name} is a {'W8A8Linear' if fmt == 'int-quantized' else 'FP8Linear'}: "
-                             f"{format!r} cannot store it; save with format='compressed-tensors'")
+    allowed = ("QuantLinear", "W8A8Linear", "FP8Linear") if format == "compressed-tensors" else ("QuantLinear",)
+    for name, m in model.named_modules():
+        # every quantkern layer type has its own tensors: a format that does not describe them would
+        # write a checkpoint that loads wrongly, so refuse instead
+        if type(m).__module__.startswith("quantkern.nn") and type(m).__name__ not in allowed:
+            hint = "; save with format='compressed-tensors'" if type(m).__name__ in ("W8A8Linear", "FP8Linear") else ""
+            raise ValueError(f"{name} is a {type(m).__name__}: format {format!r} cannot store it{hint}")
     if format == "gguf":
         from .gguf_export import save_gguf
 
