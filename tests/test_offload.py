@@ -250,15 +250,17 @@ def _peak_increment(tmp_path: Path, layers: int, method: str) -> tuple[int, int]
 
 
 def test_peak_memory_rtn_streaming_is_a_fraction_of_the_model(tmp_path):
-    """16 blocks, 224 MiB in fp32: the increment of peak RSS must stay under a quarter of that."""
-    inc, size = _peak_increment(tmp_path, 16, "rtn")
+    """24 blocks, 336 MiB in fp32: the increment of peak RSS must stay under a quarter of that (one
+    block is 13.6 MiB; measured here: ~45 MiB)."""
+    inc, size = _peak_increment(tmp_path, 24, "rtn")
     print(f"model {size / 2**20:.0f} MiB, peak RSS increment {inc / 2**20:.1f} MiB")
     assert inc < size / 4, f"peak RSS grew by {inc / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB model"
 
 
 @pytest.mark.slow
 def test_peak_memory_gptq_streaming_is_a_fraction_of_the_model(tmp_path):
-    """48 blocks, 650 MiB in fp32: GPTQ's peak RSS increment must stay under a third of that."""
+    """48 blocks, 650 MiB in fp32: GPTQ's peak RSS increment must stay under a third of that (GPTQ
+    holds a few in_features² fp32 Hessian-sized temporaries per Linear: ~110 MiB measured here)."""
     inc, size = _peak_increment(tmp_path, 48, "gptq")
     print(f"model {size / 2**20:.0f} MiB, peak RSS increment {inc / 2**20:.1f} MiB")
     assert inc < size / 3, f"peak RSS grew by {inc / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB model"

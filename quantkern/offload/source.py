@@ -18,7 +18,10 @@ import torch
 from ..io.files import read_headers, read_json, safetensors_files
 
 OFFLOAD_MODES = ("cpu", "disk")
-_SAMPLE_BYTES = 1 << 16  # bytes of tensor data hashed at each end of a file for the fingerprint
+_SAMPLE_BYTES = 1 << 16
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # bytes of tensor data hashed at each end of a file for the fingerprint
 
 
 def resolve_model_dir(model_dir_or_id) -> Path:
@@ -72,6 +75,16 @@ class SourceCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.headers[name][2]
+
+    def torch_dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name``; ``ValueError`` for one torch has no name for."""
+        st = self.headers[name][1]
+        if st not in _TORCH_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has dtype {st}, which quantkern cannot read")
+        return _TORCH_DTYPES[st]
+
+    def is_floating(self, name: str) -> bool:
+        return self.torch_dtype(name).is_floating_point
 
     def _read(self, names) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}

@@ -41,19 +41,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> int:
-    """Write ``tensors`` (CPU, contiguous) to ``path`` atomically; returns their total bytes."""
-    from safetensors.torch import save_file
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
+
+def atomic_save_safetensors(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], get, path: Path) -> int:
+    """Write a safetensors file atomically, one tensor at a time: ``specs`` gives each tensor's dtype and
+    shape (the header comes first), ``get(name)`` returns the CPU tensor when it is written, so at most
+    one tensor is alive here and its bytes are written from its own memory (``safetensors.save_file``
+    builds a bytes copy of every tensor first). Returns the data bytes. Raises ``ValueError`` for a
+    tensor that does not match its spec or a dtype safetensors cannot store."""
+    header, offset = {}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # the format pads the header so that tensor data starts 8-aligned
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(tmp, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for name in sorted(specs):
+            t = get(name).detach().to("cpu").contiguous()
+            if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
+                raise ValueError(f"{name}: got {t.dtype} {tuple(t.shape)}, announced {specs[name]}")
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            del t
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return offset
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> int:
+    """:func:`atomic_save_safetensors` for tensors already in memory."""
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    return atomic_save_safetensors(specs, tensors.__getitem__, path)
 
 
 def acts_name(block: int) -> str:
@@ -101,9 +131,15 @@ class RunState:
                 "shards": self.shards}
         atomic_write_bytes(self.work / MANIFEST, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
-    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        n = atomic_save_safetensors(tensors, self.work / name)
-        self.shards[name] = {"keys": sorted(tensors), "bytes": n}
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor] | None = None, specs=None, get=None) -> None:
+        """Write shard ``name`` from ``tensors``, or lazily from ``specs`` / ``get`` (see
+        :func:`atomic_save_safetensors`), and record its keys."""
+        if tensors is not None:
+            n = save_tensors(tensors, self.work / name)
+            specs = tensors
+        else:
+            n = atomic_save_safetensors(specs, get, self.work / name)
+        self.shards[name] = {"keys": sorted(specs), "bytes": n}
 
     def commit_block(self, block: int, shard: str | None, tensors: dict[str, torch.Tensor] | None,
                      acts: list[torch.Tensor] | None) -> None:
@@ -113,7 +149,7 @@ class RunState:
         if shard is not None:
             self.write_shard(shard, tensors)
         if acts is not None:
-            atomic_save_safetensors({f"h{j}": h.contiguous() for j, h in enumerate(acts)}, self.work / acts_name(block))
+            save_tensors({f"h{j}": h for j, h in enumerate(acts)}, self.work / acts_name(block))
         self.finished = sorted(set(self.finished) | {block})
         self.save_manifest()
         for f in self.work.glob("acts-*.safetensors"):

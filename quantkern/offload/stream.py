@@ -51,6 +51,19 @@ def _release_memory() -> None:
         pass
 
 
+def _bound_heap() -> None:
+    """Make glibc serve buffers of 1 MiB and more with their own mmap (returned to the OS when freed).
+
+    By default glibc raises that threshold as buffers are freed and then carves big buffers from the
+    heap, whose fragmentation grew the peak RSS block after block here (GPTQ, 16 blocks: +45 MiB over
+    the run; with the fixed threshold the peak is flat after the second block). Process-wide setting;
+    a no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def calibration_hash(batches) -> str:
     h = hashlib.sha256()
     for b in batches:
@@ -124,6 +137,7 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
 
     The output has one shard per block plus shards for the other tensors, an index, ``config.json``
     with ``quantization_config`` and ``quantize_config.json``; it loads with ``load_quantized``.
+    Side effect: sets glibc's mmap threshold for the process (see :func:`_bound_heap`).
     """
     if not isinstance(config, (GPTQConfig, RTNConfig)):
         raise TypeError(f"config must be a GPTQConfig or an RTNConfig, got {type(config).__name__}")
@@ -138,6 +152,7 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
         batches = group_batches(normalize_calibration_data(calibration_data, tokenizer), config.batch_size)
     device = torch.device(device or config.device or "cpu")
     out_dir = Path(out_dir).absolute()
+    _bound_heap()
     source = SourceCheckpoint(resolve_model_dir(model_dir_or_id), offload)
     model = build_skeleton(source.config_dict, dtype).eval()
     model.config._name_or_path = str(source.path)
@@ -171,8 +186,9 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
     if state.finished != list(range(len(state.finished))):
         raise StreamStateError(f"{state.work}: finished blocks {state.finished} are not a prefix; start over")
     for j, names in enumerate(rest):
-        if shard[j] not in state.shards:
-            state.write_shard(shard[j], source.load(names, cdtype))
+        if shard[j] not in state.shards:  # one tensor in memory at a time (embeddings can be GBs)
+            specs = {n: (cdtype if source.is_floating(n) else source.torch_dtype(n), source.shape(n)) for n in names}
+            state.write_shard(shard[j], specs=specs, get=lambda n: source.load([n], cdtype)[n])
             state.save_manifest()
     _release_memory()
 
