@@ -200,3 +200,14 @@ def test_interrupted_save_leaves_old_checkpoint(ckpt, tmp_path, monkeypatch):
     save_quantized(model, ckpt)  # a completed save replaces the old directory
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["bits"] == 8
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(hidden_size=-64), r"config.json: cannot build the model it describes"),
+    (lambda c: c.update(model_type="no-such-model"), r"config.json: cannot build a 'no-such-model' config"),
+    (lambda c: c.update(model_type=7), r"'model_type' must be a string"),
+])
+def test_model_config_that_cannot_be_built(ckpt, edit, match):
+    _edit_config(ckpt, edit)
+    with pytest.raises(CheckpointConfigError, match=match):
+        load_quantized(ckpt)

@@ -22,7 +22,7 @@ from .validate import CheckpointTensorError, validate_dense, validate_gptq_layer
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _resolve_dtype(dtype, config_dict: dict) -> torch.dtype | None:
+def _resolve_dtype(dtype) -> torch.dtype | None:
     if dtype is None:
         return None
     if isinstance(dtype, str):
@@ -52,8 +52,12 @@ def build_skeleton(config_dict: dict, dtype: torch.dtype | None) -> nn.Module:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointConfigError(f"config.json: cannot build a {model_type!r} config: {e}") from None
     file_dtype = _DTYPES.get(str(d.get("dtype", d.get("torch_dtype", "float32"))), torch.float32)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or file_dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype or file_dtype)
+    except (ValueError, RuntimeError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise CheckpointConfigError(f"config.json: cannot build the model it describes "
+                                    f"({type(e).__name__}: {e})") from None
     if qc is not None:
         model.config.quantization_config = qc
     return model
@@ -114,10 +118,13 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
 
 
 def load_quantized(path, device="cpu", dtype=None, backend="auto") -> nn.Module:
-    """Load a quantized checkpoint directory into a model whose quantized Linears are QuantLinear.
+    """Load a quantized checkpoint directory into a model whose quantized Linears are QuantLinear
+    (GPTQ v1 / v2, AWQ GEMM, compressed-tensors pack-quantized), W8A8Linear (compressed-tensors
+    int-quantized) or FP8Linear (float-quantized).
 
-    ``dtype`` (None: as stored) casts scales, biases and dense tensors; ``backend`` is passed to every
-    QuantLinear. Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files,
+    ``dtype`` (None: as stored) casts scales, biases and dense tensors (fp8 / int8 weights and their
+    fp32 scales stay as they are); ``backend`` is passed to every QuantLinear ("reference" also picks
+    the reference / emulated path of W8A8Linear / FP8Linear). Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files,
     pickles), :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config``) or
     :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the config,
     named) — all ``ValueError``."""
@@ -128,7 +135,7 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto") -> nn.Module:
     qc = config_dict.get("quantization_config")
     if qc is None:
         raise CheckpointConfigError(f"{path / 'config.json'}: no 'quantization_config'; not a quantized checkpoint")
-    dtype = _resolve_dtype(dtype, config_dict)
+    dtype = _resolve_dtype(dtype)
     if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
         from .compressed import compressed_to_gptq
 
