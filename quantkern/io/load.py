@@ -124,8 +124,9 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto") -> nn.Module:
 
     ``dtype`` (None: as stored) casts scales, biases and dense tensors (fp8 / int8 weights and their
     fp32 scales stay as they are); ``backend`` is passed to every QuantLinear ("reference" also picks
-    the reference / emulated path of W8A8Linear / FP8Linear). Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files,
-    pickles), :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config``) or
+    the reference / emulated path of W8A8Linear / FP8Linear).
+
+    Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files, pickles), :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config``) or
     :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the config,
     named) — all ``ValueError``."""
     path = Path(path)
