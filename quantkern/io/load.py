@@ -126,9 +126,10 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto") -> nn.Module:
     fp32 scales stay as they are); ``backend`` is passed to every QuantLinear ("reference" also picks
     the reference / emulated path of W8A8Linear / FP8Linear).
 
-    Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files, pickles), :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config``) or
-    :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the config,
-    named) — all ``ValueError``."""
+    Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files, pickles),
+    :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config`` or model config)
+    or :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the
+    config, named) — all ``ValueError``."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointFileError(f"{path} is not a checkpoint directory")
