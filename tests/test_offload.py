@@ -72,7 +72,8 @@ def src(tmp_path_factory) -> Path:
 
 
 # -- same result as the in-memory quantizers ----------------------------------------------------------
-@pytest.mark.parametrize("settings", [dict(bits=4, group_size=64), dict(bits=3, group_size=32, sym=False, actorder=True)],
+@pytest.mark.parametrize("settings", [dict(bits=4, group_size=64),
+                                      dict(bits=3, group_size=32, sym=False, actorder=True)],
                          ids=["w4g64-sym", "w3g32-asym-actorder"])
 def test_streaming_gptq_is_bit_identical_to_in_memory(src, tmp_path, settings):
     from transformers import LlamaForCausalLM
@@ -128,6 +129,10 @@ def test_bad_arguments_fail_before_any_work(src, tmp_path):
         quantize_streaming(src, cfg, None, tmp_path / "o", verbose=False)
     with pytest.raises(ValueError, match="max_memory for cpu is .* one decoder block needs"):
         quantize_streaming(src, cfg, calib(), tmp_path / "o", max_memory="100KB", verbose=False)
+    with pytest.raises(ValueError, match="max_memory for cpu is"):
+        quantize_streaming(src, cfg, calib(), tmp_path / "o", max_memory={"cpu": 100_000}, verbose=False)
+    with pytest.raises(ValueError, match="max_memory must be .* got 'lots'"):
+        quantize_streaming(src, cfg, calib(), tmp_path / "o", max_memory="lots", verbose=False)
     with pytest.raises(ValueError, match="cannot be quantized with bits=4, group_size=512"):
         quantize_streaming(src, GPTQConfig(bits=4, group_size=512), calib(), tmp_path / "o", verbose=False)
     pickles = tmp_path / "pickles"

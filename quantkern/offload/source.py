@@ -18,10 +18,10 @@ import torch
 from ..io.files import read_headers, read_json, safetensors_files
 
 OFFLOAD_MODES = ("cpu", "disk")
-_SAMPLE_BYTES = 1 << 16
+_SAMPLE_BYTES = 1 << 16  # bytes of tensor data hashed at each end of a file for the fingerprint
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # bytes of tensor data hashed at each end of a file for the fingerprint
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def resolve_model_dir(model_dir_or_id) -> Path:

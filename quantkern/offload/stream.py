@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -36,8 +36,6 @@ from ..io.save import dense_state_dict, gptq_quantization_config, gptq_tensors, 
 from ..nn import QuantLinear
 from .source import SourceCheckpoint, resolve_model_dir
 from .state import RunState, StreamStateError
-
-logger = logging.getLogger("quantkern")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -77,11 +75,17 @@ def _budget(max_memory, device: torch.device) -> int | None:
     """Bytes allowed on ``device`` from ``max_memory`` (bytes, "8GiB", or ``{device: size}``)."""
     if max_memory is None:
         return None
+    size = max_memory
     if isinstance(max_memory, dict):
         keys = {str(device), device.type, device.index}
         size = next((v for k, v in max_memory.items() if k in keys or str(k) in keys), None)
-        return None if size is None else parse_size(size)
-    return parse_size(max_memory)
+        if size is None:
+            return None
+    try:
+        return parse_size(size)
+    except ValueError:
+        raise ValueError(f"max_memory must be a positive number of bytes, a size like '20GiB' or a dict "
+                         f"{{device: size}}, got {max_memory!r}") from None
 
 
 def _output_weight_name(model: nn.Module) -> str | None:
@@ -103,7 +107,7 @@ def _materialise(root: nn.Module, tensors: dict[str, torch.Tensor], device: torc
 def _plan_rest_shards(source: SourceCheckpoint, names: list[str], itemsize: int, limit: int) -> list[list[str]]:
     shards, size = [[]], 0
     for n in names:
-        nb = itemsize * int(torch.tensor(source.shape(n)).prod()) if source.shape(n) else itemsize
+        nb = itemsize * math.prod(source.shape(n))
         if shards[-1] and size + nb > limit:
             shards.append([])
             size = 0
@@ -124,6 +128,7 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
     - ``device``: compute device (default ``config.device`` or "cpu"); ``dtype``: compute and storage
       dtype of dense tensors (default: the checkpoint's). ``offload``: "disk" reads each block through
       safetensors memory maps when it is processed; "cpu" reads the whole source into CPU memory first.
+    - ``out_dir`` is written only when complete (an existing one is replaced then).
     - ``resume``: continue an interrupted run from ``.<out name>.partial`` next to ``out_dir``; a run
       made with another model, config, calibration set, dtype or format is refused with
       :class:`~quantkern.offload.state.StreamStateError`. ``resume=False`` discards it.
