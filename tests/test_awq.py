@@ -273,3 +273,40 @@ def test_awq_on_smollm2_beats_rtn():
     qk.AWQQuantizer(model, bits=3, group_size=128, max_search_tokens=1024, verbose=False).quantize(calib)
     ppl_awq = perplexity(model, held, seq_len=256, progress=False)
     assert ppl_awq < ppl_rtn, (ppl_awq, ppl_rtn)
+
+
+@pytest.mark.parametrize("propagate", [False, True])
+def test_awq_next_block_inputs(tiny_llama, token_data, propagate):
+    """Block 1 is calibrated on block 0's float outputs (default) or its quantized outputs."""
+    seen = []
+    ref = copy.deepcopy(tiny_llama)
+    q = qk.AWQQuantizer(tiny_llama, bits=3, group_size=32, propagate_quantized=propagate, verbose=False)
+    orig = q._quantize_block
+
+    def spy(block, prefix, targets, inputs, *args):
+        seen.append(inputs[0].hidden.clone())
+        return orig(block, prefix, targets, inputs, *args)
+
+    q._quantize_block = spy
+    q.quantize(token_data[:1])
+    with torch.no_grad():
+        h_float = ref.model.layers[0](seen[0], **{k: v for k, v in q_kwargs(ref, token_data[0]).items()})
+    h_float = h_float[0] if isinstance(h_float, tuple) else h_float
+    assert torch.allclose(seen[1], h_float, atol=1e-5) != propagate
+
+
+def q_kwargs(model, ids):
+    """The keyword arguments the decoder blocks receive for ``ids`` (captured with a hook)."""
+    got = {}
+
+    def hook(mod, args, kwargs):
+        got.update(kwargs)
+        raise RuntimeError("stop")
+
+    h = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(ids[None], use_cache=False)
+    except RuntimeError:
+        pass
+    h.remove()
+    return got

@@ -28,23 +28,30 @@ def group_slices(k: int, group_size: int) -> list[slice]:
     return [slice(s, min(s + gs, k)) for s in range(0, k, gs)]
 
 
+def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """``w [N, K]`` fp32 -> ``[N, G, gs]`` (the ragged last group zero-padded) and the group size.
+    Zero padding leaves every group's min/max range unchanged (ranges always include 0)."""
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    g = -(-k // gs)
+    return torch.nn.functional.pad(w.float(), (0, g * gs - k)).view(n, g, gs), gs
+
+
 def fake_quantize_groups(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype) -> torch.Tensor:
     """``w [N, K]`` -> its per-(row, group) min/max fake-quantized fp32 copy (what RTN would store)."""
-    w = w.float()
-    out = torch.empty_like(w)
-    for sl in group_slices(w.shape[1], scheme.group_size):
-        s, z = find_qparams(w[:, sl], scheme.bits, scheme.sym, scale_dtype)
-        out[:, sl] = fake_quantize(w[:, sl], s, z, scheme.maxq)
-    return out
+    n, k = w.shape
+    wg, gs = _grouped(w, scheme.group_size)
+    flat = wg.reshape(-1, gs)
+    s, z = find_qparams(flat, scheme.bits, scheme.sym, scale_dtype)
+    return fake_quantize(flat, s, z, scheme.maxq).view(n, -1)[:, :k]
 
 
 def _weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """Mean over rows of |w| normalised by each (row, group)'s max |w|: ``[K]``."""
-    w = w.float().abs()
-    out = torch.empty_like(w)
-    for sl in group_slices(w.shape[1], group_size):
-        out[:, sl] = w[:, sl] / w[:, sl].amax(dim=1, keepdim=True).clamp(min=1e-8)
-    return out.mean(dim=0)
+    n, k = w.shape
+    wg, _ = _grouped(w.abs(), group_size)
+    wg = wg / wg.amax(dim=2, keepdim=True).clamp(min=1e-8)
+    return wg.reshape(n, -1)[:, :k].mean(dim=0)
 
 
 def _segments(scheme, n: int) -> list[tuple[int, WeightScheme]]:
@@ -108,26 +115,25 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, scheme: WeightScheme, sca
     """Per-(row, group) clipping bound for ``weight [N, K]`` on inputs ``x [T, K]``.
 
     Returns ``max_val [N, G]`` fp32 (``G`` groups, ragged last group allowed); clamp with
-    :func:`apply_clip`. Errors are each group's partial products ``x_g · w_g``."""
-    x, w = x.float(), weight.float()
-    cols = group_slices(w.shape[1], scheme.group_size)
-    best_max = torch.empty(w.shape[0], len(cols), device=w.device)
-    for g, sl in enumerate(cols):
-        wg, xg = w[:, sl], x[:, sl]
-        ref = xg @ wg.t()  # [T, N]
-        amax = wg.abs().amax(dim=1).clamp(min=1e-8)  # [N]
-        best_err = torch.full_like(amax, float("inf"))
-        best = amax.clone()
-        for i in range(max(1, int(max_shrink * n_grid))):
-            mv = amax * (1 - i / n_grid)
-            cw = torch.maximum(torch.minimum(wg, mv[:, None]), -mv[:, None])
-            s, z = find_qparams(cw, scheme.bits, scheme.sym, scale_dtype)
-            err = (xg @ fake_quantize(cw, s, z, scheme.maxq).t() - ref).pow_(2).mean(dim=0)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, mv, best)
-        best_max[:, g] = best
-    return best_max
+    :func:`apply_clip`. Errors are each group's partial products ``x_g · w_g`` (all groups at once)."""
+    n, k = weight.shape
+    wg, gs = _grouped(weight, scheme.group_size)  # [N, G, gs]
+    xg, _ = _grouped(x, scheme.group_size)  # [T, G, gs]
+    xg = xg.permute(1, 0, 2)  # [G, T, gs]
+    ref = torch.bmm(xg, wg.permute(1, 2, 0))  # [G, T, N]
+    amax = wg.abs().amax(dim=2).clamp(min=1e-8)  # [N, G]
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax.clone()
+    for i in range(max(1, int(max_shrink * n_grid))):
+        mv = amax * (1 - i / n_grid)
+        cw = torch.maximum(torch.minimum(wg, mv[..., None]), -mv[..., None]).reshape(-1, gs)
+        s, z = find_qparams(cw, scheme.bits, scheme.sym, scale_dtype)
+        q = fake_quantize(cw, s, z, scheme.maxq).view(n, -1, gs)
+        err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2).mean(dim=1).t()  # [N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, mv, best)
+    return best
 
 
 def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: int) -> None:

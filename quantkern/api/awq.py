@@ -1,9 +1,9 @@
 """``AWQQuantizer``: AWQ block by block, output in :class:`~quantkern.nn.QuantLinear` (GPTQ layout).
 
 For each decoder block: one forward (hooks capture the input of each scale group and of every other
-target Linear), then per :class:`~quantkern.calibration.awq_specs.ScaleGroup` a scale search whose
+target Linear, and the block's float outputs, which feed the next block), then per :class:`~quantkern.calibration.awq_specs.ScaleGroup` a scale search whose
 ``1/s`` is folded into the producing norm / Linear (captured inputs are divided by ``s`` to match),
-then a clipping search and RTN per Linear. The block's quantized outputs feed the next block.
+then a clipping search and RTN per Linear.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def _subsample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 class AWQQuantizer(BlockwiseQuantizer):
     """``AWQQuantizer(model, bits=4, group_size=128, zero_point=True, ...).quantize(data)``.
 
+    Each block is calibrated on the float outputs of the previous float block (as AutoAWQ), or with
+    ``propagate_quantized=True`` on the outputs of the already quantized blocks (as GPTQ).
+
     Raises ``ValueError`` in ``prepare`` for an architecture without an AWQ spec (see
     :mod:`quantkern.calibration.awq_specs`). ``report["awq_errors"]`` holds, per scale group, the
     group's output MSE with the chosen scales and with ``s = 1`` (plain RTN)."""
@@ -73,8 +76,10 @@ class AWQQuantizer(BlockwiseQuantizer):
             block = self.blocks[i]
             prefix = f"{self.blocks_name}.{i}."
             targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
-            done = self._quantize_block(block, prefix, targets, inputs, device, errors) if targets else {}
-            outputs = run_block(block, inputs, device)
+            done, outputs = self._quantize_block(block, prefix, targets, inputs, device, errors) if targets \
+                else ({}, None)
+            if outputs is None:
+                outputs = run_block(block, inputs, device)
             inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
             for name, ql in done.items():
                 set_module(self.model, name, ql)
@@ -114,8 +119,10 @@ class AWQQuantizer(BlockwiseQuantizer):
             feats[name].append(x.to("cpu") if c.offload else x)
             sums[name] = sums.get(name, 0) + x.abs().sum(dim=0)
 
-        run_block(block, inputs, device, collect={n: targets[n] for n in feats}, on_input=on_input,
-                  keep_outputs=False)
+        # AutoAWQ's order: the float block's outputs feed the next block, from this same forward;
+        # with propagate_quantized they come from the quantized block instead (one more forward)
+        fp_outputs = run_block(block, inputs, device, collect={n: targets[n] for n in feats}, on_input=on_input,
+                               keep_outputs=not c.propagate_quantized)
         x_all = {n: torch.cat(v) for n, v in feats.items() if v}
         feats.clear()
         for n in list(x_all):
@@ -156,4 +163,4 @@ class AWQQuantizer(BlockwiseQuantizer):
             lin.weight.data = dequantize_gptq(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, ql.bits, ql.in_features,
                                               dtype=lin.weight.dtype).t().contiguous()
             done[prefix + n] = ql
-        return done
+        return done, (None if c.propagate_quantized else fp_outputs)

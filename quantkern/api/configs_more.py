@@ -90,7 +90,9 @@ class AWQConfig(WeightOnlyConfig, PerLayer):
     instead but must agree. ``duo_scaling``: scales from activation *and* weight magnitudes (AutoAWQ's
     default) rather than activations alone (the paper). ``n_grid``: α grid points in [0, 1);
     ``clip``: run the clipping search, shrinking ``max|w|`` by at most ``max_shrink``;
-    ``max_search_tokens`` / ``clip_tokens``: token subsample sizes for the two searches (fixed seed)."""
+    ``max_search_tokens`` / ``clip_tokens``: token subsample sizes for the two searches (fixed seed);
+    ``propagate_quantized``: calibrate each block on the quantized previous blocks' outputs (one more
+    forward per block) instead of the float ones (AutoAWQ's choice, the default)."""
 
     method: ClassVar[str] = "awq"
     sym: bool | None = None
@@ -101,6 +103,7 @@ class AWQConfig(WeightOnlyConfig, PerLayer):
     max_shrink: float = 0.5
     max_search_tokens: int = 4096
     clip_tokens: int = 512
+    propagate_quantized: bool = False
     num_calibrate: int | None = None
     calibrate_seq_length: int | None = None
     batch_size: int = 8
@@ -116,7 +119,7 @@ class AWQConfig(WeightOnlyConfig, PerLayer):
         elif isinstance(self.sym, bool) and self.sym == self.zero_point:
             raise ValueError(f"sym={self.sym} contradicts zero_point={self.zero_point} (sym means no zero point)")
         super().__post_init__()
-        for name in ("duo_scaling", "clip"):
+        for name in ("duo_scaling", "clip", "propagate_quantized"):
             _bool(name, getattr(self, name))
         for name in ("n_grid", "max_search_tokens", "clip_tokens"):
             _positive_int(name, getattr(self, name))
