@@ -126,8 +126,9 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
     - ``config``: :class:`GPTQConfig` (needs ``calibration_data``, as for ``GPTQQuantizer.quantize``)
       or :class:`RTNConfig`. Linears outside the decoder blocks (``lm_head``) stay dense.
     - ``device``: compute device (default ``config.device`` or "cpu"); ``dtype``: compute and storage
-      dtype of dense tensors (default: the checkpoint's). ``offload``: "disk" reads each block through
-      safetensors memory maps when it is processed; "cpu" reads the whole source into CPU memory first.
+      dtype of dense tensors (default: the checkpoint's). ``offload``: "disk" reads each block's tensors
+      from the safetensors files when it is processed; "cpu" reads the whole source into CPU memory
+      first (see :mod:`.source`).
     - ``out_dir`` is written only when complete (an existing one is replaced then).
     - ``resume``: continue an interrupted run from ``.<out name>.partial`` next to ``out_dir``; a run
       made with another model, config, calibration set, dtype or format is refused with
