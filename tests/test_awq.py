@@ -310,3 +310,16 @@ def q_kwargs(model, ids):
         pass
     h.remove()
     return got
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("k,gs", [(200, 64), (64, -1)])
+def test_search_fake_quant_is_exactly_rtn(sym, k, gs):
+    """The searches' fast fake quantization gives the very values RTN stores."""
+    from quantkern.algorithms import quantize_rtn
+
+    w = torch.randn(48, k, generator=torch.Generator().manual_seed(3))
+    scheme = WeightScheme(4, gs, sym)
+    qw = quantize_rtn(w, scheme, torch.float16)
+    deq = (qw.codes.float() - qw.zeros[qw.g_idx.long()].t().float()) * qw.scales[qw.g_idx.long()].t().float()
+    assert torch.equal(fake_quantize_groups(w, scheme, torch.float16), deq)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core import WeightScheme, fake_quantize, find_qparams
+from ..core import WeightScheme, find_qparams
 
 
 def group_slices(k: int, group_size: int) -> list[slice]:
@@ -37,13 +37,21 @@ def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     return torch.nn.functional.pad(w.float(), (0, g * gs - k)).view(n, g, gs), gs
 
 
+def _fake_quant_rows(flat: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Per-row min/max fake quantization of ``flat [R, C]`` fp32: the same arithmetic as
+    ``core.fake_quantize`` (so the same values), in place on a copy and without int round trips,
+    because the searches call it many times."""
+    s, z = find_qparams(flat, scheme.bits, scheme.sym, scale_dtype)
+    s, z = s[:, None], z.float()[:, None]
+    q = torch.div(flat, s).round_().add_(z).clamp_(0, scheme.maxq)
+    return q.sub_(z).mul_(s)
+
+
 def fake_quantize_groups(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype) -> torch.Tensor:
     """``w [N, K]`` -> its per-(row, group) min/max fake-quantized fp32 copy (what RTN would store)."""
     n, k = w.shape
     wg, gs = _grouped(w, scheme.group_size)
-    flat = wg.reshape(-1, gs)
-    s, z = find_qparams(flat, scheme.bits, scheme.sym, scale_dtype)
-    return fake_quantize(flat, s, z, scheme.maxq).view(n, -1)[:, :k]
+    return _fake_quant_rows(wg.reshape(-1, gs), scheme, scale_dtype).view(n, -1)[:, :k]
 
 
 def _weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -127,8 +135,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, scheme: WeightScheme, sca
     for i in range(max(1, int(max_shrink * n_grid))):
         mv = amax * (1 - i / n_grid)
         cw = torch.maximum(torch.minimum(wg, mv[..., None]), -mv[..., None]).reshape(-1, gs)
-        s, z = find_qparams(cw, scheme.bits, scheme.sym, scale_dtype)
-        q = fake_quantize(cw, s, z, scheme.maxq).view(n, -1, gs)
+        q = _fake_quant_rows(cw, scheme, scale_dtype).view(n, -1, gs)
         err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow_(2).mean(dim=1).t()  # [N, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
