@@ -23,17 +23,18 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("rtn", "awq", "w8a8", "smoothquant", "fp8", "fp8-wo")
+METHODS = ("rtn", "awq", "w8a8", "smoothquant", "fp8", "fp8-wo")  # run in this order
 
 
-def build(method: str, bits: int, group_size: int, alpha: float, nsamples: int):
+def build(method: str, bits: int, group_size: int, alpha: float, awq_grid: int):
     """(quantizer class, settings, needs data) of one row."""
     import quantkern as qk
 
     w4 = dict(bits=bits, group_size=group_size)
     return {
         "rtn": (qk.RTNQuantizer, dict(w4, sym=False), False),
-        "awq": (qk.AWQQuantizer, dict(w4, zero_point=True, max_search_tokens=2048), True),
+        "awq": (qk.AWQQuantizer, dict(w4, zero_point=True, n_grid=awq_grid, max_search_tokens=512, clip_tokens=256),
+                True),
         "w8a8": (qk.W8A8Quantizer, {}, False),
         "smoothquant": (qk.SmoothQuantQuantizer, dict(alpha=alpha), True),
         "fp8": (qk.FP8Quantizer, {}, False),
@@ -47,8 +48,9 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--awq-grid", type=int, default=20, help="AWQ alpha / clipping grid points (paper: 20)")
     p.add_argument("--tiny", action="store_true", help="random 2-block Llama instead of SmolLM2 (script check)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality_algorithms.csv"))
     a = p.parse_args()
@@ -91,7 +93,7 @@ def main() -> None:
     w.writerow([model_name, "fp32", "", f"{ppl_fp:.4f}", f"{ppl_fp:.4f}", "1.0000", "", "", n_eval, *meta])
     f.flush()
     for method in a.only:
-        cls, kw, needs_data = build(method, a.bits, a.group_size, a.alpha, a.nsamples)
+        cls, kw, needs_data = build(method, a.bits, a.group_size, a.alpha, a.awq_grid)
         m = copy.deepcopy(model)
         t = time.perf_counter()
         cls(m, verbose=False, **kw).quantize(calib if needs_data else None)
