@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("rtn", "awq", "w8a8", "smoothquant", "fp8", "fp8-wo")  # run in this order
+METHODS = ("rtn", "awq", "w8a8", "smoothquant", "fp8", "smoothquant-all", "fp8-wo")  # run in this order
 
 
 def build(method: str, bits: int, group_size: int, alpha: float, awq_grid: int):
@@ -37,6 +37,7 @@ def build(method: str, bits: int, group_size: int, alpha: float, awq_grid: int):
                 True),
         "w8a8": (qk.W8A8Quantizer, {}, False),
         "smoothquant": (qk.SmoothQuantQuantizer, dict(alpha=alpha), True),
+        "smoothquant-all": (qk.SmoothQuantQuantizer, dict(alpha=alpha, smooth_linear_producers=True), True),
         "fp8": (qk.FP8Quantizer, {}, False),
         "fp8-wo": (qk.FP8Quantizer, dict(act_dtype=None), False),
     }[method]

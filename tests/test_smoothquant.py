@@ -348,3 +348,18 @@ def test_smoothquant_on_smollm2():
     qk.SmoothQuantQuantizer(model, alpha=0.5, verbose=False).quantize(calib)
     ppl_sq = perplexity(model, held, seq_len=256, progress=False)
     assert ppl_sq < 1.03 * ppl_fp and ppl_sq <= ppl_plain, (ppl_fp, ppl_plain, ppl_sq)
+
+
+def test_smoothing_linear_producers_keeps_function_and_helps(outlier_llama, token_data):
+    """With smooth_linear_producers, up_proj -> down_proj is smoothed too (folded into up_proj rows)."""
+    with torch.no_grad():
+        for layer in outlier_llama.model.layers:  # an outlier channel in down_proj's input
+            layer.mlp.up_proj.weight[3] *= 40
+        ref = outlier_llama(EVAL).logits
+    a, b = copy.deepcopy(outlier_llama), copy.deepcopy(outlier_llama)
+    qa = qk.SmoothQuantQuantizer(a, alpha=0.5, verbose=False)
+    qa.quantize(token_data)
+    qb = qk.SmoothQuantQuantizer(b, alpha=0.5, smooth_linear_producers=True, verbose=False)
+    qb.quantize(token_data)
+    assert len(qb.report["smoothed"]) == len(qa.report["smoothed"]) + 2  # + up_proj in both blocks
+    assert _err(b, ref) < _err(a, ref)

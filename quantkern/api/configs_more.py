@@ -166,15 +166,19 @@ class W8A8Config(BaseConfig, PerLayer):
 @dataclass(frozen=True)
 class SmoothQuantConfig(W8A8Config):
     """SmoothQuant then W8A8: per-channel smoothing ``s = max|X|^alpha / max|W|^(1-alpha)`` folded into
-    the norms before each group of Linears sharing an input (same per-architecture specs as AWQ)."""
+    the norms before each group of Linears sharing an input (same per-architecture specs as AWQ).
+    ``smooth_linear_producers``: also smooth Linears fed by another Linear (``up_proj -> down_proj``,
+    and ``v_proj -> o_proj`` where shapes match), folding ``1/s`` into the producer's output rows."""
 
     method: ClassVar[str] = "smoothquant"
     alpha: float = 0.5
+    smooth_linear_producers: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+        _bool("smooth_linear_producers", self.smooth_linear_producers)
 
 
 _FP8_PAIRS = (("float8_e4m3fn", None), ("float8_e4m3fn", "float8_e4m3fn"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..algorithms.awq import fold_into_norm, scale_input_channels
+from ..algorithms.awq import fold_into_linear_outputs, fold_into_norm, scale_input_channels
 from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
 from ..calibration import find_decoder_blocks
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
@@ -86,13 +86,21 @@ class W8A8Quantizer(BlockwiseQuantizer):
             prefix = f"{self.blocks_name}.{i}."
             for g in self.spec.groups:
                 names = [prefix + n for n in g.linears]
-                if g.prev_kind == LINEAR or not all(n in self.plan.quantize and n in amax for n in names):
+                if not all(n in self.plan.quantize and n in amax for n in names):
                     continue
                 prev = block.get_submodule(g.prev)
                 lins = [self.plan.quantize[n] for n in names]
+                if g.prev_kind == LINEAR and not (self.config.smooth_linear_producers
+                                                  and prev.out_features == lins[0].in_features):
+                    continue
                 s = smoothing_factors(amax[names[0]], torch.cat([m.weight for m in lins]), alpha)
-                fold_into_norm(prev.weight.data, getattr(prev, "bias", None), s.to(prev.weight.device),
-                               offset=1.0 if g.prev_kind == GEMMA_NORM else 0.0)
+                if g.prev_kind == LINEAR:
+                    # the producer is itself quantized later: its (now divided) rows are what it stores
+                    fold_into_linear_outputs(prev.weight.data, None if prev.bias is None else prev.bias.data,
+                                             s.to(prev.weight.device))
+                else:
+                    fold_into_norm(prev.weight.data, getattr(prev, "bias", None), s.to(prev.weight.device),
+                                   offset=1.0 if g.prev_kind == GEMMA_NORM else 0.0)
                 for m in lins:
                     scale_input_channels(m.weight.data, s.to(m.weight.device))
                 for n in names:  # the inputs these Linears now see (for static scales)
