@@ -5,7 +5,8 @@ busy machine slows every method alike):
 
 - torch fp32 / bf16 dense ``F.linear``;
 - torch's weight-only CPU kernels: int4 ``aten._weight_int4pack_mm_for_cpu`` (group 128) and int8
-  ``aten._weight_int8pack_mm`` (per channel), with fp32 and bf16 activations;
+  ``aten._weight_int8pack_mm`` (per channel), with bf16 activations (and fp32 ones at M = 1: that
+  path is tens of times slower, too slow to sweep);
 - quantkern ``Backend.CPU``: W4 g128 and W8 per-channel (fp32 / bf16 activations), W3 / W2 g128
   (fp32, M = 1), and at M = 1 the reference path (dequantize + matmul on every call: what a quantized model
   did on CPU before these kernels).
@@ -16,11 +17,14 @@ K % group == 0). GB/s counts the bytes of weights (+ scales / zeros) a call must
 with the machine's read bandwidth measured here on a buffer far larger than the caches. Outputs of
 torch int4 / int8 and quantkern on the same codes are checked against each other before timing.
 
-With ``--model`` (default on), a greedy decode step (batch 1, 64-token context) of SmolLM2-135M in
-fp32 is compared with the same model whose decoder Linears are W4 g128 RTN QuantLinears.
+Unless ``--no-model``: a greedy decode step (batch 1, ~40-token context) of SmolLM2-135M in fp32 is
+compared with the same model whose decoder Linears are W4 g128 RTN QuantLinears (lm_head fp32, the
+library's default), and with that model plus a W8 g128 lm_head (as llama.cpp keeps the output layer
+at higher precision: 4-bit RTN of the lm_head visibly breaks this small model's generations).
 
-Writes benchmarks/results/cpu_kernels.csv, cpu_decode.csv, cpu_summary.txt and cpu_kernels.png
-(if matplotlib is installed).  Usage: ``python benchmarks/bench_cpu.py [--quick] [--no-model]``.
+Writes benchmarks/results/cpu_kernels_<T>t_<clock>.csv, cpu_decode_*.csv, cpu_summary_*.txt and
+cpu_kernels_*.png (if matplotlib is installed). Usage:
+``python benchmarks/bench_cpu.py [--quick] [--no-model] [--threads N] [--clock wall|cpu]``.
 """
 
 from __future__ import annotations
@@ -61,22 +65,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time (single thread: immune to time slicing)
+
+
 def timeit(fns: dict, budget_s: float = 0.4, max_reps: int = 200) -> dict[str, tuple[float, float]]:
     """Round-robin timing; returns name -> (min ms, median ms)."""
     for f in fns.values():  # warm up (and first-touch the outputs)
         f()
         f()
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for f in fns.values():
         f()
-    one_round = time.perf_counter() - t0
+    one_round = CLOCK() - t0
     reps = max(5, min(max_reps, int(budget_s / max(one_round, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = CLOCK()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(CLOCK() - t)
     return {k: (min(v) * 1e3, statistics.median(v) * 1e3) for k, v in times.items()}
 
 
@@ -151,24 +158,24 @@ def bench_shape(k: int, n: int, ms, gen, quick: bool, group: int = 128) -> list[
         fns = {
             ("torch fp32", "fp32"): lambda: F.linear(x32, w32),
             ("torch bf16", "bf16"): lambda: F.linear(xbf, wbf),
-            ("torch int4", "fp32"): lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x32, i4, gs,
-                                                                                       i4_sz[torch.float32]),
             ("torch int4", "bf16"): lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xbf, i4, gs,
                                                                                        i4_sz[torch.bfloat16]),
-            ("torch int8", "fp32"): lambda: torch.ops.aten._weight_int8pack_mm(x32, i8, i8_s),
             ("torch int8", "bf16"): lambda: torch.ops.aten._weight_int8pack_mm(xbf, i8, i8_s.bfloat16()),
             (f"quantkern {g4}", "fp32"): lambda: kern4(lin4, x32),
             (f"quantkern {g4}", "bf16"): lambda: kern4(lin4, xbf),
             ("quantkern W8 per-channel", "fp32"): lambda: kern8(lin8, x32),
             ("quantkern W8 per-channel", "bf16"): lambda: kern8(lin8, xbf),
         }
-        if m == 1:
+        if m == 1:  # torch's int4 / int8 kernels with fp32 activations are far off the pace: M = 1 only
+            fns[("torch int4", "fp32")] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x32, i4, gs, i4_sz[torch.float32])
+            fns[("torch int8", "fp32")] = lambda: torch.ops.aten._weight_int8pack_mm(x32, i8, i8_s)
             for bits, (lin, kern) in low.items():
                 fns[(f"quantkern W{bits} g{group}", "fp32")] = (lambda lin=lin, kern=kern: kern(lin, x32))
         res = timeit({key: f for key, f in fns.items()})
         if m == 1 and not quick:  # the dequantize-every-call path is slow: a few runs only
             f = (lambda: gptq_gemm_reference(x32, lin4.qweight, lin4.qzeros, lin4.scales, lin4.g_idx, 4))  # noqa: E731
-            res[(f"quantkern reference {g4}", "fp32")] = timeit({"r": f}, budget_s=0.5, max_reps=5)["r"]
+            res[(f"quantkern reference {g4}", "fp32")] = timeit({"r": f}, budget_s=0.5, max_reps=3)["r"]
         fp32_ms = res[("torch fp32", "fp32")][0]
         for (method, act), (t_min, t_med) in res.items():
             nbytes = weight_bytes[method]
@@ -189,10 +196,19 @@ def smollm2_path() -> tuple[str, str]:
 
 
 def quantize_decoder_w4(model):
-    """W4 g128 symmetric RTN on every decoder Linear (lm_head / embeddings stay fp32)."""
-    if hasattr(quantkern, "RTNQuantizer"):
-        return quantkern.RTNQuantizer(model, bits=4, group_size=128, sym=True, verbose=False).quantize()
-    raise SystemExit("quantkern.RTNQuantizer is not available in this checkout")
+    """W4 g128 symmetric RTN on every decoder Linear (the library's default skips lm_head)."""
+    if not hasattr(quantkern, "RTNQuantizer"):
+        raise SystemExit("quantkern.RTNQuantizer is not available in this checkout")
+    return quantkern.RTNQuantizer(model, bits=4, group_size=128, sym=True, verbose=False).quantize()
+
+
+def lm_head_w8(model):
+    """Replace the (tied, fp32) lm_head by a W8 g128 QuantLinear; the embedding lookup stays fp32."""
+    from quantkern.algorithms.rtn import quantize_rtn
+
+    qw = quantize_rtn(model.lm_head.weight.detach(), WeightScheme(8, 128, True, False), torch.float16)
+    model.lm_head = QuantLinear.from_quantized(qw, dtype=torch.float32)
+    return model
 
 
 def decode_steps(model, ids, steps: int) -> list[float]:
@@ -202,40 +218,50 @@ def decode_steps(model, ids, steps: int) -> list[float]:
         out = model(ids, use_cache=True)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
-            t = time.perf_counter()
+            t = CLOCK()
             out = model(tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - t)
+            times.append(CLOCK() - t)
     return times
+
+
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+          "combined movable metal type, oil-based ink and a wooden press. Within fifty years")
 
 
 def bench_decode(quick: bool) -> list[dict]:
     import copy
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, name = smollm2_path()
-    fp32 = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, torch_dtype=torch.float32).eval()
-    q4 = quantize_decoder_w4(copy.deepcopy(fp32)).eval()
-    kinds = {type(mod).__name__ for mod in q4.modules()}
-    assert "QuantLinear" in kinds, "the 4-bit model has no QuantLinear"
-    ids = torch.randint(100, 10000, (1, 64), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():  # same greedy continuation? (a sanity check, reported, not required)
-        same = int((fp32(ids).logits[0, -8:].argmax(-1) == q4(ids).logits[0, -8:].argmax(-1)).sum())
+    fp32 = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=name)
+    w4 = quantize_decoder_w4(copy.deepcopy(fp32)).eval()
+    w4_h8 = lm_head_w8(copy.deepcopy(w4)).eval()
+    models = {"fp32": fp32, "W4 g128 decoder": w4, "W4 g128 decoder + W8 lm_head": w4_h8}
+    assert all(isinstance(mod, QuantLinear) for mod in (w4.model.layers[0].mlp.down_proj, w4_h8.lm_head))
+    ids = tok(PROMPT, return_tensors="pt").input_ids  # a real context (about 40 tokens)
+    with torch.inference_mode():  # greedy continuations: how many leading tokens match fp32's
+        conts = {k: m.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, ids.shape[1]:]
+                 for k, m in models.items()}
+    agree = {k: int((c == conts["fp32"]).int().cumprod(0).sum()) for k, c in conts.items()}
     steps, rounds = (16, 2) if quick else (32, 3)
-    times = {"fp32": [], "W4 g128": []}
-    for _ in range(rounds):  # alternate so both see the same machine load
-        times["fp32"] += decode_steps(fp32, ids, steps)
-        times["W4 g128"] += decode_steps(q4, ids, steps)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):  # alternate so every model sees the same machine load
+        for k, m in models.items():
+            times[k] += decode_steps(m, ids, steps)
     rows = []
-    base = min(times["fp32"])
+    base_min, base_med = min(times["fp32"]), statistics.median(times["fp32"])
     for kind, ts in times.items():
         rows.append(dict(model="SmolLM2-135M", weights=kind, ms_min=round(min(ts) * 1e3, 3),
                          ms_median=round(statistics.median(ts) * 1e3, 3),
-                         speedup_vs_fp32=round(base / min(ts), 2),
-                         speedup_vs_fp32_median=round(statistics.median(times["fp32"]) / statistics.median(ts), 2),
-                         greedy_top1_agree_of_8=same))
-        print(f"  decode step {kind}: min {min(ts) * 1e3:.2f} ms, median {statistics.median(ts) * 1e3:.2f} ms")
+                         speedup_vs_fp32=round(base_min / min(ts), 2),
+                         speedup_vs_fp32_median=round(base_med / statistics.median(ts), 2),
+                         greedy_prefix_agree_of_16=agree[kind], context_tokens=ids.shape[1]))
+        print(f"  decode step {kind}: min {min(ts) * 1e3:.2f} ms, median {statistics.median(ts) * 1e3:.2f} ms, "
+              f"greedy tokens equal to fp32: {agree[kind]}/16")
+    print("  continuations:", {k: tok.decode(c) for k, c in conts.items()})
     return rows
 
 
@@ -275,13 +301,25 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes / bit widths (a smoke run)")
     ap.add_argument("--no-model", action="store_true", help="skip the SmolLM2-135M decode step")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: the thread's CPU time (needs --threads 1; a fair measure "
+                         "on a machine shared with other jobs, since time slices lost to them are not counted)")
     args = ap.parse_args(argv)
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            raise SystemExit("--clock cpu measures one thread's CPU time: pass --threads 1")
+        CLOCK = time.thread_time
+    tag = f"{torch.get_num_threads()}t_{args.clock}"
     args.out.mkdir(parents=True, exist_ok=True)
     origin = build.load()
     header = {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "isa": ops.best_isa(),
         "torch": torch.__version__, "quantkern": quantkern.__version__, "python": platform.python_version(),
-        "extension": origin, "load_average_start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "extension": origin, "clock": args.clock, "load_average_start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     bw = read_bandwidth_gbs()
     header["read_bandwidth_GBps"] = round(bw, 2)
@@ -293,12 +331,12 @@ def main(argv=None) -> None:
         rows += bench_shape(k, n, (1, 16) if args.quick else MS, gen, args.quick, group)
     for r in rows:
         r["pct_of_read_bw"] = round(100 * r["GBps"] / bw, 1)
-    write_csv(args.out / "cpu_kernels.csv", rows)
-    plot(rows, args.out / "cpu_kernels.png")
+    write_csv(args.out / f"cpu_kernels_{tag}.csv", rows)
+    plot(rows, args.out / f"cpu_kernels_{tag}.png")
     dec = []
     if not args.no_model:
         dec = bench_decode(args.quick)
-        write_csv(args.out / "cpu_decode.csv", dec)
+        write_csv(args.out / f"cpu_decode_{tag}.csv", dec)
     header["load_average_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     try:
         import transformers
@@ -318,7 +356,7 @@ def main(argv=None) -> None:
     for r in dec:
         lines.append(f"decode step SmolLM2-135M {r['weights']}: {r['ms_min']} ms min, {r['ms_median']} ms median, "
                      f"{r['speedup_vs_fp32']}x fp32 (min), {r['speedup_vs_fp32_median']}x (median)")
-    (args.out / "cpu_summary.txt").write_text("\n".join(lines) + "\n")
+    (args.out / f"cpu_summary_{tag}.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,10 +1,12 @@
 """``Backend.CPU``: the fused C++ dequant-matmul for CPU tensors (csrc/cpu).
 
 Every bit width 2..8, any group size (ragged last group included), symmetric or asymmetric,
-act-order, fp32 / bf16 / fp16 activations (computed in fp32). The layer is repacked once when the
-kernel is built (:mod:`.layout`); the extension is built or loaded lazily on first use (:mod:`.build`),
-and a failure to build is this backend's ``can_implement`` reason: AUTO then falls back to the
-reference and says why, an explicit ``backend="cpu"`` raises with the compiler's output.
+act-order; fp32 / fp16 activations are computed in fp32 (AVX-512, AVX2 or portable code, chosen at
+run time), bf16 activations with AVX-512 BF16 dot products where the CPU has them (exact products,
+fp32 accumulation) and like fp32 elsewhere. The output has the input's dtype. The layer is repacked
+once when the kernel is built (:mod:`.layout`); the extension is built or loaded lazily on first use
+(:mod:`.build`), and a failure to build is this backend's ``can_implement`` reason: AUTO then falls
+back to the reference and says why, an explicit ``backend="cpu"`` raises with the compiler's output.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ class CpuKernel(QuantKernel):
         super().__init__(layer)
         build.load()
         self.isa = ops.isa_level(isa)
-        self.packed = pack_cpu_from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                                         layer.in_features)
+        self.packed = p = pack_cpu_from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                             layer.in_features)
+        # bound once: a decode step makes hundreds of small calls, so the Python side stays minimal
+        self._op = torch.ops.quantkern_cpu.gemm.default
+        self._args = (p.w, p.scales, p.zs, p.gptr, p.src, p.cb, p.out_features)
 
     def __call__(self, layer, x):
-        return ops.gemm(x, self.packed, layer.bias, self.isa)
+        return self._op(x, *self._args, layer.bias, self.isa)
