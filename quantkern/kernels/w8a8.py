@@ -9,7 +9,8 @@ Layouts: ``weight`` int8 ``[N, K]`` (``nn.Linear`` layout, symmetric, codes in [
 ``weight_scale`` fp32 ``[N, 1]``, ``input_scale`` fp32 ``[1]`` (static) or None (dynamic per token),
 ``bias`` ``[N]`` or None. Activations ``x2d`` ``[M, K]`` fp32 / fp16 / bf16; the output has x's dtype.
 
-Paths for the int8 GEMM (``int8_mm``): ``torch._int_mm`` (cuBLASLt int8 on CUDA; oneDNN on CPU), with
+Paths for the int8 GEMM (``int8_mm``): ``torch._int_mm`` (cuBLASLt int8 on CUDA; oneDNN on CPU, or an
+exact fp32 GEMM of the codes on CPU when ``K·127² < 2^24``, which was faster there), with
 CUDA's constraints handled here (M > 16 is needed: small M is zero-padded; K and N must be multiples
 of 8, otherwise an exact fp64 product runs, since int32 matmul is CPU-only). The whole layer is the
 ``quantkern::w8a8_linear`` custom op (with a fake implementation for tracing);
@@ -62,6 +63,10 @@ def int8_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         if m <= 16:  # cuBLASLt int8 path needs M > 16: pad with zero rows
             pad = torch.zeros(17 - m, k, dtype=a.dtype, device=a.device)
             return torch._int_mm(torch.cat([a, pad]), b_t.t())[:m]
+    if k * INT8_MAX * INT8_MAX < 2 ** 24:
+        # CPU: an fp32 GEMM on the codes is exact here (every partial sum is an integer below 2^24,
+        # so fp32 represents it) and measured ~2x faster than torch._int_mm on this AVX-512 machine
+        return (a.float() @ b_t.float().t()).to(torch.int32)
     return torch._int_mm(a.contiguous(), b_t.t())
 
 
@@ -75,10 +80,13 @@ def w8a8_linear_impl(x2d, weight, weight_scale, bias=None, input_scale=None) -> 
         xq, xs = quantize_int8_per_token(x2d)
     else:
         xq, xs = quantize_int8_static(x2d, input_scale), input_scale.float().reshape(1, 1)
-    acc = int8_mm(xq, weight)
-    y = acc.float() * xs * weight_scale.float().reshape(1, -1)
+    if not xq.is_cuda and xq.shape[1] * INT8_MAX * INT8_MAX < 2 ** 24:
+        y = xq.float() @ weight.float().t()  # exact (see int8_mm), without the int32 round trip
+    else:
+        y = int8_mm(xq, weight).float()
+    y.mul_(xs).mul_(weight_scale.float().reshape(1, -1))
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(x2d.dtype)
 
 
