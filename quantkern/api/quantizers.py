@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
+from ..core import WeightScheme
 from ..calibration import BlockInput, InputCatcher, find_decoder_blocks, run_block
 from ..kernels.reference import dequantize_gptq
 from ..kernels.registry import warn_once
@@ -107,29 +108,35 @@ class GPTQQuantizer(BaseQuantizer):
         targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
         done: dict[str, QuantLinear] = {}
         if targets:
-            for stage in self._stages(block, targets, inputs[0]):
-                losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done))
+            for stage, shared_input in self._stages(block, targets, inputs[0]):
+                losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done, shared_input))
         outputs = run_block(block, inputs, device)
         return [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)], done
 
-    def _quantize_stage(self, block, prefix, stage, inputs, device, done: dict) -> dict[str, float]:
+    def _quantize_stage(self, block, prefix, stage, inputs, device, done: dict, shared_input: bool = False
+                        ) -> dict[str, float]:
         """Collect H for the stage's Linears (stopping each forward once they have all run) and quantize
         them, so later stages are calibrated on quantized outputs.
 
         Until the block is finished each Linear keeps running as a dense layer holding exactly the
         weights the reference kernel dequantizes (no per-call unpacking); its QuantLinear goes into
-        ``done`` and is swapped in by the caller."""
+        ``done`` and is swapped in by the caller. When the stage's Linears are fed one tensor
+        (``shared_input``: q/k/v, gate/up), H is accumulated once and shared."""
         c = self.config
         gptq = {name: GPTQ(mod.weight, prefix + name) for name, mod in stage.items()}
-        run_block(block, inputs, device, collect=stage, keep_outputs=False, stop_after=set(stage),
+        collect = dict([next(iter(stage.items()))]) if shared_input else stage
+        run_block(block, inputs, device, collect=collect, keep_outputs=False, stop_after=set(collect),
                   on_input=lambda name, x: gptq[name].add_batch(x))
+        if shared_input:
+            first = gptq[next(iter(stage))]
+            for g in gptq.values():
+                g.H, g.nsamples = first.H, first.nsamples  # read-only in quantize()
         losses = {}
         for name, mod in stage.items():
             g = gptq.pop(name)
             if g.nsamples == 0:  # never reached by calibration (e.g. an unused MoE expert)
                 logger.warning("quantkern: %s%s saw no calibration tokens; quantized with RTN", prefix, name)
-                qw = quantize_rtn(mod.weight, c.scheme().__class__(c.bits, c.group_size, c.sym),
-                                  c.torch_scale_dtype)
+                qw = quantize_rtn(mod.weight, WeightScheme(c.bits, c.group_size, c.sym), c.torch_scale_dtype)
             else:
                 qw, losses[prefix + name] = g.quantize(c.scheme(), c.damp_percent, c.blocksize, c.static_groups,
                                                        c.mse, c.torch_scale_dtype)
@@ -144,11 +151,13 @@ class GPTQQuantizer(BaseQuantizer):
         return losses
 
     # stages ---------------------------------------------------------------------------------------
-    def _stages(self, block: nn.Module, targets: dict[str, nn.Module], sample) -> list[dict[str, nn.Module]]:
+    def _stages(self, block: nn.Module, targets: dict[str, nn.Module], sample
+                ) -> list[tuple[dict[str, nn.Module], bool]]:
         """Group the block's target Linears into stages by execution order: Linears fed the same input
-        tensor (q/k/v, gate/up) form one stage. Without ``true_sequential``, one stage holds them all."""
+        tensor (q/k/v, gate/up) form one stage. Returns ``(stage, shared_input)`` pairs. Without
+        ``true_sequential``, one stage holds them all."""
         if not self.config.true_sequential:
-            return [targets]
+            return [(targets, False)]
         # keep the input tensors themselves alive: comparing ids of freed tensors could merge stages
         order: list[tuple[str, torch.Tensor]] = []
         by_module = {id(m): n for n, m in targets.items()}
@@ -170,7 +179,8 @@ class GPTQQuantizer(BaseQuantizer):
             stages[-1][name] = targets[name]
             done.add(name)
             last_input = inp
+        result = [(st, True) for st in stages]
         missed = [n for n in targets if n not in done]
         if missed:  # never called on this sample (e.g. an unused expert): quantize them last
-            stages.append({n: targets[n] for n in missed})
-        return stages
+            result.append(({n: targets[n] for n in missed}, False))
+        return result
