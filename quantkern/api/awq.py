@@ -1,8 +1,8 @@
 """``AWQQuantizer``: AWQ block by block, output in :class:`~quantkern.nn.QuantLinear` (GPTQ layout).
 
 For each decoder block: one forward (hooks capture the input of each scale group and of every other
-target Linear, and the block's float outputs, which feed the next block), then per :class:`~quantkern.calibration.awq_specs.ScaleGroup` a scale search whose
-``1/s`` is folded into the producing norm / Linear (captured inputs are divided by ``s`` to match),
+target Linear, and the block's float outputs, which feed the next block), then per
+:class:`~quantkern.calibration.awq_specs.ScaleGroup` a scale search whose ``1/s`` is folded into the producing norm / Linear (captured inputs are divided by ``s`` to match),
 then a clipping search and RTN per Linear.
 """
 
@@ -96,7 +96,8 @@ class AWQQuantizer(BlockwiseQuantizer):
             prev = block.get_submodule(g.prev)
             k = targets[g.linears[0]].in_features
             if g.prev_kind == LINEAR:
-                if not isinstance(prev, nn.Linear) or prev.out_features != k:
+                rows = g.prev_rows(prev.out_features) if isinstance(prev, nn.Linear) else None
+                if rows is None or rows.stop - rows.start != k or prev.out_features % g.prev_part[1]:
                     continue
             elif getattr(prev, "weight", None) is None or prev.weight.shape != (k,):
                 raise ValueError(f"AWQ spec: {prefix}{g.prev} is not a norm with a [{k}] weight")
@@ -142,7 +143,8 @@ class AWQQuantizer(BlockwiseQuantizer):
             errors[prefix + ",".join(g.linears)] = (err, rtn_err)
             s = s.to(prev.weight.device)
             if g.prev_kind == LINEAR:
-                fold_into_linear_outputs(prev.weight.data, None if prev.bias is None else prev.bias.data, s)
+                rows = g.prev_rows(prev.out_features)
+                fold_into_linear_outputs(prev.weight.data[rows], None if prev.bias is None else prev.bias.data[rows], s)
             else:
                 fold_into_norm(prev.weight.data, getattr(prev, "bias", None), s,
                                offset=1.0 if g.prev_kind == GEMMA_NORM else 0.0)

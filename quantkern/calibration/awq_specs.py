@@ -4,7 +4,8 @@ AWQ scales the input channels of a group of Linears fed the same tensor by ``s``
 divides the producing op's output by ``s``, so the float model is unchanged. The producer is a
 norm (its weight and bias are divided), a Gemma-style norm (``y = n(x)·(1 + w)``: ``1 + w`` is
 divided), or a Linear whose output rows feed the group directly or through a ReLU (positively
-homogeneous: ``relu(x/s) = relu(x)/s``). A SiLU/GELU between two Linears is not homogeneous, so e.g.
+homogeneous: ``relu(x/s) = relu(x)/s``), or the V part of a fused QKV Linear (attention output
+channels are weighted sums of V's channels). A SiLU/GELU between two Linears is not homogeneous, so e.g.
 GPT-2's ``c_fc -> c_proj`` has no scale group (its weights are still clipped and quantized).
 
 Names are relative to one decoder block. GPT-2 stores its projections as ``transformers`` ``Conv1D``
@@ -27,6 +28,14 @@ class ScaleGroup:
     prev: str  # producer of the shared input (module name in the block)
     linears: tuple[str, ...]  # Linears reading it (first one is used to capture the input)
     prev_kind: str = NORM  # NORM | GEMMA_NORM | LINEAR
+    # for a LINEAR producer, which part of its output rows feeds the group: (index, count) of equal
+    # parts, e.g. (2, 3) for the V third of GPT-2's fused c_attn ([q | k | v])
+    prev_part: tuple[int, int] = (0, 1)
+
+    def prev_rows(self, out_features: int) -> slice:
+        i, c = self.prev_part
+        n = out_features // c
+        return slice(i * n, (i + 1) * n)
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,10 @@ AWQ_SPECS: dict[str, AWQSpec] = {
     "gemma": _llama_like(GEMMA_NORM),
     **{t: _llama_like(GEMMA_NORM, "pre_feedforward_layernorm") for t in ("gemma2", "gemma3_text")},
     "gpt2": AWQSpec(
-        groups=(ScaleGroup("ln_1", ("attn.c_attn",)), ScaleGroup("ln_2", ("mlp.c_fc",))),
+        groups=(ScaleGroup("ln_1", ("attn.c_attn",)),
+                # attention output channels are linear in V's channels: scale through c_attn's V rows
+                ScaleGroup("attn.c_attn", ("attn.c_proj",), LINEAR, prev_part=(2, 3)),
+                ScaleGroup("ln_2", ("mlp.c_fc",))),
         no_clip=("attn.c_attn",),  # holds q and k
         conv1d=True,
     ),
