@@ -2,8 +2,9 @@
 
 For each decoder block: one forward (hooks capture the input of each scale group and of every other
 target Linear, and the block's float outputs, which feed the next block), then per
-:class:`~quantkern.calibration.awq_specs.ScaleGroup` a scale search whose ``1/s`` is folded into the producing norm / Linear (captured inputs are divided by ``s`` to match),
-then a clipping search and RTN per Linear.
+:class:`~quantkern.calibration.awq_specs.ScaleGroup` a scale search whose ``1/s`` is folded into
+the producing norm / Linear (captured inputs are divided by ``s`` to match), then a clipping search
+and RTN per Linear.
 """
 
 from __future__ import annotations
