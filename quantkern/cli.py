@@ -28,11 +28,18 @@ def _add_quantize(sub):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
+    from .offload.cli import add_streaming_args
+
+    add_streaming_args(p)  # --offload {none,cpu,disk}, --resume/--no-resume, --max-memory
 
 
 def cmd_quantize(a) -> int:
     import torch
 
+    if getattr(a, "offload", "none") != "none":  # stream block by block from the files, resumable
+        from .offload.cli import run_streaming_from_args
+
+        return run_streaming_from_args(a)
     from . import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, save_quantized
     from .calibration import load_text, sample_windows
     from .eval import tokenize_text
