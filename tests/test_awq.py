@@ -24,6 +24,7 @@ def _models():
         "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, **llama_like)),
         "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, **llama_like)),
         "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(num_key_value_heads=2, head_dim=16, **llama_like)),
+        "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(num_key_value_heads=2, head_dim=16, **llama_like)),
         "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256)),
         "opt": lambda: T.OPTForCausalLM(T.OPTConfig(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
                                                      **common)),
