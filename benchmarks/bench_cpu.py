@@ -12,7 +12,8 @@ busy machine slows every method alike):
   did on CPU before these kernels).
 
 Times are the minimum over repetitions (the least disturbed run on a shared machine; the median is
-in the CSV too). SmolLM2's shapes (K = 576 / 1536) use group 64 for W4 (torch's int4 kernel needs
+in the CSV too), each call made with cold caches (a 96 MB buffer is read before it, untimed), as in a
+decode step that streams a whole model. SmolLM2's shapes (K = 576 / 1536) use group 64 for W4 (torch's int4 kernel needs
 K % group == 0). GB/s counts the bytes of weights (+ scales / zeros) a call must read; it is compared
 with the machine's read bandwidth measured here on a buffer far larger than the caches. Outputs of
 torch int4 / int8 and quantkern on the same codes are checked against each other before timing.
@@ -68,8 +69,20 @@ def cpu_name() -> str:
 CLOCK = time.perf_counter  # --clock cpu: time.thread_time (single thread: immune to time slicing)
 
 
-def timeit(fns: dict, budget_s: float = 0.4, max_reps: int = 200) -> dict[str, tuple[float, float]]:
-    """Round-robin timing; returns name -> (min ms, median ms)."""
+_FLUSH = None
+
+
+def _evict_caches() -> None:
+    """Read a buffer larger than the L3 so that no method finds its weights cached by the one before
+    (a decode step streams the whole model, far beyond L3); not timed."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.ones(96 << 20 >> 2)
+    _FLUSH.sum()
+
+
+def timeit(fns: dict, budget_s: float = 0.3, max_reps: int = 40) -> dict[str, tuple[float, float]]:
+    """Round-robin timing with the caches evicted before every call; returns name -> (min ms, median ms)."""
     for f in fns.values():  # warm up (and first-touch the outputs)
         f()
         f()
@@ -81,6 +94,7 @@ def timeit(fns: dict, budget_s: float = 0.4, max_reps: int = 200) -> dict[str, t
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            _evict_caches()
             t = CLOCK()
             f()
             times[k].append(CLOCK() - t)

@@ -1,12 +1,6 @@
-// AVX-512 BF16 fused dequant-matmul for 2- / 4-bit containers (layout: gemm_kernels.h).
-// vdpbf16ps multiplies 16 lanes x 2 bf16 pairs and adds both products to an fp32 lane: 32
-// multiply-adds per instruction, twice the fp32 FMA path.
-//
-// Activations: bf16 ones are used as they are. fp32 / fp16 ones are split by ops.cpp into
-// x ~ hi + lo, two bf16 numbers (hi = bf16(x), lo = bf16(x - hi)); the kernel runs one dot product
-// per half (SPLIT). hi + lo keeps 16 significant bits, so each activation is rounded by at most
-// 2^-16 relative (exact for fp16, which has 11), and the per-group sums of x are taken of hi + lo
-// so that the zero-point term uses exactly the same activations.
+// AVX-512 BF16 fused dequant-matmul for bf16 activations and 2- / 4-bit containers
+// (layout: gemm_kernels.h). vdpbf16ps multiplies 16 lanes x 2 bf16 pairs and adds both products to
+// an fp32 lane: 32 multiply-adds per instruction, twice the fp32 FMA path.
 //
 // Decoding a code pair without a conversion: for 0 <= q < 128 the bf16 bit pattern 0x4300 | q is
 // exactly 128 + q (128 = 0x4300 has 7 free mantissa bits). Thanks to the pair-interleaved layout,
@@ -36,9 +30,9 @@ namespace {
 
 constexpr float kOffset = 128.f;
 
-template <int CB, int MT, int NACC, bool SPLIT, int I>
-inline __attribute__((always_inline)) void pair(__m512i w, const uint32_t* xk, const uint32_t* xl, int64_t kp2,
-                                                __m512 (&acc)[MT][NACC], __m512 (&accl)[MT][NACC]) {
+template <int CB, int MT, int NACC, int I>
+inline __attribute__((always_inline)) void pair(__m512i w, const uint32_t* xk, int64_t kp2,
+                                                __m512 (&acc)[MT][NACC]) {
   constexpr int sh = code_shift(CB, 2 * I);
   const __m512i mask = _mm512_set1_epi32(CB == 4 ? 0x000F000F : 0x00030003);
   const __m512i magic = _mm512_set1_epi32(0x43004300);
@@ -47,38 +41,31 @@ inline __attribute__((always_inline)) void pair(__m512i w, const uint32_t* xk, c
   for (int m = 0; m < MT; ++m) {
     const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xk[m * kp2 + I]));
     acc[m][I % NACC] = _mm512_dpbf16_ps(acc[m][I % NACC], v, xv);
-    if constexpr (SPLIT) {  // the low bf16 half of fp32 activations: its own chain, no added latency
-      const __m512bh lv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xl[m * kp2 + I]));
-      accl[m][I % NACC] = _mm512_dpbf16_ps(accl[m][I % NACC], v, lv);
-    }
   }
 }
 
-template <int CB, int MT, int NACC, bool SPLIT, int... I>
-inline __attribute__((always_inline)) void word(__m512i w, const uint32_t* xk, const uint32_t* xl, int64_t kp2,
-                                                __m512 (&acc)[MT][NACC], __m512 (&accl)[MT][NACC],
-                                                std::integer_sequence<int, I...>) {
-  (pair<CB, MT, NACC, SPLIT, I>(w, xk, xl, kp2, acc, accl), ...);
+template <int CB, int MT, int NACC, int... I>
+inline __attribute__((always_inline)) void word(__m512i w, const uint32_t* xk, int64_t kp2,
+                                                __m512 (&acc)[MT][NACC], std::integer_sequence<int, I...>) {
+  (pair<CB, MT, NACC, I>(w, xk, kp2, acc), ...);
 }
 
-template <int CB, int MT, bool SPLIT>
+template <int CB, int MT>
 void tile(const GemmArgs& a, int64_t b, int64_t m0) {
   constexpr int PPW = 16 / CB;  // code pairs per word
   constexpr int NACC = MT >= 4 ? 1 : 4 / MT;
   const int32_t* wb = a.w + b * a.KW * 16;
   const int64_t kp2 = a.Kp / 2;  // activations as bf16 pairs
   const uint32_t* x0 = reinterpret_cast<const uint32_t*>(a.xh) + m0 * kp2;
-  const uint32_t* l0 = SPLIT ? reinterpret_cast<const uint32_t*>(a.xl) + m0 * kp2 : nullptr;
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t r0 = a.gptr[g], r1 = a.gptr[g + 1];
     if (r0 == r1) continue;
-    __m512 acc[MT][NACC], accl[MT][NACC];
+    __m512 acc[MT][NACC];
     for (int m = 0; m < MT; ++m)
-      for (int i = 0; i < NACC; ++i) acc[m][i] = accl[m][i] = _mm512_setzero_ps();
+      for (int i = 0; i < NACC; ++i) acc[m][i] = _mm512_setzero_ps();
     for (int64_t r = r0; r < r1; ++r) {
       const __m512i w = _mm512_loadu_si512(wb + r * 16);
-      word<CB, MT, NACC, SPLIT>(w, x0 + r * PPW, SPLIT ? l0 + r * PPW : nullptr, kp2, acc, accl,
-                                std::make_integer_sequence<int, PPW>{});
+      word<CB, MT, NACC>(w, x0 + r * PPW, kp2, acc, std::make_integer_sequence<int, PPW>{});
     }
     const __m512 s = _mm512_loadu_ps(a.scales + g * a.Np + b * 16);
     // (z + 128) * s = zs + 128 * s
@@ -86,8 +73,6 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0) {
     for (int m = 0; m < MT; ++m) {
       __m512 sum = acc[m][0];
       for (int i = 1; i < NACC; ++i) sum = _mm512_add_ps(sum, acc[m][i]);
-      if constexpr (SPLIT)
-        for (int i = 0; i < NACC; ++i) sum = _mm512_add_ps(sum, accl[m][i]);
       float* yp = a.y + (m0 + m) * a.Np + b * 16;
       __m512 y = _mm512_fmadd_ps(sum, s, _mm512_loadu_ps(yp));
       y = _mm512_fnmadd_ps(z, _mm512_set1_ps(a.xsum[(m0 + m) * a.G + g]), y);
@@ -96,12 +81,12 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0) {
   }
 }
 
-template <int CB, bool SPLIT>
+template <int CB>
 void block_avx512bf16(const GemmArgs& a, int64_t b, int64_t m, int64_t m1) {
-  for (; m + 8 <= m1; m += 8) tile<CB, 8, SPLIT>(a, b, m);
-  if (m1 - m >= 4) { tile<CB, 4, SPLIT>(a, b, m); m += 4; }
-  if (m1 - m >= 2) { tile<CB, 2, SPLIT>(a, b, m); m += 2; }
-  if (m1 - m >= 1) tile<CB, 1, SPLIT>(a, b, m);
+  for (; m + 8 <= m1; m += 8) tile<CB, 8>(a, b, m);
+  if (m1 - m >= 4) { tile<CB, 4>(a, b, m); m += 4; }
+  if (m1 - m >= 2) { tile<CB, 2>(a, b, m); m += 2; }
+  if (m1 - m >= 1) tile<CB, 1>(a, b, m);
 }
 
 }  // namespace
@@ -111,10 +96,10 @@ void block_avx512bf16(const GemmArgs& a, int64_t b, int64_t m, int64_t m1) {
 
 namespace quantkern_cpu {
 
-BlockFn block_fn_avx512bf16(int cb, bool split) {
+BlockFn block_fn_avx512bf16(int cb) {
   switch (cb) {
-    case 2: return split ? &block_avx512bf16<2, true> : &block_avx512bf16<2, false>;
-    case 4: return split ? &block_avx512bf16<4, true> : &block_avx512bf16<4, false>;
+    case 2: return &block_avx512bf16<2>;
+    case 4: return &block_avx512bf16<4>;
     default: return nullptr;
   }
 }

@@ -31,8 +31,7 @@ constexpr int code_shift(int cb, int j) { return (j & 1) * 16 + (j >> 1) * cb; }
 
 struct GemmArgs {
   const float* x;       // [M, Kp] activations in the padded k order, fp32
-  const uint16_t* xh;   // [M, Kp] bf16 activations, or the high bf16 half of fp32 ones (BF16 kernels only)
-  const uint16_t* xl;   // [M, Kp] the low bf16 half (x - hi) of fp32 activations (split BF16 kernel only)
+  const uint16_t* xh;   // [M, Kp] the same as bf16 bits (only for the BF16 kernels, else nullptr)
   const float* xsum;    // [M, G] per-row, per-group sums of x
   const int32_t* w;     // [NB, KW, 16]
   const float* scales;  // [G, Np]
@@ -50,6 +49,6 @@ using BlockFn = void (*)(const GemmArgs&, int64_t b, int64_t m0, int64_t m1);
 BlockFn block_fn_scalar(int cb);
 BlockFn block_fn_avx2(int cb);
 BlockFn block_fn_avx512(int cb);
-BlockFn block_fn_avx512bf16(int cb, bool split);  // CB = 2 or 4; split: a.xh + a.xl (fp32 activations)
+BlockFn block_fn_avx512bf16(int cb);  // bf16 activations (a.xh), CB = 2 or 4
 
 }  // namespace quantkern_cpu

@@ -7,10 +7,9 @@
 //       src    int64 [Kp]: source column of x for each padded k position (K = a zero column); None
 //              when the padded order is the identity (Kp == K)
 //       cb     container bits (2, 4, 8); n = out_features; bias [n] or None
-//       isa    0 = best available, 1 = portable, 2 = AVX2, 3 = AVX-512 (fp32 FMA, exact fp32 activations),
-//              4 = AVX-512 + BF16 dot products for 2- / 4-bit containers (bf16 activations as they
-//              are; fp32 / fp16 ones as hi + lo bf16 halves, <= 2^-16 relative rounding; 8-bit
-//              containers use the level-3 kernel); a level this CPU lacks raises
+//       isa    0 = best available, 1 = portable, 2 = AVX2, 3 = AVX-512, 4 = AVX-512 + BF16 dot products
+//              for bf16 activations with 2- / 4-bit containers (other inputs: the AVX-512 kernel);
+//              a level this CPU lacks raises
 //     returns [M, n] in x's dtype; accumulation in fp32.
 //   quantkern_cpu::best_isa() -> int   the ISA level `isa=0` resolves to on this CPU.
 //
@@ -19,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -56,11 +54,9 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
                 const std::optional<at::Tensor>& bias, int64_t isa) {
   isa = resolve_isa(isa);
   TORCH_CHECK(cb == 2 || cb == 4 || cb == 8, "quantkern_cpu::gemm: container bits must be 2, 4 or 8, got ", cb);
-  // bf16 dot products need codes < 128 (2- / 4-bit containers); fp32 / fp16 activations are split in
-  // two bf16 halves for them (gemm_avx512bf16.cpp)
-  const bool use_bf16 = isa == 4 && cb != 8;
-  const bool split = use_bf16 && x.scalar_type() != at::kBFloat16;
-  const BlockFn fn = use_bf16 ? block_fn_avx512bf16(cb, split)
+  // bf16 dot products only where they are exact: bf16 activations, codes < 128 (2- / 4-bit containers)
+  const bool use_bf16 = isa == 4 && x.scalar_type() == at::kBFloat16 && cb != 8;
+  const BlockFn fn = use_bf16 ? block_fn_avx512bf16(cb)
                      : isa >= 3 ? block_fn_avx512(cb) : isa == 2 ? block_fn_avx2(cb) : block_fn_scalar(cb);
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "quantkern_cpu::gemm: x must be a 2-D float tensor, got ",
               x.dim(), "-D ", x.scalar_type());
@@ -81,7 +77,7 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   if (bias) TORCH_CHECK(bias->numel() == n, "quantkern_cpu::gemm: bias has ", bias->numel(), " elements, expected ", n);
 
   // activations in the padded k order: fp32 for the fp32 kernels, bf16 (as is) for the BF16 kernel
-  at::Tensor xa = use_bf16 && !split ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor xa = use_bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
   if (src) {
     TORCH_CHECK(src->scalar_type() == at::kLong && src->numel() == Kp, "quantkern_cpu::gemm: src must be int64 [",
                 Kp, "]");
@@ -92,15 +88,7 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   } else {
     TORCH_CHECK(K == Kp, "quantkern_cpu::gemm: x has ", K, " features but the packed weight expects ", Kp);
   }
-  at::Tensor xf = xa, xhi, xlo;  // xf: the fp32 activations the kernel effectively uses (for xsum)
-  if (split) {
-    xhi = xa.to(at::kBFloat16);
-    xlo = xa.sub(xhi.to(at::kFloat)).to(at::kBFloat16);
-    xf = xhi.to(at::kFloat).add(xlo.to(at::kFloat));
-  } else if (use_bf16) {
-    xhi = xa;
-    xf = xa.to(at::kFloat);
-  }
+  const at::Tensor xf = use_bf16 ? xa.to(at::kFloat) : xa;
   at::Tensor xsum = at::empty({M, G}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* xs = xsum.data_ptr<float>();
@@ -113,9 +101,8 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
     }
 
   at::Tensor y = at::zeros({M, Np}, xf.options());
-  const uint16_t* xh = use_bf16 ? reinterpret_cast<const uint16_t*>(xhi.data_ptr<at::BFloat16>()) : nullptr;
-  const uint16_t* xl = split ? reinterpret_cast<const uint16_t*>(xlo.data_ptr<at::BFloat16>()) : nullptr;
-  const GemmArgs args{xp, xh, xl, xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(), zs.data_ptr<float>(), gp,
+  const uint16_t* xh = use_bf16 ? reinterpret_cast<const uint16_t*>(xa.data_ptr<at::BFloat16>()) : nullptr;
+  const GemmArgs args{xp, xh, xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(), zs.data_ptr<float>(), gp,
                       y.data_ptr<float>(), M, Kp, KW, G, Np};
   // Cache blocking. Rows are taken 8 at a time (one register tile); the column blocks are grouped
   // into "panels" whose packed weights (about kPanelBytes) stay in L2 while every 8-row chunk of x
