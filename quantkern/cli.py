@@ -36,10 +36,6 @@ def _add_quantize(sub):
 def cmd_quantize(a) -> int:
     import torch
 
-    if getattr(a, "offload", "none") != "none":  # stream block by block from the files, resumable
-        from .offload.cli import run_streaming_from_args
-
-        return run_streaming_from_args(a)
     from . import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, save_quantized
     from .calibration import load_text, sample_windows
     from .eval import tokenize_text
@@ -52,6 +48,10 @@ def cmd_quantize(a) -> int:
     else:
         config = GPTQConfig(actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
                             mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
+    if getattr(a, "offload", "none") != "none":  # stream block by block from the files, resumable
+        from .offload.cli import run_streaming_from_args
+
+        return run_streaming_from_args(a, config)
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model, device=a.device or "cpu")
     if a.method == "rtn":

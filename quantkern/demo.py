@@ -18,7 +18,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="quantkern-out/smollm2-gptq-w4g128-actorder")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=32, help="512-token windows of held-apart text")
     p.add_argument("--prompt", default="What is the capital of France?")

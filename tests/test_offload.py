@@ -22,7 +22,7 @@ import quantkern as qk
 from quantkern import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer
 from quantkern.io.files import CheckpointFileError
 from quantkern.offload import StreamStateError, quantize_streaming
-from quantkern.offload.cli import add_streaming_args, run_streaming_from_args
+from quantkern.offload.cli import run_streaming_from_args
 
 VOCAB = 512
 
@@ -277,9 +277,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
 
     sub = argparse.ArgumentParser().add_subparsers(dest="cmd")
     _add_quantize(sub)
-    p = sub.choices["quantize"]
-    add_streaming_args(p)
-    return p
+    return sub.choices["quantize"]  # _add_quantize also adds the streaming options
 
 
 def _word_tokenizer(path: Path) -> None:
@@ -297,26 +295,25 @@ def _word_tokenizer(path: Path) -> None:
 
 
 def test_cli_options(tmp_path, capsys):
+    from quantkern.cli import main
+
     path = tmp_path / "m"
     make_llama(path, layers=2)
     _word_tokenizer(path)
-    p = _quantize_parser()
-    a = p.parse_args(["--model", str(path), "--bits", "4", "--group-size", "64", "--nsamples", "4", "--seq-len", "16",
-                      "--offload", "disk", "--out", str(tmp_path / "q"), "--max-memory", "1GiB"])
-    assert a.resume is True
-    assert run_streaming_from_args(a) == 0
+    assert _quantize_parser().parse_args(["--out", "x"]).resume is True
+    assert main(["quantize", "--model", str(path), "--bits", "4", "--group-size", "64", "--nsamples", "4",
+                 "--seq-len", "16", "--offload", "disk", "--out", str(tmp_path / "q"), "--max-memory", "1GiB"]) == 0
     err = capsys.readouterr().err
     assert "block 1/2 done in" in err and "block 2/2 done in" in err and "s left" in err
     assert (tmp_path / "q" / "tokenizer.json").is_file() and qk.load_quantized(tmp_path / "q") is not None
-    a = p.parse_args(["--model", str(path), "--method", "rtn", "--offload", "cpu", "--no-resume",
-                      "--out", str(tmp_path / "r")])
-    assert a.resume is False and run_streaming_from_args(a) == 0
+    assert main(["quantize", "--model", str(path), "--method", "rtn", "--offload", "cpu", "--no-resume",
+                 "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--offload", "disk", "--out", "x"]) == 2
+    assert "safetensors weights" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(path), "--offload", "disk", "--format", "awq", "--out", "x"]) == 2
+    assert "GPTQ checkpoints only" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs --offload cpu or disk"):
-        run_streaming_from_args(p.parse_args(["--model", str(path), "--out", "x"]))
-    with pytest.raises(ValueError, match="safetensors weights"):
-        run_streaming_from_args(p.parse_args(["--offload", "disk", "--out", "x"]))
-    with pytest.raises(ValueError, match="GPTQ checkpoints only"):
-        run_streaming_from_args(p.parse_args(["--model", str(path), "--offload", "disk", "--format", "awq",
-                                              "--out", "x"]))
+        run_streaming_from_args(_quantize_parser().parse_args(["--model", str(path), "--out", "x"]), None)
     with pytest.raises(SystemExit):
-        p.parse_args(["--offload", "gpu", "--out", "x"])
+        _quantize_parser().parse_args(["--offload", "gpu", "--out", "x"])

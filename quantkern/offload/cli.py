@@ -31,12 +31,11 @@ def _progress(info: dict) -> None:
           f"about {info['eta_seconds']:.0f} s left", file=sys.stderr, flush=True)
 
 
-def run_streaming_from_args(a) -> int:
+def run_streaming_from_args(a, config) -> int:
     """Run the ``quantize`` command with ``--offload cpu|disk``. Raises ``ValueError`` for settings the
     streaming path does not take (a GGUF model, a format other than gptq)."""
     import torch
 
-    from ..api import GPTQConfig, RTNConfig
     from .source import resolve_model_dir
     from .stream import quantize_streaming
 
@@ -47,12 +46,6 @@ def run_streaming_from_args(a) -> int:
     if a.model in ("smollm2", "default") or str(a.model).endswith(".gguf"):
         raise ValueError("--offload needs a directory (or Hugging Face id) with safetensors weights, "
                          f"not {a.model!r}")
-    common = dict(bits=a.bits, group_size=a.group_size, sym=not a.asym, skip_layers=tuple(a.skip or ("lm_head",)))
-    if a.method == "rtn":
-        config = RTNConfig(mse=a.mse, **common)
-    else:
-        config = GPTQConfig(actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
-                            mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
     path = resolve_model_dir(a.model)
     data, tok = None, None
     if a.method != "rtn":
