@@ -30,11 +30,12 @@ SCHEMES = {  # name: (bits, group_size, sym)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=list(SCHEMES))
-    p.add_argument("--methods", nargs="*", default=["rtn", "gptq", "gptq-actorder"])
+    p.add_argument("--methods", nargs="*", default=["rtn", "gptq-actorder", "gptq"])
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--mse", action="store_true", help="GPTQ with the clipping search")
+    p.add_argument("--ppl-fp32", type=float, default=None, help="reuse a measured fp32 perplexity")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality_smollm2.csv"))
     a = p.parse_args()
 
@@ -55,7 +56,7 @@ def main() -> None:
         w.writerow(["scheme", "method", "bits", "group_size", "sym", "act_order", "mse", "ppl", "ppl_fp32",
                     "increase", "quant_seconds", "nsamples", "eval_tokens", "torch", "cpu", "threads"])
     meta = [torch.__version__, platform.processor() or platform.machine(), torch.get_num_threads()]
-    ppl_fp = perplexity(model, held, max_windows=a.eval_windows, progress=False)
+    ppl_fp = a.ppl_fp32 or perplexity(model, held, max_windows=a.eval_windows, progress=False)
     n_eval = a.eval_windows * 512
     print(f"fp32 perplexity {ppl_fp:.4f}", flush=True)
     w.writerow(["fp32", "none", 32, "", "", "", "", f"{ppl_fp:.4f}", f"{ppl_fp:.4f}", "0", "", "", n_eval, *meta])
