@@ -17,8 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m quantkern.demo
 
+# Triton kernels run on a CPU only through the interpreter, which must be switched on before triton
+# is first imported; those tests run in their own process so no other test sees the interpreter.
+TRITON_TESTS := tests/test_triton_kernels.py tests/test_smoothquant.py
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider $(TRITON_TESTS)
+	$(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider $(addprefix --ignore=,$(TRITON_TESTS))
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow" -p no:cacheprovider
