@@ -29,6 +29,17 @@ def _bool(name: str, v) -> None:
         raise ValueError(f"{name} must be a bool, got {v!r}")
 
 
+@dataclass(frozen=True)
+class CalibrationFields:
+    """Calibration settings every calibrated config shares: ``num_calibrate`` (samples used),
+    ``calibrate_seq_length`` (tokens per sample), ``batch_size`` (rows per forward), ``offload``."""
+
+    num_calibrate: int | None = None
+    calibrate_seq_length: int | None = None
+    batch_size: int = 8
+    offload: bool = False
+
+
 class PerLayer:
     """Per-layer overrides: ``overrides={"*.down_proj": {"bits": 8}, ...}`` (fnmatch patterns or dotted
     suffixes, as ``skip_layers``; the first matching pattern wins). Only the keys in ``layer_keys`` may
@@ -82,7 +93,7 @@ def validate_calibration_fields(c) -> None:
 
 
 @dataclass(frozen=True)
-class AWQConfig(WeightOnlyConfig, PerLayer):
+class AWQConfig(WeightOnlyConfig, CalibrationFields, PerLayer):
     """AWQ: activation-aware scale search per group of Linears sharing an input, folded into the
     preceding norm / Linear, then a weight-clipping search, then RTN into the GPTQ packed layout.
 
@@ -104,10 +115,6 @@ class AWQConfig(WeightOnlyConfig, PerLayer):
     max_search_tokens: int = 4096
     clip_tokens: int = 512
     propagate_quantized: bool = False
-    num_calibrate: int | None = None
-    calibrate_seq_length: int | None = None
-    batch_size: int = 8
-    offload: bool = False
 
     overrides: tuple = ()
     layer_keys: ClassVar[tuple[str, ...]] = ("bits", "group_size", "zero_point")
@@ -137,7 +144,7 @@ _W8A8_BACKENDS = ("auto", "int_mm", "triton", "reference")
 
 
 @dataclass(frozen=True)
-class W8A8Config(BaseConfig, PerLayer):
+class W8A8Config(BaseConfig, CalibrationFields, PerLayer):
     """W8A8 int8 without smoothing: int8 per-channel symmetric weights, int8 activations — dynamic per
     token (default, needs no data) or, with ``act_static=True``, one static per-tensor scale per Linear
     from the calibration abs-max. ``backend``: ``"auto"`` (``torch._int_mm`` where it applies),
@@ -147,10 +154,6 @@ class W8A8Config(BaseConfig, PerLayer):
     method: ClassVar[str] = "w8a8"
     act_static: bool = False
     backend: str = "auto"
-    num_calibrate: int | None = None
-    calibrate_seq_length: int | None = None
-    batch_size: int = 8
-    offload: bool = False
 
     overrides: tuple = ()
     layer_keys: ClassVar[tuple[str, ...]] = ("act_static",)
@@ -185,7 +188,7 @@ _FP8_PAIRS = (("float8_e4m3fn", None), ("float8_e4m3fn", "float8_e4m3fn"))
 
 
 @dataclass(frozen=True)
-class FP8Config(BaseConfig, PerLayer):
+class FP8Config(BaseConfig, CalibrationFields, PerLayer):
     """FP8 E4M3 with per-output-channel weight scales. ``act_dtype=None``: weight-only (W8A16 fp8);
     ``"float8_e4m3fn"``: W8A8 fp8 with per-token dynamic activation scales, or one static per-tensor
     scale per Linear with ``act_static=True`` (then calibration data is needed). ``backend``:
@@ -197,10 +200,6 @@ class FP8Config(BaseConfig, PerLayer):
     act_dtype: str | None = "float8_e4m3fn"
     act_static: bool = False
     backend: str = "auto"
-    num_calibrate: int | None = None
-    calibrate_seq_length: int | None = None
-    batch_size: int = 8
-    offload: bool = False
 
     overrides: tuple = ()
     layer_keys: ClassVar[tuple[str, ...]] = ("act_dtype", "act_static")
@@ -227,7 +226,7 @@ _PTQ_PAIRS = (("int8", "int8"), ("float8_e4m3fn", "float8_e4m3fn"))
 
 
 @dataclass(frozen=True)
-class PTQConfig(BaseConfig, PerLayer):
+class PTQConfig(BaseConfig, CalibrationFields, PerLayer):
     """Static post-training quantization: ``prepare`` puts an observer on the input of every target
     Linear, calibration forwards fill them, ``convert`` freezes one static per-tensor activation scale
     per Linear. Weights per-channel (int8 -> :class:`~quantkern.nn.W8A8Linear`, fp8 E4M3 ->
@@ -241,10 +240,6 @@ class PTQConfig(BaseConfig, PerLayer):
     percentile: float = 99.99
     averaging_constant: float = 0.01
     backend: str = "auto"
-    num_calibrate: int | None = None
-    calibrate_seq_length: int | None = None
-    batch_size: int = 8
-    offload: bool = False
 
     overrides: tuple = ()
     layer_keys: ClassVar[tuple[str, ...]] = ("observer", "percentile", "averaging_constant")
@@ -273,7 +268,7 @@ class PTQConfig(BaseConfig, PerLayer):
 
 
 @dataclass(frozen=True)
-class ZeroQuantConfig(BaseConfig, PerLayer):
+class ZeroQuantConfig(BaseConfig, CalibrationFields, PerLayer):
     """ZeroQuant-style: group-wise integer weights (``w_bits``, ``w_group_size``; ``-1`` = per channel)
     and token-wise dynamic integer activations (``a_bits``), or one static per-tensor range per Linear
     with ``act_static=True`` (min-max observed on calibration data). ``*_has_zero``: asymmetric with
@@ -289,10 +284,6 @@ class ZeroQuantConfig(BaseConfig, PerLayer):
     a_has_zero: bool = False
     a_unsign: bool = False
     act_static: bool = False
-    num_calibrate: int | None = None
-    calibrate_seq_length: int | None = None
-    batch_size: int = 8
-    offload: bool = False
 
     overrides: tuple = ()
     layer_keys: ClassVar[tuple[str, ...]] = ("w_bits", "w_group_size", "w_has_zero", "w_unsign", "a_bits",
