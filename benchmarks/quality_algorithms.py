@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("rtn", "awq", "w8a8", "smoothquant", "fp8", "smoothquant-all", "fp8-wo")  # run in this order
+METHODS = ("rtn", "awq", "w8a8", "smoothquant", "fp8", "fp8-gptq", "smoothquant-all", "fp8-wo", "fp8-wo-gptq")  # run in this order
 
 
 def build(method: str, bits: int, group_size: int, alpha: float, awq_grid: int):
@@ -39,7 +39,9 @@ def build(method: str, bits: int, group_size: int, alpha: float, awq_grid: int):
         "smoothquant": (qk.SmoothQuantQuantizer, dict(alpha=alpha), True),
         "smoothquant-all": (qk.SmoothQuantQuantizer, dict(alpha=alpha, smooth_linear_producers=True), True),
         "fp8": (qk.FP8Quantizer, {}, False),
+        "fp8-gptq": (qk.FP8Quantizer, dict(weight_method="gptq"), True),
         "fp8-wo": (qk.FP8Quantizer, dict(act_dtype=None), False),
+        "fp8-wo-gptq": (qk.FP8Quantizer, dict(act_dtype=None, weight_method="gptq"), True),
     }[method]
 
 

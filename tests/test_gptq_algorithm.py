@@ -95,3 +95,47 @@ def test_mse_clipping_never_worse_than_minmax_for_rtn():
     plain = float(((quantize_rtn(W, s).dequantize() - W) ** 2).sum())
     mse = float(((quantize_rtn(W, s, mse=True).dequantize() - W) ** 2).sum())
     assert mse <= plain
+
+
+# -- the fp8 grid -----------------------------------------------------------------------------------
+def _fp8_rtn(W):
+    from quantkern.kernels.w8a8 import quantize_fp8_per_row
+
+    return quantize_fp8_per_row(W)
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_gptq_fp8_beats_rtn_and_stores_exact_fp8(actorder):
+    from quantkern.kernels.w8a8 import FP8_DTYPE, FP8_MAX
+
+    W, X = _layer()
+    g = GPTQ(W)
+    g.add_batch(X)
+    q8, scale, loss = g.quantize_fp8(act_order=actorder)
+    r8, rscale = _fp8_rtn(W)
+    assert q8.dtype == FP8_DTYPE and q8.shape == W.shape and loss >= 0
+    assert torch.equal(scale, rscale)  # per-channel scales are fixed from the original rows
+    assert not q8.float().isnan().any() and q8.float().abs().max() <= FP8_MAX
+    err = float(((X @ (q8.float() * scale - W).T) ** 2).mean())
+    err_rtn = float(((X @ (r8.float() * rscale - W).T) ** 2).mean())
+    assert err < 0.7 * err_rtn, (err, err_rtn)
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_gptq_fp8_with_a_diagonal_hessian_is_round_to_nearest(actorder):
+    # uncorrelated input channels: no error to propagate, so GPTQ must reproduce plain rounding
+    # exactly -- also checks the act-order permutation is undone column for column
+    W, _ = _layer(n=40, k=96)
+    X = torch.diag(torch.rand(96) * 3 + 0.1)  # H diagonal, distinct entries (a real visiting order)
+    g = GPTQ(W)
+    g.add_batch(X)
+    q8, scale, _ = g.quantize_fp8(act_order=actorder)
+    r8, rscale = _fp8_rtn(W)
+    assert torch.equal(q8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(scale, rscale)
+
+
+def test_gptq_tracks_the_input_abs_max():
+    g = GPTQ(torch.randn(4, 8))
+    g.add_batch(torch.tensor([[1.0, -7.5, 0, 0, 0, 0, 0, 2]]))
+    g.add_batch(torch.tensor([[3.0, 0, 0, 0, 0, 0, 0, 0]]))
+    assert g.input_amax == 7.5

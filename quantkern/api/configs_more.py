@@ -193,13 +193,23 @@ class FP8Config(BaseConfig, CalibrationFields, PerLayer):
     ``"float8_e4m3fn"``: W8A8 fp8 with per-token dynamic activation scales, or one static per-tensor
     scale per Linear with ``act_static=True`` (then calibration data is needed). ``backend``:
     ``"auto"`` (``torch._scaled_mm`` on sm89+ GPUs, emulation elsewhere), ``"scaled_mm"`` (fail if
-    unavailable) or ``"emulated"``. Output modules are :class:`~quantkern.nn.fp8_linear.FP8Linear`."""
+    unavailable) or ``"emulated"``. Output modules are :class:`~quantkern.nn.fp8_linear.FP8Linear`.
+
+    ``weight_method``: ``"rtn"`` (round each weight to the nearest fp8 value; no data) or ``"gptq"``
+    (GPTQ's error feedback on the fp8 grid, block by block on calibration data, with ``damp_percent``
+    and ``actorder`` as in :class:`~quantkern.api.config.GPTQConfig`; the stored format is the same,
+    so it costs nothing at inference). With ``"gptq"`` and ``act_static``, the static activation
+    scales come from the same pass (the inputs each Linear sees once the blocks before it are
+    quantized)."""
 
     method: ClassVar[str] = "fp8"
     weight_dtype: str = "float8_e4m3fn"
     act_dtype: str | None = "float8_e4m3fn"
     act_static: bool = False
     backend: str = "auto"
+    weight_method: str = "rtn"
+    damp_percent: float = 0.01
+    actorder: bool = False
 
     overrides: tuple = ()
     layer_keys: ClassVar[tuple[str, ...]] = ("act_dtype", "act_static")
@@ -215,6 +225,12 @@ class FP8Config(BaseConfig, CalibrationFields, PerLayer):
             raise ValueError("act_static=True needs quantized activations (act_dtype='float8_e4m3fn')")
         if self.backend not in ("auto", "scaled_mm", "emulated"):
             raise ValueError(f"backend must be one of ['auto', 'scaled_mm', 'emulated'], got {self.backend!r}")
+        if self.weight_method not in ("rtn", "gptq"):
+            raise ValueError(f"weight_method must be 'rtn' or 'gptq', got {self.weight_method!r}")
+        if not (isinstance(self.damp_percent, (int, float)) and not isinstance(self.damp_percent, bool)
+                and 0 < self.damp_percent < 1):
+            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        _bool("actorder", self.actorder)
         validate_calibration_fields(self)
 
     @property

@@ -28,6 +28,111 @@ def _warn_if_no_gpu(use_triton: bool) -> None:
                   "the best CPU path (the pure-PyTorch reference where no CPU kernel fits)")
 
 
+class GPTQBlockDriver:
+    """The block-by-block GPTQ sweep, shared by every quantizer that runs GPTQ's error feedback
+    (integer grids: :class:`GPTQQuantizer`; fp8: :class:`~quantkern.api.smoothquant.FP8Quantizer`
+    with ``weight_method="gptq"``). Block ``i`` is calibrated on the outputs of blocks ``0..i-1``
+    already quantized, and only one block's activations are held at a time. Subclasses set
+    ``blocks_name``, ``blocks``, ``plan`` and implement :meth:`_quantize_layer`."""
+
+    def run_gptq_blocks(self, inputs: list[BlockInput], desc: str = "GPTQ blocks") -> dict[str, float]:
+        """Quantize every block and swap the quantized modules in; returns the GPTQ losses."""
+        device = self.calibration_device()
+        losses: dict[str, float] = {}
+        for i in tqdm(range(len(self.blocks)), desc=desc, disable=not self.verbose):
+            inputs, done = self.quantize_block(i, inputs, device, losses)
+            for name, q in done.items():
+                set_module(self.model, name, q)
+        return losses
+
+    def quantize_block(self, i: int, inputs: list[BlockInput], device, losses: dict[str, float]
+                       ) -> tuple[list[BlockInput], dict[str, QuantLinear]]:
+        """Quantize the planned Linears of block ``i`` (weights materialised) on ``inputs`` and return
+        the block's outputs as the next block's inputs (on the inputs' device) and ``{full name:
+        QuantLinear}``, not yet swapped in: the block's Linears hold the dequantized weights meanwhile.
+        GPTQ losses are added to ``losses``. Needs :meth:`plan_blocks`."""
+        block = self.blocks[i]
+        prefix = f"{self.blocks_name}.{i}."
+        targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
+        done: dict[str, QuantLinear] = {}
+        if targets:
+            for stage, shared_input in self._stages(block, targets, inputs[0]):
+                losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done, shared_input))
+        outputs = run_block(block, inputs, device)
+        return [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)], done
+
+    def _quantize_stage(self, block, prefix, stage, inputs, device, done: dict, shared_input: bool = False
+                        ) -> dict[str, float]:
+        """Collect H for the stage's Linears (stopping each forward once they have all run) and quantize
+        them, so later stages are calibrated on quantized outputs.
+
+        Until the block is finished each Linear keeps running as a dense layer holding exactly the
+        weights the reference kernel dequantizes (no per-call unpacking); its QuantLinear goes into
+        ``done`` and is swapped in by the caller. When the stage's Linears are fed one tensor
+        (``shared_input``: q/k/v, gate/up), H is accumulated once and shared."""
+        gptq = {name: GPTQ(mod.weight, prefix + name) for name, mod in stage.items()}
+        collect = dict([next(iter(stage.items()))]) if shared_input else stage
+        run_block(block, inputs, device, collect=collect, keep_outputs=False, stop_after=set(collect),
+                  on_input=lambda name, x: gptq[name].add_batch(x))
+        if shared_input:
+            first = gptq[next(iter(stage))]
+            for g in gptq.values():
+                g.H, g.nsamples, g.input_amax = first.H, first.nsamples, first.input_amax  # read-only
+        losses = {}
+        for name, mod in stage.items():
+            g = gptq.pop(name)
+            q, w, bias, loss = self._quantize_layer(g, mod, prefix + name)
+            g.free()
+            if loss is not None:
+                losses[prefix + name] = loss
+            mod.weight.data = w.to(mod.weight.dtype).contiguous()
+            if bias is not None:
+                mod.bias.data = bias.to(mod.bias.dtype)
+            done[prefix + name] = q
+        return losses
+
+    def _quantize_layer(self, g: GPTQ, mod: nn.Linear, name: str):
+        """Quantize one Linear from its collected statistics. Returns ``(quantized module, the weight
+        [N, K] it computes with, its bias (None: unchanged), GPTQ loss (None: not run))``; the Linear
+        runs with that weight and bias for the rest of its block's calibration."""
+        raise NotImplementedError
+
+    # stages ---------------------------------------------------------------------------------------
+    def _stages(self, block: nn.Module, targets: dict[str, nn.Module], sample
+                ) -> list[tuple[dict[str, nn.Module], bool]]:
+        """Group the block's target Linears into stages by execution order: Linears fed the same input
+        tensor (q/k/v, gate/up) form one stage. Returns ``(stage, shared_input)`` pairs. Without
+        ``true_sequential``, one stage holds them all."""
+        if not getattr(self.config, "true_sequential", True):
+            return [(targets, False)]
+        # keep the input tensors themselves alive: comparing ids of freed tensors could merge stages
+        order: list[tuple[str, torch.Tensor]] = []
+        by_module = {id(m): n for n, m in targets.items()}
+        hooks = [m.register_forward_pre_hook(lambda mod, args: order.append((by_module[id(mod)], args[0])))
+                 for m in targets.values()]
+        try:
+            run_block(block, [sample], keep_outputs=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        stages: list[dict[str, nn.Module]] = []
+        last_input = None
+        done = set()
+        for name, inp in order:
+            if name in done:
+                continue
+            if inp is not last_input or not stages:
+                stages.append({})
+            stages[-1][name] = targets[name]
+            done.add(name)
+            last_input = inp
+        result = [(st, True) for st in stages]
+        missed = [n for n in targets if n not in done]
+        if missed:  # never called on this sample (e.g. an unused expert): quantize them last
+            result.append(({n: targets[n] for n in missed}, False))
+        return result
+
+
 @register_quantizer(RTNConfig)
 class RTNQuantizer(BaseQuantizer):
     """Round-to-nearest weight quantization; needs no data.
@@ -55,7 +160,7 @@ class RTNQuantizer(BaseQuantizer):
 
 
 @register_quantizer(GPTQConfig)
-class GPTQQuantizer(BaseQuantizer):
+class GPTQQuantizer(GPTQBlockDriver, BaseQuantizer):
     """GPTQ, block by block: block ``i`` is calibrated on the outputs of blocks ``0..i-1`` already
     quantized, and only one block's activations are held at a time.
 
@@ -89,98 +194,18 @@ class GPTQQuantizer(BaseQuantizer):
         if not inputs:
             raise RuntimeError("no calibration forwards reached the model between prepare() and convert(); "
                                "run model(input_ids=...) on calibration batches first")
-        device = self.calibration_device()
-        losses: dict[str, float] = {}
-        for i in tqdm(range(len(self.blocks)), desc="GPTQ blocks", disable=not self.verbose):
-            inputs, done = self.quantize_block(i, inputs, device, losses)
-            for name, ql in done.items():
-                set_module(self.model, name, ql)
-        self.report["gptq_losses"] = losses
+        self.report["gptq_losses"] = self.run_gptq_blocks(inputs)
 
-    def quantize_block(self, i: int, inputs: list[BlockInput], device, losses: dict[str, float]
-                       ) -> tuple[list[BlockInput], dict[str, QuantLinear]]:
-        """Quantize the planned Linears of block ``i`` (weights materialised) on ``inputs`` and return
-        the block's outputs as the next block's inputs (on the inputs' device) and ``{full name:
-        QuantLinear}``, not yet swapped in: the block's Linears hold the dequantized weights meanwhile.
-        GPTQ losses are added to ``losses``. Needs :meth:`plan_blocks`."""
-        block = self.blocks[i]
-        prefix = f"{self.blocks_name}.{i}."
-        targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
-        done: dict[str, QuantLinear] = {}
-        if targets:
-            for stage, shared_input in self._stages(block, targets, inputs[0]):
-                losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done, shared_input))
-        outputs = run_block(block, inputs, device)
-        return [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)], done
-
-    def _quantize_stage(self, block, prefix, stage, inputs, device, done: dict, shared_input: bool = False
-                        ) -> dict[str, float]:
-        """Collect H for the stage's Linears (stopping each forward once they have all run) and quantize
-        them, so later stages are calibrated on quantized outputs.
-
-        Until the block is finished each Linear keeps running as a dense layer holding exactly the
-        weights the reference kernel dequantizes (no per-call unpacking); its QuantLinear goes into
-        ``done`` and is swapped in by the caller. When the stage's Linears are fed one tensor
-        (``shared_input``: q/k/v, gate/up), H is accumulated once and shared."""
+    def _quantize_layer(self, g: GPTQ, mod: nn.Linear, name: str):
         c = self.config
-        gptq = {name: GPTQ(mod.weight, prefix + name) for name, mod in stage.items()}
-        collect = dict([next(iter(stage.items()))]) if shared_input else stage
-        run_block(block, inputs, device, collect=collect, keep_outputs=False, stop_after=set(collect),
-                  on_input=lambda name, x: gptq[name].add_batch(x))
-        if shared_input:
-            first = gptq[next(iter(stage))]
-            for g in gptq.values():
-                g.H, g.nsamples = first.H, first.nsamples  # read-only in quantize()
-        losses = {}
-        for name, mod in stage.items():
-            g = gptq.pop(name)
-            if g.nsamples == 0:  # never reached by calibration (e.g. an unused MoE expert)
-                logger.warning("quantkern: %s%s saw no calibration tokens; quantized with RTN", prefix, name)
-                qw = quantize_rtn(mod.weight, WeightScheme(c.bits, c.group_size, c.sym), c.torch_scale_dtype)
-            else:
-                qw, losses[prefix + name] = g.quantize(c.scheme(), c.damp_percent, c.blocksize, c.static_groups,
-                                                       c.mse, c.torch_scale_dtype)
-            g.free()
-            ql = self.make_quant_linear(mod, qw, prefix + name)
-            w = dequantize_gptq(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, ql.bits, ql.in_features,
-                                dtype=mod.weight.dtype)
-            mod.weight.data = w.t().contiguous()
-            if mod.bias is not None:
-                mod.bias.data = ql.bias.to(mod.bias.dtype)
-            done[prefix + name] = ql
-        return losses
-
-    # stages ---------------------------------------------------------------------------------------
-    def _stages(self, block: nn.Module, targets: dict[str, nn.Module], sample
-                ) -> list[tuple[dict[str, nn.Module], bool]]:
-        """Group the block's target Linears into stages by execution order: Linears fed the same input
-        tensor (q/k/v, gate/up) form one stage. Returns ``(stage, shared_input)`` pairs. Without
-        ``true_sequential``, one stage holds them all."""
-        if not self.config.true_sequential:
-            return [(targets, False)]
-        # keep the input tensors themselves alive: comparing ids of freed tensors could merge stages
-        order: list[tuple[str, torch.Tensor]] = []
-        by_module = {id(m): n for n, m in targets.items()}
-        hooks = [m.register_forward_pre_hook(lambda mod, args: order.append((by_module[id(mod)], args[0])))
-                 for m in targets.values()]
-        try:
-            run_block(block, [sample], keep_outputs=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        stages: list[dict[str, nn.Module]] = []
-        last_input = None
-        done = set()
-        for name, inp in order:
-            if name in done:
-                continue
-            if inp is not last_input or not stages:
-                stages.append({})
-            stages[-1][name] = targets[name]
-            done.add(name)
-            last_input = inp
-        result = [(st, True) for st in stages]
-        missed = [n for n in targets if n not in done]
-        if missed:  # never called on this sample (e.g. an unused expert): quantize them last
-            result.append(({n: targets[n] for n in missed}, False))
-        return result
+        loss = None
+        if g.nsamples == 0:  # never reached by calibration (e.g. an unused MoE expert)
+            logger.warning("quantkern: %s saw no calibration tokens; quantized with RTN", name)
+            qw = quantize_rtn(mod.weight, WeightScheme(c.bits, c.group_size, c.sym), c.torch_scale_dtype)
+        else:
+            qw, loss = g.quantize(c.scheme(), c.damp_percent, c.blocksize, c.static_groups, c.mse,
+                                  c.torch_scale_dtype)
+        ql = self.make_quant_linear(mod, qw, name)
+        w = dequantize_gptq(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, ql.bits, ql.in_features,
+                            dtype=mod.weight.dtype)
+        return ql, w.t(), ql.bias, loss

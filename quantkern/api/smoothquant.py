@@ -10,6 +10,8 @@ smoothing factors into the norms, then replaces every target Linear by a
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -22,8 +24,11 @@ from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
 from .calibrated import ActivationObservers, BlockwiseQuantizer, check_no_quantized_modules
 from .configs_more import FP8Config, SmoothQuantConfig, W8A8Config
+from .quantizers import GPTQBlockDriver
 from .registry import register_quantizer
 from .targets import plan_targets, set_module
+
+logger = logging.getLogger("quantkern")
 
 
 def plan_unpacked(model: nn.Module, skip_layers, within: str):
@@ -118,9 +123,49 @@ class SmoothQuantQuantizer(W8A8Quantizer):
 
 
 @register_quantizer(FP8Config)
-class FP8Quantizer(W8A8Quantizer):
-    """``FP8Quantizer(model, act_dtype="float8_e4m3fn" | None, act_static=False).quantize(data=None)``:
-    FP8 E4M3 weight-only or W8A8 (see :class:`~quantkern.api.configs_more.FP8Config`)."""
+class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
+    """``FP8Quantizer(model, act_dtype="float8_e4m3fn" | None, act_static=False, weight_method="rtn" |
+    "gptq").quantize(data=None)``: FP8 E4M3 weight-only or W8A8 (see
+    :class:`~quantkern.api.configs_more.FP8Config`). ``weight_method="gptq"`` runs the GPTQ block
+    sweep (:class:`~quantkern.api.quantizers.GPTQBlockDriver`) on the fp8 grid."""
+
+    @property
+    def gptq(self) -> bool:
+        return self.config.weight_method == "gptq"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.gptq or super().needs_data
+
+    def _prepare(self) -> None:
+        if not self.gptq:
+            return super()._prepare()
+        self.blocks_name, self.blocks = find_decoder_blocks(self.model)
+        if getattr(getattr(self.model, "config", None), "model_type", None) == "gpt2":
+            conv1d_to_linear(self.blocks)
+        self.plan = plan_unpacked(self.model, self.config.skip_layers, self.blocks_name)
+        self.install_catcher(self.blocks[0])
+
+    def _convert(self) -> None:
+        if not self.gptq:
+            return super()._convert()
+        self.report["gptq_losses"] = self.run_gptq_blocks(self.take_inputs(), desc="GPTQ fp8 blocks")
+
+    def _quantize_layer(self, g, mod: nn.Linear, name: str):
+        c = self.config.for_layer(name)
+        mode = c.act_mode
+        scale = None
+        if mode == "static":
+            scale = g.input_amax / FP8_MAX if g.input_amax > 0 else 1.0
+        if g.nsamples == 0:  # never reached by calibration: plain rounding
+            logger.warning("quantkern: %s saw no calibration tokens; fp8 weights rounded without GPTQ", name)
+            q = FP8Linear.from_linear(mod, act=mode, input_scale=scale)
+            loss = None
+        else:
+            w8, w_scale, loss = g.quantize_fp8(c.damp_percent, act_order=c.actorder)
+            q = FP8Linear.from_fp8(w8, w_scale, bias=mod.bias, act=mode, input_scale=scale, dtype=mod.weight.dtype)
+        q.name, q.backend = name, c.backend
+        return q, q.dequantized_weight(), None, loss
 
     def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
         mode = self.config.for_layer(name).act_mode

@@ -36,17 +36,29 @@ class FP8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, act: str = "dynamic", input_scale: float | None = None) -> "FP8Linear":
         """Quantize ``linear``'s weight (per channel); ``act="static"`` needs ``input_scale`` > 0."""
         w = linear.weight.detach()
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, act=act, dtype=w.dtype,
-                  device=w.device)
         q, s = quantize_fp8_per_row(w)
-        mod.weight.copy_(q)
-        mod.weight_scale.copy_(s)
+        return cls.from_fp8(q, s, bias=linear.bias, act=act, input_scale=input_scale, dtype=w.dtype)
+
+    @classmethod
+    def from_fp8(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 act: str = "dynamic", input_scale: float | None = None,
+                 dtype: torch.dtype = torch.float16) -> "FP8Linear":
+        """Wrap already quantized tensors: ``weight`` float8_e4m3fn ``[N, K]``, ``weight_scale`` ``[N, 1]``
+        (finite, > 0); ``act="static"`` needs ``input_scale`` > 0."""
+        if weight.dtype != FP8_DTYPE or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D {FP8_DTYPE} tensor, got {weight.dtype} {tuple(weight.shape)}")
+        n, k = weight.shape
+        if tuple(weight_scale.shape) != (n, 1) or not bool(torch.isfinite(weight_scale).all() and (weight_scale > 0).all()):
+            raise ValueError(f"weight_scale must be finite, positive and of shape ({n}, 1), got {tuple(weight_scale.shape)}")
+        mod = cls(k, n, bias=bias is not None, act=act, dtype=dtype, device=weight.device)
+        mod.weight.copy_(weight)
+        mod.weight_scale.copy_(weight_scale)
         if act == "static":
             if input_scale is None or not (input_scale > 0 and input_scale < float("inf")):
                 raise ValueError(f"act='static' needs a finite input_scale > 0, got {input_scale!r}")
             mod.input_scale.fill_(float(input_scale))
-        if linear.bias is not None:
-            mod.bias.copy_(linear.bias.detach())
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
         return mod
 
     def dequantized_weight(self) -> torch.Tensor:
