@@ -11,8 +11,23 @@ import os
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
+
+
+class build_py_with_sources(build_py):
+    """Ship csrc/ inside the package (as quantkern/_src/csrc) so a wheel built without the compiled
+    extensions can still JIT-build them (quantkern/kernels/*/build.py look there after the checkout)."""
+
+    def run(self):
+        super().run()
+        import shutil
+
+        if (ROOT / "csrc").is_dir():
+            dst = Path(self.build_lib) / "quantkern" / "_src" / "csrc"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(ROOT / "csrc", dst, ignore=shutil.ignore_patterns("*.o", "*.so", "build*"))
 
 
 def _load_build_spec(rel: str):
@@ -27,7 +42,7 @@ def _load_build_spec(rel: str):
 
 def _ext_modules():
     if os.environ.get("QUANTKERN_BUILD_EXT", "0") != "1":
-        return [], {}
+        return [], {"build_py": build_py_with_sources}
     from torch.utils.cpp_extension import BuildExtension
 
     exts = []
@@ -37,7 +52,7 @@ def _ext_modules():
             ext = mod.setuptools_extension(ROOT)
             if ext is not None:
                 exts.append(ext)
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": build_py_with_sources}
 
 
 ext_modules, cmdclass = _ext_modules()

@@ -318,3 +318,29 @@ def test_setuptools_extension_lists_the_sources(tmp_path):
     assert ext.name == "quantkern._C_cpu"
     assert sorted(Path(s).name for s in ext.sources) == sorted(p.name for p in build.sources(root))
     assert build.setuptools_extension(tmp_path) is None  # no csrc/cpu there: nothing to build
+
+
+def test_wheel_ships_the_kernel_sources_for_the_jit_path(tmp_path):
+    # a wheel built without QUANTKERN_BUILD_EXT has no compiled extension: the JIT path needs csrc/
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, env={**__import__("os").environ, "QUANTKERN_BUILD_EXT": "0"},
+                   capture_output=True)
+    (whl,) = tmp_path.glob("quantkern-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    for src in build.sources(root) + [root / "csrc" / "cuda" / "gemm_wna16.cu"]:
+        assert f"quantkern/_src/csrc/{src.parent.name}/{src.name}" in names
+    # and an installed copy (no checkout above it) finds them there
+    site = tmp_path / "site"
+    zipfile.ZipFile(whl).extractall(site)
+    out = subprocess.run([sys.executable, "-c", "from quantkern.kernels.cpu import build; "
+                          "from quantkern.kernels.cuda import build as cb; print(build.source_dir()); "
+                          "print(cb.source_root())"],
+                         cwd=tmp_path, env={"PATH": __import__("os").environ["PATH"], "PYTHONPATH": str(site)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(site / "quantkern" / "_src" / "csrc" / "cpu"), str(site / "quantkern" / "_src")]

@@ -43,8 +43,14 @@ def supported_machine() -> str | None:
 
 
 def source_dir(root: Path | str | None = None) -> Path:
-    root = Path(root) if root is not None else Path(__file__).resolve().parents[3]
-    return root / "csrc" / "cpu"
+    """``ROOT/csrc/cpu``: the checkout's (editable installs, setup.py), else the copy a wheel ships
+    under ``quantkern/_src``."""
+    if root is None:
+        here = Path(__file__).resolve()
+        root = here.parents[3]
+        if not (root / "csrc" / "cpu").is_dir():
+            root = here.parents[2] / "_src"
+    return Path(root) / "csrc" / "cpu"
 
 
 def sources(root: Path | str | None = None) -> list[Path]:

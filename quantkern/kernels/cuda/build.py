@@ -37,9 +37,13 @@ _state: dict = {}  # {"ok": bool, "reason": str | None, "how": str}
 
 
 def source_root() -> Path | None:
-    """The checkout's root holding ``csrc/cuda`` (editable installs), or None when not shipped."""
-    root = Path(__file__).resolve().parents[3]
-    return root if all((root / s).exists() for s in SOURCES) else None
+    """The directory holding ``csrc/cuda``: the checkout (editable installs), else the copy a wheel
+    ships under ``quantkern/_src``; None when neither has the sources."""
+    here = Path(__file__).resolve()
+    for root in (here.parents[3], here.parents[2] / "_src"):
+        if all((root / s).exists() for s in SOURCES):
+            return root
+    return None
 
 
 def find_nvcc() -> str | None:
