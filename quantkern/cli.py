@@ -26,6 +26,8 @@ def _add_quantize(sub):
     p.add_argument("--format", default="gptq", help="checkpoint format (gptq)")
     p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--device-map", default=None,
+                   help="spread the blocks over devices: auto, balanced, sequential or a JSON {module: device}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     from .offload.cli import add_streaming_args
@@ -48,12 +50,20 @@ def cmd_quantize(a) -> int:
     else:
         config = GPTQConfig(actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
                             mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
+    device_map = _device_map(a)
     if getattr(a, "offload", "none") != "none":  # stream block by block from the files, resumable
+        if device_map is not None:
+            raise SystemExit("quantkern quantize: --offload streams one block at a time through --device; "
+                             "it does not take --device-map")
         from .offload.cli import run_streaming_from_args
 
         return run_streaming_from_args(a, config)
     torch.manual_seed(a.seed)
-    model, tok = load_model(a.model, device=a.device or "cpu")
+    model, tok = load_model(a.model, device="cpu" if device_map is not None else (a.device or "cpu"))
+    if device_map is not None:
+        from .devices import dispatch
+
+        model = dispatch(model, device_map)
     if a.method == "rtn":
         RTNQuantizer(model, config).quantize()
     else:
@@ -71,9 +81,22 @@ def _add_eval(sub):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", default=None, help="auto, balanced, sequential or a JSON {module: device}")
 
 
-def _load_any(path: str, device: str):
+def _device_map(a):
+    from .devices import parse_device_map
+
+    text = getattr(a, "device_map", None)
+    if text is None:
+        return None
+    try:
+        return parse_device_map(text)
+    except ValueError as e:
+        raise SystemExit(f"quantkern: {e}") from None
+
+
+def _load_any(path: str, device: str, device_map=None):
     from pathlib import Path
 
     from .models import load_model
@@ -84,15 +107,20 @@ def _load_any(path: str, device: str):
 
         from . import load_quantized
 
-        return load_quantized(path, device=device), AutoTokenizer.from_pretrained(path)
-    return load_model(path, device=device)
+        return load_quantized(path, device=device, device_map=device_map), AutoTokenizer.from_pretrained(path)
+    model, tok = load_model(path, device=device if device_map is None else "cpu")
+    if device_map is not None:
+        from .devices import dispatch
+
+        model = dispatch(model, device_map)
+    return model, tok
 
 
 def cmd_eval(a) -> int:
     from .calibration import load_text
     from .eval import perplexity, tokenize_text
 
-    model, tok = _load_any(a.model, a.device)
+    model, tok = _load_any(a.model, a.device, _device_map(a))
     ids = tokenize_text(tok, load_text(a.text, "eval"))
     ppl = perplexity(model, ids, seq_len=a.seq_len, max_windows=a.max_windows)
     print(json.dumps({"model": a.model, "perplexity": round(ppl, 4), "tokens": int(ids.numel())}))
@@ -105,12 +133,13 @@ def _add_generate(sub):
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", default=None, help="auto, balanced, sequential or a JSON {module: device}")
 
 
 def cmd_generate(a) -> int:
     from .eval import generate
 
-    model, tok = _load_any(a.model, a.device)
+    model, tok = _load_any(a.model, a.device, _device_map(a))
     print(generate(model, tok, a.prompt, a.max_new_tokens))
     return 0
 

@@ -35,3 +35,16 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_quantize_rejects_bad_bits_before_loading(capsys):
     assert main(["quantize", "--model", "/nonexistent-model-dir", "--bits", "9", "--out", "x"]) == 2
+
+
+def test_device_map_argument(ckpt, capsys):
+    from quantkern.devices import parse_device_map
+
+    assert parse_device_map("balanced") == "balanced"
+    assert parse_device_map('{"model.layers.0": 0, "lm_head": "cpu"}') == {"model.layers.0": 0, "lm_head": "cpu"}
+    with pytest.raises(ValueError, match="--device-map must be one of"):
+        parse_device_map("[1, 2]")
+    with pytest.raises(SystemExit, match="--device-map must be one of"):
+        main(["eval", str(ckpt), "--device-map", "fastest"])
+    with pytest.raises(SystemExit, match="does not take --device-map"):
+        main(["quantize", "--offload", "disk", "--device-map", "auto", "--out", "x"])

@@ -20,6 +20,7 @@ from ..algorithms.awq import (apply_clip, fold_into_linear_outputs, fold_into_no
                               search_clip, search_scale)
 from ..calibration import BlockInput, find_decoder_blocks, run_block
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
+from ..devices import block_device
 from ..formats.gptq import packable
 from ..kernels.reference import dequantize_gptq
 from .calibrated import BlockwiseQuantizer, check_no_quantized_modules
@@ -71,10 +72,10 @@ class AWQQuantizer(BlockwiseQuantizer):
 
     def _convert(self) -> None:
         inputs = self.take_inputs()
-        device = self.calibration_device()
         errors: dict[str, tuple[float, float]] = {}
         for i in tqdm(range(len(self.blocks)), desc="AWQ blocks", disable=not self.verbose):
             block = self.blocks[i]
+            device = block_device(block, self.calibration_device())  # placed by a device map: runs there
             prefix = f"{self.blocks_name}.{i}."
             targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
             done, outputs = self._quantize_block(block, prefix, targets, inputs, device, errors) if targets \

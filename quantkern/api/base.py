@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import group_batches, normalize_calibration_data
+from ..devices import check_not_offloaded
 from ..nn import QuantLinear
 from .config import BaseConfig
 from .registry import quantizer_for
@@ -69,6 +70,7 @@ class BaseQuantizer:
             raise RuntimeError("prepare() was already called on this model")
         self._t0 = time.perf_counter()
         self.report["bytes_before"] = weight_bytes(self.model)
+        check_not_offloaded(self.model)
         self._prepare()
         self._prepared = True
         setattr(self.model, _STATE_ATTR, self)

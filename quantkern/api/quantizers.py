@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
 from ..core import WeightScheme
+from ..devices import block_device
 from ..calibration import BlockInput, InputCatcher, find_decoder_blocks, run_block
 from ..kernels.reference import dequantize_gptq
 from ..kernels.registry import warn_once
@@ -52,6 +53,7 @@ class GPTQBlockDriver:
         QuantLinear}``, not yet swapped in: the block's Linears hold the dequantized weights meanwhile.
         GPTQ losses are added to ``losses``. Needs :meth:`plan_blocks`."""
         block = self.blocks[i]
+        device = block_device(block, device)  # a block placed by an accelerate device map runs where it is
         prefix = f"{self.blocks_name}.{i}."
         targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
         done: dict[str, QuantLinear] = {}

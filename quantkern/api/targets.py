@@ -88,4 +88,9 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
+    hook = getattr(getattr(parent, child, None), "_hf_hook", None)
+    if hook is not None:  # the replaced module was placed by an accelerate device map: keep it placed
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
     setattr(parent, child, new)

@@ -117,7 +117,7 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return m
 
 
-def load_quantized(path, device="cpu", dtype=None, backend="auto") -> nn.Module:
+def load_quantized(path, device="cpu", dtype=None, backend="auto", device_map=None, max_memory=None) -> nn.Module:
     """Load a quantized checkpoint directory into a model whose quantized Linears are QuantLinear
     (GPTQ v1 / v2, AWQ GEMM, compressed-tensors pack-quantized), W8A8Linear (compressed-tensors
     int-quantized) or FP8Linear (float-quantized).
@@ -129,8 +129,22 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto") -> nn.Module:
     Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files, pickles),
     :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config`` or model config)
     or :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the
-    config, named) — all ``ValueError``."""
+    config, named) — all ``ValueError``.
+
+    ``device_map`` (several devices; overrides ``device``): ``"auto"``, ``"balanced"``,
+    ``"balanced_low_0"``, ``"sequential"`` (accelerate fits the decoder blocks into ``max_memory``, e.g.
+    ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``) or an explicit ``{module name: device}``; see
+    :func:`quantkern.devices.dispatch` ("cpu" entries run on the CPU kernels)."""
     path = Path(path)
+    model = _load(path, device if device_map is None else "cpu", dtype, backend)
+    if device_map is None:
+        return model
+    from ..devices import dispatch
+
+    return dispatch(model, device_map, max_memory)
+
+
+def _load(path: Path, device, dtype, backend) -> nn.Module:
     if not path.is_dir():
         raise CheckpointFileError(f"{path} is not a checkpoint directory")
     config_dict = read_json(path / "config.json", "config.json")
