@@ -152,3 +152,17 @@ def test_hostile_compressed(tmp_path, cfg_fn, t_fn, err, match):
     _edit(path, cfg_fn, t_fn)
     with pytest.raises(err, match=match):
         load_quantized(path)
+
+
+def test_act_order_with_static_groups_exports(tmp_path, token_data):
+    import quantkern as qk
+
+    model = tiny_llama()
+    qk.GPTQQuantizer(model, bits=4, group_size=32, actorder=True, static_groups=True,
+                     verbose=False).quantize(token_data)
+    path = save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    loaded = load_quantized(path, backend="reference")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    torch.testing.assert_close(_hf_logits(path, x), model(x).logits, rtol=1e-4, atol=1e-4)

@@ -92,7 +92,9 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
         if not torch.equal(qw.g_idx.cpu().to(torch.int32), plain):
             # compressed-tensors >= 0.20 removed actorder="group" (a stored permuted g_idx)
             raise ValueError(f"{name}: act-order with a permuted g_idx cannot be stored in compressed-tensors "
-                             f"{_ct_version()}; export GPTQ instead")
+                             f"{_ct_version()}; export GPTQ instead, or quantize with actorder=True and "
+                             "static_groups=True (groups fixed in the original column order, as llm-compressor's "
+                             "actorder='weight' stores them)")
         for suffix in ("qweight", "qzeros", "scales", "g_idx"):
             sd.pop(f"{name}.{suffix}")
         sd[f"{name}.weight_packed"] = pack_to_int32((qw.codes.cpu() - mid).to(torch.int8), s.bits)
