@@ -108,18 +108,21 @@ def test_fp8_quantizer_close_to_float(tiny_llama, token_data, kwargs):
     assert (out - ref).norm() / ref.norm() < 0.05
 
 
-def test_fp8_both_doors_identical(tiny_llama, token_data):
-    a, b = tiny_llama, copy.deepcopy(tiny_llama)
-    cfg = qk.FP8Config(act_static=True, batch_size=4)
+def _both_doors_identical(model, cfg, token_data) -> None:
+    a, b = model, copy.deepcopy(model)
     qk.FP8Quantizer(a, cfg, verbose=False).quantize(token_data)
     b = qk.prepare(b, cfg)
-    for batch in group_batches(normalize_calibration_data(token_data), 4):
+    for batch in group_batches(normalize_calibration_data(token_data), cfg.batch_size):
         b(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     b = qk.convert(b, cfg)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k].view(torch.uint8) if sa[k].dtype == FP8_DTYPE else sa[k],
                            sb[k].view(torch.uint8) if sb[k].dtype == FP8_DTYPE else sb[k]) for k in sa)
+
+
+def test_fp8_both_doors_identical(tiny_llama, token_data):
+    _both_doors_identical(tiny_llama, qk.FP8Config(act_static=True, batch_size=4), token_data)
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(act_dtype=None), dict(act_static=True, actorder=True)])
@@ -145,19 +148,10 @@ def test_fp8_gptq_weights(tiny_llama, token_data, kwargs):
 
 
 def test_fp8_gptq_both_doors_identical_and_needs_data(tiny_llama, token_data):
-    a, b = tiny_llama, copy.deepcopy(tiny_llama)
     cfg = qk.FP8Config(weight_method="gptq", act_static=True, batch_size=4)
     with pytest.raises(ValueError, match="calibration data"):
-        qk.FP8Quantizer(copy.deepcopy(a), cfg, verbose=False).quantize(None)
-    qk.FP8Quantizer(a, cfg, verbose=False).quantize(token_data)
-    b = qk.prepare(b, cfg)
-    for batch in group_batches(normalize_calibration_data(token_data), 4):
-        b(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    b = qk.convert(b, cfg)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k].view(torch.uint8) if sa[k].dtype == FP8_DTYPE else sa[k],
-                           sb[k].view(torch.uint8) if sb[k].dtype == FP8_DTYPE else sb[k]) for k in sa)
+        qk.FP8Quantizer(copy.deepcopy(tiny_llama), cfg, verbose=False).quantize(None)
+    _both_doors_identical(tiny_llama, cfg, token_data)
 
 
 @pytest.mark.parametrize("kwargs,match", [
