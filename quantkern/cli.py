@@ -8,13 +8,42 @@ import logging
 import sys
 
 
+METHODS = ("gptq", "rtn", "awq", "fp8", "w8a8", "smoothquant")
+STREAMING_METHODS = ("gptq", "rtn")
+
+
+def _config(a):
+    """The config of ``--method`` from the arguments (validated now, before any loading)."""
+    from . import AWQConfig, FP8Config, GPTQConfig, RTNConfig, SmoothQuantConfig, W8A8Config
+
+    skip = tuple(a.skip or ("lm_head",))
+    common = dict(bits=a.bits, group_size=a.group_size, sym=not a.asym, skip_layers=skip)
+    if a.method == "rtn":
+        return RTNConfig(mse=a.mse, **common)
+    if a.method == "gptq":
+        return GPTQConfig(actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
+                          mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
+    calib = dict(skip_layers=skip, device=a.device)
+    if a.method == "awq":
+        return AWQConfig(bits=a.bits, group_size=a.group_size, zero_point=not a.sym, **calib)
+    if a.method == "fp8":
+        return FP8Config(act_dtype=None if a.weight_only else "float8_e4m3fn",
+                         weight_method="gptq" if a.fp8_gptq else "rtn", damp_percent=a.damp_percent,
+                         actorder=a.act_order, **calib)
+    if a.method == "w8a8":
+        return W8A8Config(**calib)
+    return SmoothQuantConfig(alpha=a.alpha, **calib)
+
+
 def _add_quantize(sub):
     p = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     p.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf file, a directory or a HF id")
-    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--method", choices=list(METHODS), default="gptq",
+                   help="gptq, rtn, awq (int weight-only); fp8 (W8A8 or --weight-only); w8a8, smoothquant (int8)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--asym", action="store_true", help="asymmetric (zero point per group)")
+    p.add_argument("--asym", action="store_true", help="gptq / rtn: asymmetric (zero point per group)")
+    p.add_argument("--sym", action="store_true", help="awq: symmetric (AWQ has a zero point by default)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--static-groups", action="store_true")
     p.add_argument("--damp-percent", type=float, default=0.01)
@@ -23,7 +52,12 @@ def _add_quantize(sub):
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--calib-text", default="builtin", help="'builtin', a .txt file or hf:<dataset>[:<config>]")
     p.add_argument("--skip", action="append", default=None, help="module name pattern to keep dense (repeatable)")
-    p.add_argument("--format", default="gptq", help="checkpoint format (gptq)")
+    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
+    p.add_argument("--weight-only", action="store_true", help="fp8: weight-only (activations stay in bf16/fp16)")
+    p.add_argument("--fp8-gptq", action="store_true", help="fp8: round the weights with GPTQ (needs calibration)")
+    p.add_argument("--format", default=None,
+                   help="gptq, awq, compressed-tensors or gguf (default: gptq for int weight-only methods, "
+                        "compressed-tensors for fp8 / w8a8 / smoothquant)")
     p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--device-map", default=None,
@@ -38,23 +72,21 @@ def _add_quantize(sub):
 def cmd_quantize(a) -> int:
     import torch
 
-    from . import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, save_quantized
+    from . import save_quantized
+    from .api.registry import quantizer_for
     from .calibration import load_text, sample_windows
     from .eval import tokenize_text
     from .models import load_model
 
-    common = dict(bits=a.bits, group_size=a.group_size, sym=not a.asym, skip_layers=tuple(a.skip or ("lm_head",)))
-    # build (and so validate) the config before spending time on loading the model
-    if a.method == "rtn":
-        config = RTNConfig(mse=a.mse, **common)
-    else:
-        config = GPTQConfig(actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
-                            mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
+    config = _config(a)  # built (and so validated) before any time goes into loading the model
+    fmt = a.format or ("gptq" if a.method in ("gptq", "rtn", "awq") else "compressed-tensors")
     device_map = _device_map(a)
     if getattr(a, "offload", "none") != "none":  # stream block by block from the files, resumable
+        if a.method not in STREAMING_METHODS:
+            raise ValueError(f"--offload streams {' and '.join(STREAMING_METHODS)}; --method {a.method} runs in "
+                             "memory (or over several GPUs with --device-map)")
         if device_map is not None:
-            raise SystemExit("quantkern quantize: --offload streams one block at a time through --device; "
-                             "it does not take --device-map")
+            raise ValueError("--offload streams one block at a time through --device; it does not take --device-map")
         from .offload.cli import run_streaming_from_args
 
         return run_streaming_from_args(a, config)
@@ -64,12 +96,13 @@ def cmd_quantize(a) -> int:
         from .devices import dispatch
 
         model = dispatch(model, device_map)
-    if a.method == "rtn":
-        RTNQuantizer(model, config).quantize()
-    else:
+    q = quantizer_for(config)(model, config, tokenizer=tok)
+    data = None
+    if q.needs_data:
         ids = tokenize_text(tok, load_text(a.calib_text, "calibration"))
-        GPTQQuantizer(model, config).quantize(sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed))
-    path = save_quantized(model, a.out, tokenizer=tok, format=a.format, checkpoint_format=a.checkpoint_format)
+        data = sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed)
+    q.quantize(data)
+    path = save_quantized(model, a.out, tokenizer=tok, format=fmt, checkpoint_format=a.checkpoint_format)
     print(f"wrote {path}")
     return 0
 
@@ -90,10 +123,7 @@ def _device_map(a):
     text = getattr(a, "device_map", None)
     if text is None:
         return None
-    try:
-        return parse_device_map(text)
-    except ValueError as e:
-        raise SystemExit(f"quantkern: {e}") from None
+    return parse_device_map(text)
 
 
 def _load_any(path: str, device: str, device_map=None):
