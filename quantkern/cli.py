@@ -89,6 +89,7 @@ def cmd_quantize(a) -> int:
             raise ValueError("--offload streams one block at a time through --device; it does not take --device-map")
         from .offload.cli import run_streaming_from_args
 
+        a.format = fmt
         return run_streaming_from_args(a, config)
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model, device="cpu" if device_map is not None else (a.device or "cpu"))
