@@ -34,7 +34,8 @@ class GPTQ:
         self.columns = weight.shape[1]
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=weight.device)
         self.nsamples = 0
-        self.input_amax = 0.0  # max |x| seen (a static activation scale for W8A8 grids)
+        # max |x| seen, kept on the device (no host sync per batch): a static activation scale for W8A8
+        self.input_amax = torch.zeros((), dtype=torch.float32, device=weight.device)
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
@@ -42,7 +43,7 @@ class GPTQ:
         n = x.shape[0]
         if n == 0:
             return
-        self.input_amax = max(self.input_amax, float(x.abs().max()))
+        self.input_amax = torch.maximum(self.input_amax, x.abs().amax())
         # running mean of 2 x xᵀ over all rows seen so far
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n

@@ -119,6 +119,16 @@ class BaseQuantizer:
     def calibration_batch_size(self) -> int:
         return getattr(self.config, "batch_size", 1)
 
+    def take_inputs(self) -> list:
+        """Remove ``self.catcher`` (the first block's :class:`~quantkern.calibration.InputCatcher`)
+        and return what the block received; raises if no calibration forward came."""
+        self.catcher.remove()
+        inputs, self.catcher = self.catcher.inputs, None
+        if not inputs:
+            raise RuntimeError("no calibration forwards reached the model between prepare() and convert(); "
+                               "run model(input_ids=...) on calibration batches first")
+        return inputs
+
     def calibration_device(self) -> torch.device:
         if self.config.device is not None:
             return torch.device(self.config.device)

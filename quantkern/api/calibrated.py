@@ -13,7 +13,7 @@ import types
 import torch
 from torch import nn
 
-from ..calibration import BlockInput, InputCatcher, normalize_calibration_data
+from ..calibration import InputCatcher, normalize_calibration_data
 from .base import BaseQuantizer
 
 
@@ -34,15 +34,6 @@ class BlockwiseQuantizer(BaseQuantizer):
     def install_catcher(self, first_block) -> None:
         off = torch.device("cpu") if getattr(self.config, "offload", False) else None
         self.catcher = InputCatcher(self.model, first_block, offload_device=off).install()
-
-    def take_inputs(self) -> list[BlockInput]:
-        """Remove the catcher and return what the first block received; raises if nothing came."""
-        self.catcher.remove()
-        inputs, self.catcher = self.catcher.inputs, None
-        if not inputs:
-            raise RuntimeError("no calibration forwards reached the model between prepare() and convert(); "
-                               "run model(input_ids=...) on calibration batches first")
-        return inputs
 
 
 class ActivationObservers:

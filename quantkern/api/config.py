@@ -18,6 +18,12 @@ from ..kernels import Backend
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def validate_damp_percent(v) -> None:
+    """GPTQ's initial Hessian damping: a number in (0, 1)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ValueError(f"damp_percent must be in (0, 1), got {v!r}")
+
+
 @dataclass(frozen=True)
 class BaseConfig:
     """Common settings. ``skip_layers``: fnmatch patterns (or dotted suffixes) of module names left in
@@ -115,8 +121,7 @@ class GPTQConfig(WeightOnlyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (isinstance(self.damp_percent, (int, float)) and 0 < self.damp_percent < 1):
-            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        validate_damp_percent(self.damp_percent)
         for name in ("blocksize", "nsamples", "seq_len", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .config import BaseConfig, WeightOnlyConfig
+from .config import BaseConfig, WeightOnlyConfig, validate_damp_percent
 from .targets import matches
 
 
@@ -227,9 +227,7 @@ class FP8Config(BaseConfig, CalibrationFields, PerLayer):
             raise ValueError(f"backend must be one of ['auto', 'scaled_mm', 'emulated'], got {self.backend!r}")
         if self.weight_method not in ("rtn", "gptq"):
             raise ValueError(f"weight_method must be 'rtn' or 'gptq', got {self.weight_method!r}")
-        if not (isinstance(self.damp_percent, (int, float)) and not isinstance(self.damp_percent, bool)
-                and 0 < self.damp_percent < 1):
-            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        validate_damp_percent(self.damp_percent)
         _bool("actorder", self.actorder)
         validate_calibration_fields(self)
 

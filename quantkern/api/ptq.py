@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..algorithms.observers import make_observer
-from ..kernels.w8a8 import FP8_MAX, INT8_MAX
+from ..kernels.w8a8 import FP8_MAX, INT8_MAX, static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
 from .configs_more import PTQConfig
@@ -33,7 +33,6 @@ class PTQQuantizer(W8A8Quantizer):
         return make_observer(c.observer, **kwargs)
 
     def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
-        amax = float(act_amax.max()) if act_amax is not None else 0.0
         if self.config.weight_dtype == "int8":
-            return W8A8Linear.from_linear(lin, input_scale=amax / INT8_MAX if amax > 0 else 1.0)
-        return FP8Linear.from_linear(lin, act="static", input_scale=amax / FP8_MAX if amax > 0 else 1.0)
+            return W8A8Linear.from_linear(lin, input_scale=static_input_scale(act_amax, INT8_MAX))
+        return FP8Linear.from_linear(lin, act="static", input_scale=static_input_scale(act_amax, FP8_MAX))

@@ -9,9 +9,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
+from ..calibration import BlockInput, InputCatcher, find_decoder_blocks, run_block
 from ..core import WeightScheme
 from ..devices import block_device
-from ..calibration import BlockInput, InputCatcher, find_decoder_blocks, run_block
 from ..kernels.reference import dequantize_gptq
 from ..kernels.registry import warn_once
 from ..nn import QuantLinear
@@ -190,13 +190,7 @@ class GPTQQuantizer(GPTQBlockDriver, BaseQuantizer):
         self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)
 
     def _convert(self) -> None:
-        self.catcher.remove()
-        inputs = self.catcher.inputs
-        self.catcher = None
-        if not inputs:
-            raise RuntimeError("no calibration forwards reached the model between prepare() and convert(); "
-                               "run model(input_ids=...) on calibration batches first")
-        self.report["gptq_losses"] = self.run_gptq_blocks(inputs)
+        self.report["gptq_losses"] = self.run_gptq_blocks(self.take_inputs())
 
     def _quantize_layer(self, g: GPTQ, mod: nn.Linear, name: str):
         c = self.config

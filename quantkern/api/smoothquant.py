@@ -19,7 +19,7 @@ from ..algorithms.awq import fold_into_linear_outputs, fold_into_norm, scale_inp
 from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
 from ..calibration import find_decoder_blocks
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
-from ..kernels.w8a8 import FP8_MAX, INT8_MAX
+from ..kernels.w8a8 import FP8_MAX, INT8_MAX, static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
 from .calibrated import ActivationObservers, BlockwiseQuantizer, check_no_quantized_modules
@@ -81,7 +81,7 @@ class W8A8Quantizer(BlockwiseQuantizer):
         """The quantized replacement of ``lin``; ``act_amax``: its observed per-channel input abs-max."""
         scale = None
         if self.config.for_layer(name).act_static:
-            scale = float(act_amax.max()) / INT8_MAX if act_amax is not None and float(act_amax.max()) > 0 else 1.0
+            scale = static_input_scale(act_amax, INT8_MAX)
         return W8A8Linear.from_linear(lin, input_scale=scale)
 
     def _smooth(self, amax: dict[str, torch.Tensor]) -> None:
@@ -156,7 +156,7 @@ class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
         mode = c.act_mode
         scale = None
         if mode == "static":
-            scale = g.input_amax / FP8_MAX if g.input_amax > 0 else 1.0
+            scale = static_input_scale(g.input_amax, FP8_MAX)
         if g.nsamples == 0:  # never reached by calibration: plain rounding
             logger.warning("quantkern: %s saw no calibration tokens; fp8 weights rounded without GPTQ", name)
             q = FP8Linear.from_linear(mod, act=mode, input_scale=scale)
@@ -171,5 +171,5 @@ class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
         mode = self.config.for_layer(name).act_mode
         scale = None
         if mode == "static":
-            scale = float(act_amax.max()) / FP8_MAX if act_amax is not None and float(act_amax.max()) > 0 else 1.0
+            scale = static_input_scale(act_amax, FP8_MAX)
         return FP8Linear.from_linear(lin, act=mode, input_scale=scale)

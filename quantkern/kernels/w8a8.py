@@ -36,6 +36,13 @@ def quantize_int8_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
+def static_input_scale(amax, qmax: float) -> float:
+    """One per-tensor activation scale from an observed abs-max (a float, a tensor of any shape, or
+    None): ``max / qmax``, or 1.0 when nothing (or only zeros) was observed."""
+    m = 0.0 if amax is None else float(amax.max() if isinstance(amax, torch.Tensor) else amax)
+    return m / qmax if m > 0 else 1.0
+
+
 def quantize_int8_static(x2d: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """Per-tensor static quantization with a calibrated ``input_scale`` (values beyond saturate)."""
     return torch.round(x2d.float() / input_scale.float()).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
