@@ -74,7 +74,10 @@ def test_requantized_scheme_is_reported(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         path = save_quantized(model, tmp_path / "out", format="gguf")
     assert path.name == "model.gguf"
-    assert "re-quantized" in caplog.text
+    assert "14 layer(s) have no exact GGUF type" in caplog.text
+    # one summary per (scheme, type), not one name per layer
+    assert "W3 g64 asym act-order -> Q4_1: 14 layer(s) (model.layers.0.self_attn.q_proj, ...)" in caplog.text
+    assert "model.layers.1.mlp.down_proj" not in caplog.text
     assert set(save_gguf.last_report.values()) == {("Q4_1", "re-quantized")}
     reader = gguf.GGUFReader(str(path))
     field = reader.fields["quantkern.requantized"]

@@ -135,6 +135,24 @@ def test_sharded_save(tmp_path):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "gguf"])
+def test_saved_files_follow_the_umask(tmp_path, fmt):
+    # temporary files/directories are 0600/0700: a serving process running as another user must still
+    # be able to read what was published
+    if fmt == "gguf":
+        pytest.importorskip("gguf")
+    model = quantize_linears(tiny_llama(), WeightScheme(4, 32, False, False))
+    old = os.umask(0o022)
+    try:
+        path = save_quantized(model, tmp_path / "ckpt", format=fmt, max_shard_size="20KB")
+    finally:
+        os.umask(old)
+    paths = [path, *path.iterdir()] if path.is_dir() else [path]
+    assert len(paths) > 2 or fmt == "gguf"
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
+
+
 def test_load_dtype_cast(tmp_path):
     model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False))
     path = save_quantized(model, tmp_path / "ckpt")

@@ -114,6 +114,10 @@ def test_streaming_rtn_tied_embeddings_and_cpu_offload(tmp_path):
     assert_same_checkpoint(cpu, ref)
     assert "lm_head.weight" not in tensors_of(disk)  # tied: re-tied from the embedding at load
     assert qk.load_quantized(disk).lm_head.weight is not None
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [disk, *disk.iterdir()]:  # published with the umask's modes, not tempfile's 0600 / 0700
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
 
 
 # -- errors -------------------------------------------------------------------------------------------

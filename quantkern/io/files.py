@@ -46,6 +46,25 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a directory and everything in it) the modes a plain ``open`` /
+    ``mkdir`` would have: ``tempfile`` creates 0600 files and 0700 directories, and so does
+    safetensors' writer, which would leave a checkpoint that a serving process running as another
+    user cannot read."""
+    path = Path(path)
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike):
     """Yield a fresh temporary directory next to ``path``; on normal exit fsync its files and rename it
@@ -58,6 +77,7 @@ def atomic_directory(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        publish_modes(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync_path(f)

@@ -32,6 +32,7 @@ from torch import nn
 from .. import __version__
 from ..core import QuantizedWeight
 from ..nn import QuantLinear
+from .files import publish_modes
 
 log = logging.getLogger(__name__)
 BLOCK = 32
@@ -104,10 +105,18 @@ def _permuted(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
                            zeros=_permute_rows(qw.zeros, n_head, 1), g_idx=qw.g_idx, scheme=qw.scheme)
 
 
-def _llama_metadata(writer, cfg) -> None:
+def gguf_model_problem(cfg) -> str | None:
+    """Why a model of this config cannot be exported to GGUF (architecture, RoPE), or None."""
+    if getattr(cfg, "model_type", None) != "llama":
+        return f"GGUF export supports the llama architecture, got {getattr(cfg, 'model_type', None)!r}"
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"GGUF export supports default RoPE only, got {rope}")
+        return f"GGUF export supports default RoPE only, got {rope}"
+    return None
+
+
+def _llama_metadata(writer, cfg) -> None:
+    rope = getattr(cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_context_length(cfg.max_position_embeddings)
@@ -149,6 +158,16 @@ def _tokenizer_metadata(writer, tokenizer) -> None:
             add(v)
 
 
+def _summary(names: list[str], report: dict, sources: dict) -> str:
+    """``"W4 g128 asym -> Q4_1: 210 layers (model.layers.0.self_attn.q_proj, ...)"``, one entry per
+    (scheme, type), so that a whole model does not print one name per layer."""
+    by: dict[tuple[str, str], list[str]] = {}
+    for n in names:
+        by.setdefault((sources[n], report[n][0]), []).append(n)
+    return "; ".join(f"{src} -> {qtype}: {len(ns)} layer(s) ({ns[0]}{', ...' if len(ns) > 1 else ''})"
+                     for (src, qtype), ns in by.items())
+
+
 def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
     """Write ``model`` as one GGUF file at ``path`` (``<path>/model.gguf`` if ``path`` does not end in
     ``.gguf``); atomic (temporary file, fsync, rename). Returns the file path; the per-layer types
@@ -158,8 +177,9 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
     multiple of 32."""
     gguf = _gguf()
     cfg = model.config
-    if getattr(cfg, "model_type", None) != "llama":
-        raise ValueError(f"GGUF export supports the llama architecture, got {getattr(cfg, 'model_type', None)!r}")
+    problem = gguf_model_problem(cfg)
+    if problem:
+        raise ValueError(problem)
     path = Path(path)
     if path.suffix != ".gguf":
         path = path / "model.gguf"
@@ -170,7 +190,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
         out_emb.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
-    report, requantized = {}, []
+    report, requantized, sources = {}, [], {}
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_name(getattr(cfg, "_name_or_path", "") or "quantkern model")
@@ -183,7 +203,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
                 gname = names.get_name(mod_name)
                 if gname is None:
                     raise ValueError(f"{mod_name}: no GGUF tensor name for this module")
-                if mod.in_features % BLOCK:
+                if mod.in_features % BLOCK:  # checked by save_quantized first; kept for direct callers
                     raise ValueError(f"{mod_name}: in_features={mod.in_features} is not a multiple of {BLOCK}")
                 qw = mod.to_quantized()
                 qw = QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.scheme)
@@ -200,6 +220,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
                     data = gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, qtype))
                     report[mod_name] = (qtype, "re-quantized")
                     requantized.append(mod_name)
+                    sources[mod_name] = qw.scheme.describe()
                 tensors.append((f"{gname}.weight", data, getattr(gguf.GGMLQuantizationType, qtype)))
                 if mod.bias is not None:
                     tensors.append((f"{gname}.bias", mod.bias.detach().float().cpu().numpy(), None))
@@ -214,8 +235,9 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
             arr = arr.float() if (arr.dtype == torch.float32 or arr.dim() == 1) else arr.to(torch.float16)
             tensors.append((f"{gname}.{leaf}", arr.numpy(), None))
         if requantized:
-            log.warning("GGUF export: %d layer(s) have no exact GGUF type and were re-quantized: %s",
-                        len(requantized), ", ".join(f"{n} -> {report[n][0]}" for n in requantized))
+            log.warning("GGUF export: %d layer(s) have no exact GGUF type and were re-quantized by the gguf "
+                        "package (exact types: 4-bit group 32 -> Q4_0 / Q4_1, 8-bit sym group 32 -> Q8_0): %s",
+                        len(requantized), _summary(requantized, report, sources))
         writer.add_string("quantkern.version", __version__)
         writer.add_array("quantkern.requantized", requantized or [""])
         for name, data, raw in tensors:
@@ -226,6 +248,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
         writer.close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        publish_modes(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..io.files import publish_modes
+
 MANIFEST = "manifest.json"
 STATE_VERSION = 1
 
@@ -177,6 +179,7 @@ class RunState:
             f.unlink()
         (self.work / MANIFEST).unlink()
         out_dir = Path(out_dir).absolute()
+        publish_modes(self.work)
         old = None
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
