@@ -102,7 +102,7 @@ def cmd_quantize(a) -> int:
     if q.needs_data:
         ids = tokenize_text(tok, load_text(a.calib_text, "calibration"))
         data = sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed)
-    q.quantize(data)
+    q.quantize(data, export_format=fmt)  # a format that cannot hold the result fails before calibration
     path = save_quantized(model, a.out, tokenizer=tok, format=fmt, checkpoint_format=a.checkpoint_format)
     print(f"wrote {path}")
     return 0

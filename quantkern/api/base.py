@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import group_batches, normalize_calibration_data
 from ..devices import check_not_offloaded
+from ..io.export_rules import LayerPlan, check_exportable
 from ..nn import QuantLinear
 from .config import BaseConfig
 from .registry import quantizer_for
@@ -45,6 +46,8 @@ class BaseQuantizer:
 
     config_cls: type[BaseConfig]
     needs_data: bool = True
+    #: the quantkern module type that replaces each planned Linear (see :meth:`layer_plan`)
+    produces: str = "QuantLinear"
 
     def __init__(self, model: nn.Module, config: BaseConfig | None = None, *, tokenizer=None, verbose: bool = True,
                  **kwargs):
@@ -65,13 +68,22 @@ class BaseQuantizer:
         self._prepared = False
 
     # -- the two-step door -------------------------------------------------------------------------
-    def prepare(self) -> nn.Module:
+    def prepare(self, export_format: str | None = None) -> nn.Module:
+        """Validate and install what calibration needs. ``export_format`` (``"gptq"``, ``"awq"``,
+        ``"compressed-tensors"``, ``"gguf"``): also check now, before any calibration, that the layers
+        this quantizer will produce can be saved in that format (see :meth:`check_export`)."""
         if self._prepared:
             raise RuntimeError("prepare() was already called on this model")
         self._t0 = time.perf_counter()
         self.report["bytes_before"] = weight_bytes(self.model)
         check_not_offloaded(self.model)
         self._prepare()
+        if export_format is not None:
+            try:
+                self.check_export(export_format)
+            except ValueError:
+                self._remove_calibration_hooks()
+                raise
         self._prepared = True
         setattr(self.model, _STATE_ATTR, self)
         return self.model
@@ -94,9 +106,10 @@ class BaseQuantizer:
         return self.model
 
     # -- the one-call door -------------------------------------------------------------------------
-    def quantize(self, data=None, tokenizer=None) -> nn.Module:
+    def quantize(self, data=None, tokenizer=None, export_format: str | None = None) -> nn.Module:
         """Quantize in place and return the model. ``data``: see
-        :func:`quantkern.calibration.normalize_calibration_data`; not needed by data-free methods."""
+        :func:`quantkern.calibration.normalize_calibration_data`; not needed by data-free methods.
+        ``export_format``: fail before calibration if the result could not be saved in that format."""
         tokenizer = tokenizer or self.tokenizer
         batches = None
         if self.needs_data:
@@ -104,10 +117,36 @@ class BaseQuantizer:
             batches = group_batches(normalize_calibration_data(data, tokenizer), self.calibration_batch_size())
         elif data is not None:
             logger.info("quantkern: %s needs no calibration data; ignoring it", self.config.method)
-        self.prepare()
+        self.prepare(export_format)
         if batches:
             self.calibrate(batches)
         return self.convert()
+
+    # -- what the result will be ---------------------------------------------------------------------
+    def layer_plan(self, name: str, linear: nn.Linear) -> LayerPlan:
+        """The quantized layer that ``convert`` will put in place of ``linear`` (kind, shape and, for a
+        QuantLinear, its weight scheme with any per-layer override applied)."""
+        k, n = linear.in_features, linear.out_features
+        if self.produces != "QuantLinear":
+            return LayerPlan(self.produces, k, n)
+        c = self.config.for_layer(name) if hasattr(self.config, "for_layer") else self.config
+        s = c.scheme()
+        return LayerPlan("QuantLinear", k, n, s, permuted_groups=s.act_order and not getattr(c, "static_groups", False))
+
+    def check_export(self, export_format: str) -> None:
+        """Raise ``ValueError`` (listing every layer, with what to do) if the planned quantized model
+        could not be saved in ``export_format``; needs the plan that :meth:`prepare` makes."""
+        if self.plan is None:
+            raise RuntimeError("check_export() needs the layer plan: call prepare() first")
+        plans = {name: self.layer_plan(name, lin) for name, lin in self.plan.quantize.items()}
+        check_exportable(export_format, plans, self.model)
+
+    def _remove_calibration_hooks(self) -> None:
+        for attr in ("catcher", "observers"):
+            hooks = getattr(self, attr, None)
+            if hooks is not None:
+                hooks.remove()
+                setattr(self, attr, None)
 
     @torch.no_grad()
     def calibrate(self, batches) -> None:

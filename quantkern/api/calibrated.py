@@ -20,7 +20,7 @@ from .base import BaseQuantizer
 class BlockwiseQuantizer(BaseQuantizer):
     needs_data = True
 
-    def quantize(self, data=None, tokenizer=None):
+    def quantize(self, data=None, tokenizer=None, export_format: str | None = None):
         tokenizer = tokenizer or self.tokenizer
         c = self.config
         n, length = getattr(c, "num_calibrate", None), getattr(c, "calibrate_seq_length", None)
@@ -29,7 +29,7 @@ class BlockwiseQuantizer(BaseQuantizer):
             if n is not None:
                 batches = batches[:n]
             data = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask} for b in batches]
-        return super().quantize(data, tokenizer)
+        return super().quantize(data, tokenizer, export_format)
 
     def install_catcher(self, first_block) -> None:
         off = torch.device("cpu") if getattr(self.config, "offload", False) else None

@@ -23,6 +23,7 @@ class FP4Quantizer(BaseQuantizer):
     """``FP4Quantizer(model, group_size=32, scale_dtype="float16").quantize()``."""
 
     needs_data = False
+    produces = "FP4Linear"
 
     def _prepare(self) -> None:
         c = self.config

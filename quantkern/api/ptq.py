@@ -25,6 +25,10 @@ class PTQQuantizer(W8A8Quantizer):
 
     needs_data = True
 
+    @property
+    def produces(self) -> str:
+        return "W8A8Linear" if self.config.weight_dtype == "int8" else "FP8Linear"
+
     def new_observer(self, name: str):
         c = self.config.for_layer(name)
         kwargs = {"percentile": dict(percentile=c.percentile),

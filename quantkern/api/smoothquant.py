@@ -42,6 +42,7 @@ class W8A8Quantizer(BlockwiseQuantizer):
     """``W8A8Quantizer(model, act_static=False).quantize(data=None)``: plain W8A8 int8."""
 
     smoothing = False
+    produces = "W8A8Linear"
 
     @property
     def needs_data(self) -> bool:
@@ -128,6 +129,8 @@ class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
     "gptq").quantize(data=None)``: FP8 E4M3 weight-only or W8A8 (see
     :class:`~quantkern.api.configs_more.FP8Config`). ``weight_method="gptq"`` runs the GPTQ block
     sweep (:class:`~quantkern.api.quantizers.GPTQBlockDriver`) on the fp8 grid."""
+
+    produces = "FP8Linear"
 
     @property
     def gptq(self) -> bool:

@@ -20,6 +20,8 @@ from .smoothquant import W8A8Quantizer
 class ZeroQuantQuantizer(W8A8Quantizer):
     """``ZeroQuantQuantizer(model, w_bits=4, w_group_size=64, a_bits=8, ...).quantize(data=None)``."""
 
+    produces = "ZeroQuantLinear"
+
     def new_observer(self, name: str):
         return MinMaxObserver()
 

@@ -22,11 +22,12 @@ from .. import __version__
 from ..formats.bitpack import unpack_cols
 from ..formats.gptq import zeros_v2_to_v1
 from ..nn import QuantLinear
+from .export_rules import FORMAT_KINDS, check_exportable, model_layer_plans
 from .files import atomic_directory, write_safetensors
 
 log = logging.getLogger(__name__)
 
-SAVE_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
+SAVE_FORMATS = tuple(FORMAT_KINDS)
 _INFO_DEFAULTS = {"damp_percent": 0.01, "static_groups": False, "true_sequential": True}
 
 
@@ -174,13 +175,9 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
         raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
     if format != "gptq" and checkpoint_format is not None:
         raise ValueError(f"checkpoint_format applies to format='gptq' only, got {checkpoint_format!r} with {format!r}")
-    allowed = ("QuantLinear", "W8A8Linear", "FP8Linear") if format == "compressed-tensors" else ("QuantLinear",)
-    for name, m in model.named_modules():
-        # every quantkern layer type has its own tensors: a format that does not describe them would
-        # write a checkpoint that loads wrongly, so refuse instead
-        if type(m).__module__.startswith("quantkern.nn") and type(m).__name__ not in allowed:
-            hint = "; save with format='compressed-tensors'" if type(m).__name__ in ("W8A8Linear", "FP8Linear") else ""
-            raise ValueError(f"{name} is a {type(m).__name__}: format {format!r} cannot store it{hint}")
+    # every quantkern layer type has its own tensors: a format that does not describe them, or a scheme
+    # it cannot hold, would write a checkpoint that loads wrongly, so refuse (naming every such layer)
+    check_exportable(format, model_layer_plans(model), model)
     if format == "gguf":
         from .gguf_export import save_gguf
 

@@ -1,0 +1,161 @@
+"""What each checkpoint format can store, as rules over layer *plans* (kind, shape, scheme).
+
+The same rules run twice: before calibration on the layers a quantizer is about to produce
+(:meth:`quantkern.api.base.BaseQuantizer.check_export`, the CLI's ``quantize --format``), so that no
+calibration time is spent on a model that cannot be written in the format asked for, and at save time
+on the layers the model really holds (:func:`quantkern.io.save_quantized`). Every offending layer is
+listed in one error, with what to do about it.
+
+Value-dependent limits (a GPTQ v1 zero of 0, a permuted ``g_idx`` found in the tensors) stay with the
+exporters, which see the values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..core import WeightScheme
+from .gguf_export import BLOCK as GGUF_BLOCK
+from .gguf_export import gguf_model_problem
+
+#: the quantkern module types each format describes; any other quantkern layer is refused
+FORMAT_KINDS = {
+    "gptq": ("QuantLinear",),
+    "awq": ("QuantLinear",),
+    "gguf": ("QuantLinear",),
+    "compressed-tensors": ("QuantLinear", "W8A8Linear", "FP8Linear"),
+}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A quantized layer, planned or built. ``kind``: the quantkern module type (``"QuantLinear"``,
+    ``"W8A8Linear"``, ``"FP8Linear"``, ...); ``scheme``: its integer weight scheme (QuantLinear only);
+    ``permuted_groups``: act-order whose groups follow the visiting order (``g_idx`` is not
+    ``k // group_size``; act-order with static groups keeps the plain map)."""
+
+    kind: str
+    in_features: int
+    out_features: int
+    scheme: WeightScheme | None = None
+    permuted_groups: bool = False
+
+
+def _ragged(p: LayerPlan) -> bool:
+    gs = p.scheme.group_size
+    return gs != -1 and p.in_features % gs != 0
+
+
+def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
+    kinds = FORMAT_KINDS[fmt]
+    if p.kind not in kinds:
+        hint = "; save with format='compressed-tensors'" if p.kind in FORMAT_KINDS["compressed-tensors"] else ""
+        return f"is a {p.kind}: format {fmt!r} cannot store it{hint}"
+    if p.kind != "QuantLinear":
+        return None
+    s, k, n = p.scheme, p.in_features, p.out_features
+    reasons = []
+    if fmt == "awq":
+        if s.bits != 4:
+            reasons.append(f"AWQ GEMM stores 4-bit weights only, not {s.bits}-bit")
+        if n % 8:
+            reasons.append(f"out_features={n} is not a multiple of 8")
+        if s.act_order:
+            reasons.append("AWQ GEMM has no g_idx, act-order (desc_act) layers cannot be stored")
+        if _ragged(p):
+            reasons.append(f"group_size={s.group_size} does not divide in_features={k}")
+    elif fmt == "compressed-tensors":
+        if _ragged(p):
+            reasons.append(f"group_size={s.group_size} does not divide in_features={k}")
+        if p.permuted_groups:
+            reasons.append("act-order with a permuted g_idx cannot be stored (quantize with actorder=True and "
+                           "static_groups=True: groups in the original column order, as llm-compressor's "
+                           "actorder='weight' stores them; or save as GPTQ)")
+    elif fmt == "gguf" and k % GGUF_BLOCK:
+        reasons.append(f"in_features={k} is not a multiple of {GGUF_BLOCK} (GGUF blocks)")
+    return "; ".join(reasons) or None
+
+
+def _model_problems(fmt: str, layers: dict[str, LayerPlan], model: nn.Module | None) -> list[str]:
+    out = []
+    if fmt == "awq":
+        sizes = sorted({p.scheme.group_size for p in layers.values() if p.kind == "QuantLinear"})
+        if len(sizes) > 1:
+            out.append(f"AWQ stores one group_size for the whole model; the layers use {sizes}")
+    if fmt == "gguf" and model is not None:
+        problem = gguf_model_problem(getattr(model, "config", None))
+        if problem:
+            out.append(problem)
+    return out
+
+
+def group_size_hint(layers: dict[str, LayerPlan], fmt: str) -> str:
+    """What to do when ``fmt`` cannot store a ragged last group: the group sizes that divide every
+    quantized layer's in_features, or the format that can store this model as it is."""
+    ks = sorted({p.in_features for p in layers.values() if p.kind == "QuantLinear"})
+    fits = [g for g in (16, 32, 64, 128, 256) if all(k % g == 0 for k in ks)]
+    what = f"group_size {' or '.join(map(str, fits))} (divides every in_features: {ks})" if fits else \
+        f"group_size -1 (no group size in 16..256 divides every in_features: {ks})"
+    return f"{fmt} has no ragged last group: quantize with {what}, or save as format='gptq' (which has one)"
+
+
+def _collapse(names: list[str]) -> str:
+    """``model.layers.*.mlp.up_proj (30x), lm_head``: names that differ only by block index, once."""
+    counts: dict[str, list[str]] = {}
+    for n in names:
+        counts.setdefault(re.sub(r"\.\d+\.", ".*.", n), []).append(n)
+    return ", ".join(ns[0] if len(ns) == 1 else f"{pat} ({len(ns)}x)" for pat, ns in counts.items())
+
+
+def _line(names: str, reason: str) -> str:
+    return f"{names} {reason}" if reason.startswith("is a ") else f"{names}: {reason}"
+
+
+def check_exportable(fmt: str, layers: dict[str, LayerPlan], model: nn.Module | None = None) -> None:
+    """Raise ``ValueError`` naming every layer (and model-level fact) that format ``fmt`` cannot store,
+    grouped by reason. ``layers``: ``{module name: LayerPlan}``; ``model`` (optional): architecture checks."""
+    if fmt not in FORMAT_KINDS:
+        raise ValueError(f"format must be one of {tuple(FORMAT_KINDS)}, got {fmt!r}")
+    problems = _model_problems(fmt, layers, model)
+    by_reason: dict[str, list[str]] = {}
+    for name, p in layers.items():
+        r = _layer_problem(fmt, p)
+        if r:
+            by_reason.setdefault(r, []).append(name)
+    if not problems and not by_reason:
+        return
+    if not problems and len(by_reason) == 1 and len(next(iter(by_reason.values()))) == 1:
+        (r, (name,)), = by_reason.items()
+        msg = _line(name, r)
+    else:
+        n = sum(len(v) for v in by_reason.values())
+        lines = problems + [_line(_collapse(names), r) for r, names in by_reason.items()]
+        msg = f"format {fmt!r} cannot store this model ({n} layer(s)):\n  " + "\n  ".join(lines)
+    if any("does not divide in_features" in r for r in by_reason):
+        msg += f"\n{group_size_hint(layers, 'AWQ GEMM' if fmt == 'awq' else fmt)}"
+    raise ValueError(msg)
+
+
+def model_layer_plans(model: nn.Module) -> dict[str, LayerPlan]:
+    """The plans of the quantized layers ``model`` holds (every module type from ``quantkern.nn``)."""
+    import torch
+
+    from ..nn import QuantLinear
+
+    out = {}
+    for name, m in model.named_modules():
+        if not type(m).__module__.startswith("quantkern.nn"):
+            continue
+        k, n = getattr(m, "in_features", 0), getattr(m, "out_features", 0)
+        if isinstance(m, QuantLinear):
+            s = m.scheme
+            gs = s.group_size if s.group_size != -1 else k
+            plain = torch.arange(k, dtype=torch.int32, device=m.g_idx.device) // gs
+            permuted = s.act_order and not torch.equal(m.g_idx.to(torch.int32), plain)
+            out[name] = LayerPlan("QuantLinear", k, n, s, permuted)
+        else:
+            out[name] = LayerPlan(type(m).__name__, k, n)
+    return out
