@@ -137,16 +137,19 @@ def test_transformers_default_route_loads_asymmetric_export(tmp_path):
     torch.testing.assert_close(_hf_logits(path, x), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_packages_own_asymmetric_checkpoint_fails_transformers_default_route_too(tmp_path):
-    """The xfail above is not ours: a checkpoint whose every tensor comes from compressed-tensors' own
-    compressor fails the default route in the same way (and loads with dequantize=True)."""
+@pytest.mark.parametrize("sym", [True, False])
+def test_checkpoint_from_the_packages_own_compressor(tmp_path, sym):
+    """Every tensor written by compressed-tensors' own ``PackedQuantizationCompressor`` (as
+    llm-compressor saves): quantkern imports it bit-exactly; transformers' default route loads the
+    symmetric one and refuses the asymmetric one exactly as it refuses ours (so the xfail above is not
+    ours), and its dequantize=True route rebuilds our weights bit for bit."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from safetensors.torch import load_file, save_file
     from transformers import CompressedTensorsConfig
 
-    model, path = _save(tmp_path, WeightScheme(4, 32, False, False), zero_pattern="cycle")
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    model, path = _save(tmp_path, WeightScheme(4, 32, sym, False), zero_pattern="cycle")
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=sym, strategy="group", group_size=32)
     tensors = load_file(str(path / "model.safetensors"))
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
@@ -154,12 +157,23 @@ def test_packages_own_asymmetric_checkpoint_fails_transformers_default_route_too
             state = {"weight": qw.dequantize(torch.float32), "weight_scale": qw.scales.t().contiguous(),
                      "weight_zero_point": (qw.zeros.t() - 8).to(torch.int8).contiguous()}
             theirs = PackedQuantizationCompressor.compress(state, QuantizationScheme(targets=["Linear"], weights=args))
+            for k in [k for k in tensors if k.startswith(name + ".")]:
+                del tensors[k]
             tensors.update({f"{name}.{k}": v.contiguous() for k, v in theirs.items()})
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_quantized(path, backend="reference")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            for buf in ("qweight", "qzeros", "scales", "g_idx"):
+                assert torch.equal(getattr(loaded.get_submodule(name), buf), getattr(m, buf)), f"{name}.{buf}"
     x = tokens()
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        _hf_logits(path, x)
-    _assert_hf_weights_exact(model, _hf(path, quantization_config=CompressedTensorsConfig(dequantize=True)))
+    if sym:
+        with torch.no_grad():
+            torch.testing.assert_close(_hf_logits(path, x), model(x).logits, rtol=1e-4, atol=1e-4)
+    else:
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            _hf_logits(path, x)
+        _assert_hf_weights_exact(model, _hf(path, quantization_config=CompressedTensorsConfig(dequantize=True)))
 
 
 def test_export_refuses_ragged_groups_and_act_order(tmp_path):
