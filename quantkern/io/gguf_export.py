@@ -1,15 +1,23 @@
 """GGUF export (llama.cpp) through the ``gguf`` package, for Llama-architecture models.
 
-Quantized Linears map onto GGUF block types (32 weights along the input dim per block):
+Quantized Linears map onto GGUF block types (32 weights along the input dim per block) *exactly*
+whenever each 32-column block lies inside one quantization group — any group size that is a
+multiple of 32, per-channel, a ragged last group on the 32 grid, act-order with static groups — and
+the scales fit fp16 (the block scale ``d`` is the group's scale):
 
-- 4-bit symmetric, group 32 → ``Q4_0`` (``w = (q - 8) * d``): exact (fp16 scales)
-- 4-bit asymmetric, group 32 → ``Q4_1`` (``w = q * d + m``): ``d`` exact, ``m = -zero * d`` rounded
+- bits <= 4, symmetric (every zero ``2**(b-1)``) → ``Q4_0`` (``w = (q4 - 8) * d``, ``q4 = q - zero + 8``):
+  exact
+- bits <= 4, asymmetric → ``Q4_1`` (``w = q * d + m``): codes and ``d`` exact, ``m = -zero * d`` rounded
   to fp16 (GGUF stores the block minimum, not an integer zero)
-- 8-bit symmetric, group 32 → ``Q8_0`` (``w = (q - 128) * d``): exact
-- anything else (other bits or group sizes, act-order, bf16 scales that fp16 cannot hold) has no
-  exact GGUF type: the layer is dequantized and re-quantized by the ``gguf`` package to ``Q4_0``
-  (bits <= 4, symmetric), ``Q4_1`` (bits <= 4, asymmetric) or ``Q8_0`` (bits > 4), and the export
-  says so (a log warning, the returned report and the ``quantkern.requantized`` metadata key).
+- bits 5..8 → ``Q8_0`` (``w = q8 * d``, ``q8 = q - zero``) when every ``q - zero`` fits int8 (all but
+  8-bit codes far from an asymmetric zero): exact
+
+2- and 3-bit layers thus cost 4.5 bits a weight in GGUF, and 5..7-bit ones 8.5, but keep the very
+weights quantkern computed (re-quantizing them would throw away GPTQ's error compensation).
+Anything else (group size 16, act-order with a permuted ``g_idx``, bf16 scales that fp16 cannot hold,
+8-bit offsets outside int8) is dequantized and re-quantized by the ``gguf`` package to ``Q4_0``
+(bits <= 4, symmetric), ``Q4_1`` (bits <= 4, asymmetric) or ``Q8_0`` (bits > 4), and the export says
+so (a log warning, the returned report and the ``quantkern.requantized`` metadata key).
 
 Blocks are written from the integer codes (not re-quantized) following the ggml block layouts:
 ``Q4_0`` = fp16 d + 16 bytes where byte j holds element j (low nibble) and element j + 16 (high
@@ -46,19 +54,43 @@ def _gguf():
     return gguf
 
 
+def _block_groups(qw: QuantizedWeight) -> torch.Tensor | None:
+    """The group of each 32-column block (int64 ``[K/32]``), or None when a block spans two groups
+    (group size 16, act-order with a permuted ``g_idx``, a group boundary off the 32 grid)."""
+    if qw.in_features % BLOCK:
+        return None
+    g = qw.g_idx.cpu().to(torch.int64).reshape(-1, BLOCK)
+    if not bool((g == g[:, :1]).all()):
+        return None
+    return g[:, 0]
+
+
+def _block_offsets(qw: QuantizedWeight, groups: torch.Tensor) -> torch.Tensor:
+    """int32 ``[N, K]``: each code minus its group's zero point."""
+    zeros = qw.zeros.cpu().to(torch.int32)[groups].t().repeat_interleave(BLOCK, dim=1)  # [N, K]
+    return qw.codes.cpu().to(torch.int32) - zeros
+
+
 def exact_gguf_type(qw: QuantizedWeight) -> str | None:
-    """The GGUF type that stores ``qw`` without re-quantization ("Q4_0" / "Q4_1" / "Q8_0"), else None."""
+    """The GGUF type that stores ``qw`` without re-quantization ("Q4_0" / "Q4_1" / "Q8_0"), else None.
+
+    Exact whenever every 32-column block lies inside one group (any group size that is a multiple
+    of 32, per-channel, ragged last groups on the 32 grid, act-order with static groups) and the
+    scales fit fp16 (the block scale): bits <= 4 with every zero at ``2**(b-1)`` -> ``Q4_0``
+    (``q - zero + 8``), other bits <= 4 -> ``Q4_1`` (the codes as they are, ``m = -zero * d`` rounded to
+    fp16), bits 5..8 -> ``Q8_0`` when every ``q - zero`` fits int8 (always, except 8-bit codes far from
+    an asymmetric zero)."""
     s = qw.scheme
-    plain = torch.arange(qw.in_features, dtype=torch.int32) // BLOCK
-    if s.group_size != BLOCK or qw.in_features % BLOCK or not torch.equal(qw.g_idx.cpu().to(torch.int32), plain):
+    groups = _block_groups(qw)
+    if groups is None:
         return None
     if qw.scales.dtype not in (torch.float16, torch.float32) or not torch.equal(
             qw.scales.float(), qw.scales.to(torch.float16).float()):
         return None  # the block scale is fp16
-    mid_zeros = bool((qw.zeros == (1 << (s.bits - 1))).all())
-    if s.bits == 4:
-        return "Q4_0" if mid_zeros else "Q4_1"
-    if s.bits == 8 and mid_zeros:
+    if s.bits <= 4:
+        return "Q4_0" if bool((qw.zeros == (1 << (s.bits - 1))).all()) else "Q4_1"
+    off = _block_offsets(qw, groups)
+    if int(off.min()) >= -128 and int(off.max()) <= 127:
         return "Q8_0"
     return None
 
@@ -70,23 +102,34 @@ def fallback_gguf_type(qw: QuantizedWeight) -> str:
 
 
 def encode_blocks(qw: QuantizedWeight, qtype: str) -> np.ndarray:
-    """uint8 ``[N, K/32 * block_bytes]`` blocks of ``qtype`` built from the codes (exact types only)."""
+    """uint8 ``[N, K/32 * block_bytes]`` blocks of ``qtype`` built from the codes (exact types only,
+    see :func:`exact_gguf_type`)."""
+    groups = _block_groups(qw)
+    if groups is None:
+        raise ValueError("a 32-column block spans two groups: no exact GGUF encoding")
     n, k = qw.codes.shape
-    g = k // BLOCK
-    codes = qw.codes.cpu().reshape(n, g, BLOCK).numpy().astype(np.int32)
-    scales = qw.scales.cpu().t().float().numpy()  # [N, G]
-    d = scales.astype(np.float16).reshape(n, g, 1).view(np.uint8)  # [N, G, 2] little-endian
+    nb = k // BLOCK
+    scales = qw.scales.cpu().float()[groups].t().numpy()  # [N, K/32]: each block's group scale
+    d = scales.astype(np.float16).reshape(n, nb, 1).view(np.uint8)  # [N, nb, 2] little-endian
+    if qtype == "Q4_1":
+        codes = qw.codes.cpu().to(torch.int32)
+    else:
+        codes = _block_offsets(qw, groups) + (8 if qtype == "Q4_0" else 0)
+    codes = codes.reshape(n, nb, BLOCK).numpy()
     if qtype in ("Q4_0", "Q4_1"):
+        if codes.min() < 0 or codes.max() > 15:
+            raise ValueError(f"codes do not fit the 4-bit blocks of {qtype}")
         qs = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
         if qtype == "Q4_0":
             blocks = np.concatenate([d, qs], axis=-1)
         else:
-            zeros = qw.zeros.cpu().t().float().numpy()
-            m = (-zeros * scales).astype(np.float16).reshape(n, g, 1).view(np.uint8)
+            zeros = qw.zeros.cpu().float()[groups].t().numpy()
+            m = (-zeros * scales).astype(np.float16).reshape(n, nb, 1).view(np.uint8)
             blocks = np.concatenate([d, m, qs], axis=-1)
     elif qtype == "Q8_0":
-        qs = (codes - 128).astype(np.int8).view(np.uint8)
-        blocks = np.concatenate([d, qs], axis=-1)
+        if codes.min() < -128 or codes.max() > 127:
+            raise ValueError("q - zero does not fit the int8 blocks of Q8_0")
+        blocks = np.concatenate([d, codes.astype(np.int8).view(np.uint8)], axis=-1)
     else:
         raise ValueError(f"no exact encoder for GGUF type {qtype}")
     return np.ascontiguousarray(blocks.reshape(n, -1))
@@ -236,7 +279,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
             tensors.append((f"{gname}.{leaf}", arr.numpy(), None))
         if requantized:
             log.warning("GGUF export: %d layer(s) have no exact GGUF type and were re-quantized by the gguf "
-                        "package (exact types: 4-bit group 32 -> Q4_0 / Q4_1, 8-bit sym group 32 -> Q8_0): %s",
+                        "package (exact only when every 32-column block lies in one group and the scales fit fp16): %s",
                         len(requantized), _summary(requantized, report, sources))
         writer.add_string("quantkern.version", __version__)
         writer.add_array("quantkern.requantized", requantized or [""])
