@@ -21,7 +21,7 @@ from .nn.fp8_linear import FP8Linear
 from .nn.w8a8_linear import W8A8Linear
 from .core import QuantizedWeight, WeightScheme
 from .kernels import Backend
-from .nn import QuantLinear
+from .nn import QuantLinear, release_canonical
 
 
 def save_quantized(model, path, tokenizer=None, **kwargs):
@@ -41,7 +41,7 @@ def load_quantized(path, device="cpu", **kwargs):
 __all__ = [
     "__version__", "BaseConfig", "BaseQuantizer", "GPTQConfig", "RTNConfig", "GPTQQuantizer", "RTNQuantizer",
     "prepare", "convert", "register_quantizer", "QuantizedWeight", "WeightScheme", "Backend", "QuantLinear",
-    "save_quantized", "load_quantized",
+    "save_quantized", "load_quantized", "release_canonical",
     "AWQConfig", "AWQQuantizer", "W8A8Config", "W8A8Quantizer", "SmoothQuantConfig", "SmoothQuantQuantizer",
     "W8A8Linear", "FP8Config", "FP8Quantizer", "FP8Linear",
     "PTQConfig", "PTQQuantizer", "ZeroQuantConfig", "ZeroQuantQuantizer",

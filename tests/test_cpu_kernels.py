@@ -24,6 +24,7 @@ from quantkern.core import QuantizedWeight, WeightScheme, find_qparams, quantize
 from quantkern.kernels import Backend, NoKernelError, select_kernel
 from quantkern.kernels.cpu import build, layout, ops
 from quantkern.kernels.cpu.backend import CpuKernel
+from quantkern.algorithms import quantize_rtn
 from quantkern.nn import QuantLinear
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
@@ -344,3 +345,64 @@ def test_wheel_ships_the_kernel_sources_for_the_jit_path(tmp_path):
                          cwd=tmp_path, env={"PATH": __import__("os").environ["PATH"], "PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(site / "quantkern" / "_src" / "csrc" / "cpu"), str(site / "quantkern" / "_src")]
+
+
+# -- inference-only memory: the CPU kernel's layout is the only copy -----------------------------------------
+@pytest.mark.parametrize("bits, desc_act", [(4, False), (3, True)])
+def test_release_canonical_keeps_one_copy(ext, tmp_path, bits, desc_act):
+    import quantkern as qk
+    from quantkern.api.base import weight_bytes
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 64, bias=True)
+    qw = quantize_rtn(lin.weight, WeightScheme(bits, 32, False, False))
+    if desc_act:  # a permuted g_idx: the CPU layout sorts K by group
+        perm = torch.randperm(96)
+        qw = type(qw)(qw.codes[:, perm], qw.scales, qw.zeros, qw.g_idx[perm], WeightScheme(bits, 32, False, True))
+    model = torch.nn.Sequential(QuantLinear.from_quantized(qw, bias=lin.bias, dtype=torch.float32))
+    x = torch.randn(3, 96)
+    with pytest.raises(RuntimeError, match="no kernel built yet"):
+        qk.release_canonical(model)
+    ref = model(x)
+    assert isinstance(model[0].kernel_for(x), CpuKernel)
+    canonical = sum(getattr(model[0], b).numel() * getattr(model[0], b).element_size()
+                    for b in ("qweight", "qzeros", "scales", "g_idx"))
+    before = weight_bytes(model)
+    assert qk.release_canonical(model) == canonical
+    assert weight_bytes(model) == before - canonical and model[0].released
+    assert torch.equal(model(x), ref)  # the kernel's own layout is all it ever read
+    assert qk.release_canonical(model) == 0  # idempotent
+    for call, what in [(lambda: model.state_dict(), r"state_dict\(\) / saving"),
+                       (lambda: model[0].to_quantized(), r"to_quantized\(\)"),
+                       (lambda: model.to(torch.float64), r"moving or casting the layer \(.to / .cuda / .half\)"),
+                       (lambda: model(x.double()), r"running on cpu / torch.float64 \(no kernel was built for them\)"),
+                       (lambda: model[0].reset_kernels(), r"reset_kernels\(\)")]:
+        with pytest.raises(RuntimeError, match=f"{what} needs the canonical GPTQ buffers.*released for inference "
+                                               "on cpu / float32"):
+            call()
+
+
+def test_release_canonical_refuses_kernels_that_read_the_buffers():
+    import quantkern as qk
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    layer = QuantLinear.from_quantized(quantize_rtn(lin.weight, WeightScheme(4, 32, True, False)), backend="reference")
+    layer(torch.randn(2, 64))
+    with pytest.raises(RuntimeError, match=r"kernel\(s\) \['ReferenceKernel'\] read the canonical buffers"):
+        qk.release_canonical(layer)
+    assert not layer.released and layer.qweight.numel() > 0
+
+
+def test_saving_a_released_model_names_the_layers(ext, tmp_path):
+    import quantkern as qk
+    from fixtures.quant_models import quantize_linears, tiny_llama, tokens
+
+    model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False), backend="auto")
+    with torch.no_grad():
+        model(tokens())
+    assert qk.release_canonical(model) > 0
+    with pytest.raises(ValueError, match=r"model\.layers\.\*\.self_attn\.q_proj \(2x\), .*: had its canonical weights "
+                                         "released for inference"):
+        qk.save_quantized(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,16 @@ from quantkern.nn import QuantLinear  # noqa: E402
 L = "model.layers.0.mlp.up_proj"
 
 
+def _load_bit_exact(path, model):
+    """``load_quantized(path)``, asserting every QuantLinear's GPTQ tensors equal ``model``'s."""
+    loaded = load_quantized(path, backend="reference")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            for buf in ("qweight", "qzeros", "scales", "g_idx"):
+                assert torch.equal(getattr(loaded.get_submodule(name), buf), getattr(m, buf)), f"{name}.{buf}"
+    return loaded
+
+
 def _save(tmp_path, scheme, name="ct", **kw):
     model = quantize_linears(tiny_llama(), scheme, **kw)
     return model, save_quantized(model, tmp_path / name, format="compressed-tensors")
@@ -27,11 +37,7 @@ def _save(tmp_path, scheme, name="ct", **kw):
 @pytest.mark.parametrize("sym", [True, False])
 def test_roundtrip_exact(tmp_path, bits, sym):
     model, path = _save(tmp_path, WeightScheme(bits, 32, sym, False), zero_pattern="cycle")
-    loaded = load_quantized(path, backend="reference")
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            for buf in ("qweight", "qzeros", "scales", "g_idx"):
-                assert torch.equal(getattr(loaded.get_submodule(name), buf), getattr(m, buf)), f"{name}.{buf}"
+    loaded = _load_bit_exact(path, model)
     x = tokens()
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
@@ -161,11 +167,7 @@ def test_checkpoint_from_the_packages_own_compressor(tmp_path, sym):
                 del tensors[k]
             tensors.update({f"{name}.{k}": v.contiguous() for k, v in theirs.items()})
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    loaded = load_quantized(path, backend="reference")
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            for buf in ("qweight", "qzeros", "scales", "g_idx"):
-                assert torch.equal(getattr(loaded.get_submodule(name), buf), getattr(m, buf)), f"{name}.{buf}"
+    _load_bit_exact(path, model)
     x = tokens()
     if sym:
         with torch.no_grad():

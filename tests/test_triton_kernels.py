@@ -473,3 +473,24 @@ def test_every_config_compiles_for_gpu_targets(arch):
     r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], env=env, capture_output=True, text=True,
                        timeout=1800)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+
+@cpu_only
+@pytest.mark.parametrize("bits", [4, 3])
+def test_release_canonical_with_triton(bits):
+    # 4-bit: the Triton layout *is* GPTQ's qweight (and the layer's scales and, without act-order, g_idx):
+    # only qzeros (unpacked into the kernel's uint8 zeros) is freed; 3-bit streams are repacked into bit
+    # planes, so qweight goes too
+    import quantkern as qk
+
+    layer = QuantLinear.from_quantized(make_qweight(64, 128, bits, 32, False, False), dtype=torch.float16,
+                                       backend="triton")
+    x = torch.randn(3, 128).half()
+    ref = layer(x)
+    nbytes = {b: getattr(layer, b).numel() * getattr(layer, b).element_size()
+              for b in ("qweight", "qzeros", "scales", "g_idx")}
+    freed = qk.release_canonical(layer)
+    assert freed == nbytes["qzeros"] + (nbytes["qweight"] if bits == 3 else 0)
+    assert torch.equal(layer(x), ref)
+    with pytest.raises(RuntimeError, match="released for inference on cpu / float16"):
+        layer(x.float())

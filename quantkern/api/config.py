@@ -7,7 +7,7 @@ through :func:`quantkern.api.registry.register_quantizer`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch

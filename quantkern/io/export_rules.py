@@ -42,6 +42,7 @@ class LayerPlan:
     out_features: int
     scheme: WeightScheme | None = None
     permuted_groups: bool = False
+    released: bool = False  # QuantLinear.release_canonical() dropped the tensors a checkpoint holds
 
 
 def _ragged(p: LayerPlan) -> bool:
@@ -54,6 +55,9 @@ def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
     if p.kind not in kinds:
         hint = "; save with format='compressed-tensors'" if p.kind in FORMAT_KINDS["compressed-tensors"] else ""
         return f"is a {p.kind}: format {fmt!r} cannot store it{hint}"
+    if p.released:
+        return ("had its canonical weights released for inference (release_canonical); load the checkpoint "
+                "again to save it")
     if p.kind != "QuantLinear":
         return None
     s, k, n = p.scheme, p.in_features, p.out_features
@@ -150,7 +154,9 @@ def model_layer_plans(model: nn.Module) -> dict[str, LayerPlan]:
         if not type(m).__module__.startswith("quantkern.nn"):
             continue
         k, n = getattr(m, "in_features", 0), getattr(m, "out_features", 0)
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and m.released:
+            out[name] = LayerPlan("QuantLinear", k, n, m.scheme, released=True)
+        elif isinstance(m, QuantLinear):
             s = m.scheme
             gs = s.group_size if s.group_size != -1 else k
             plain = torch.arange(k, dtype=torch.int32, device=m.g_idx.device) // gs

@@ -49,6 +49,10 @@ class QuantKernel:
 
     backend: ClassVar[Backend]
     priority: ClassVar[int]  # lower runs first
+    #: True when ``__call__`` never reads the layer's canonical GPTQ buffers (qweight / qzeros /
+    #: scales / g_idx): the kernel holds everything it needs, so
+    #: :meth:`~quantkern.nn.QuantLinear.release_canonical` may drop them
+    owns_weights: ClassVar[bool] = False
 
     @classmethod
     def can_implement(cls, layer: "QuantLinear", x: torch.Tensor) -> tuple[bool, str | None]:

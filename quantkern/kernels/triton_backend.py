@@ -70,6 +70,8 @@ class TritonKernel(QuantKernel):
                 return False, "triton was imported before TRITON_INTERPRET=1 was set (kernels not interpreted)"
         return True, None
 
+    owns_weights = True  # self.weight (for 2 / 4 / 8 bits it shares the storage of qweight and scales)
+
     def __init__(self, layer):
         super().__init__(layer)
         from quantkern.triton_kernels import from_gptq

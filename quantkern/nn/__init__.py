@@ -1,5 +1,5 @@
 """Quantized modules."""
 
-from .quant_linear import QuantLinear
+from .quant_linear import QuantLinear, release_canonical
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "release_canonical"]

@@ -16,6 +16,25 @@ from ..formats.gptq import gptq_shapes, pack_gptq, packable, unpack_gptq
 from ..kernels import Backend, select_kernel
 
 
+def _tensors_in(obj, depth: int = 3):
+    """The tensors an object holds (attributes, dataclass fields, tuples / lists / dicts), ``depth`` deep."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if depth == 0:
+        return
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        items = vars(obj).values()
+    else:
+        return
+    for v in items:
+        yield from _tensors_in(v, depth - 1)
+
+
 class QuantLinear(nn.Module):
     """Weight-only quantized Linear: ``y = x @ dequant(qweight).T + bias``.
 
@@ -57,6 +76,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", g_idx // (group_size if group_size != -1 else in_features))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._kernels: dict = {}
+        self._released: str | None = None  # why the canonical buffers are gone (see release_canonical)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -83,6 +103,7 @@ class QuantLinear(nn.Module):
         """The canonical form of this layer's weight (unpacks; for tests, export and repacking)."""
         from ..formats.gptq import GPTQTensors
 
+        self._check_canonical("to_quantized()")
         t = GPTQTensors(self.qweight, self.qzeros, self.scales, self.g_idx)
         return unpack_gptq(t, self.scheme, self.in_features, self.out_features)
 
@@ -117,17 +138,65 @@ class QuantLinear(nn.Module):
         key = (x.device, x.dtype)
         k = self._kernels.get(key)
         if k is None:
+            self._check_canonical(f"running on {x.device} / {x.dtype} (no kernel was built for them)")
             k = select_kernel(self, x, self.backend)(self)
             self._kernels[key] = k
         return k
 
     def reset_kernels(self) -> None:
         """Forget chosen kernels (call after changing buffers in place)."""
+        self._check_canonical("reset_kernels()")
         self._kernels.clear()
 
     def _apply(self, fn, *args, **kwargs):
+        self._check_canonical("moving or casting the layer (.to / .cuda / .half)")
         self._kernels.clear()  # buffers move or change dtype: repacked copies are stale
         return super()._apply(fn, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._check_canonical("state_dict() / saving")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    # --- inference-only memory ----------------------------------------------------------------------
+    @property
+    def released(self) -> bool:
+        return self._released is not None
+
+    def release_canonical(self) -> int:
+        """Drop the canonical GPTQ buffers (``qweight``, ``qzeros``, ``scales``, ``g_idx``) once the
+        kernels built so far hold their own copy of the weights (the CPU kernels' layout, the CUDA
+        GEMM's, the Triton one's): a layer that only runs then keeps one copy of its weights instead of
+        two. Build the kernels first (run a forward with the activations' device and dtype).
+
+        Afterwards the layer runs only on the device / dtype pairs already built; ``state_dict()``,
+        saving, ``to_quantized()``, ``.to()`` and other dtypes raise ``RuntimeError`` (reload the
+        checkpoint for those). Returns the bytes freed (buffers whose storage a kernel still shares,
+        as Triton shares 4-bit ``qweight``, count 0). Raises ``RuntimeError`` if no kernel is built or
+        one still reads the canonical buffers (the reference kernel, the CUDA GEMV's large-M path)."""
+        if self._released is not None:
+            return 0
+        if not self._kernels:
+            raise RuntimeError(f"{self.describe()}: no kernel built yet; run one forward with the inference "
+                               "activations (device and dtype) before release_canonical()")
+        readers = sorted({type(k).__name__ for k in self._kernels.values() if not k.owns_weights})
+        if readers:
+            raise RuntimeError(f"{self.describe()}: kernel(s) {readers} read the canonical buffers at every call; "
+                               "nothing can be released")
+        kept = {t.untyped_storage().data_ptr() for k in self._kernels.values() for t in _tensors_in(k)}
+        freed = 0
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            buf = self._buffers[name]
+            if buf.untyped_storage().data_ptr() not in kept:
+                freed += buf.numel() * buf.element_size()
+            self._buffers[name] = buf.new_empty(0)
+        built = ", ".join(f"{d} / {str(t).replace('torch.', '')}" for d, t in self._kernels)
+        self._released = f"its canonical weights were released for inference on {built}"
+        return freed
+
+    def _check_canonical(self, what: str) -> None:
+        if self._released is not None:
+            raise RuntimeError(f"{self.describe()}: {what} needs the canonical GPTQ buffers, but {self._released} "
+                               "(release_canonical); load the checkpoint again for that")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -137,3 +206,10 @@ class QuantLinear(nn.Module):
             x2 = x2.contiguous()
         y = self.kernel_for(x2)(self, x2)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def release_canonical(model: nn.Module) -> int:
+    """:meth:`QuantLinear.release_canonical` on every QuantLinear of ``model`` (run one forward with the
+    inference activations first); returns the bytes freed. For a model that only runs: saving it,
+    moving it or running it with another dtype raise afterwards."""
+    return sum(m.release_canonical() for m in model.modules() if isinstance(m, QuantLinear))

@@ -40,6 +40,8 @@ class CpuKernel(QuantKernel):
             return False, f"the C++ CPU extension is unavailable: {err}"
         return True, None
 
+    owns_weights = True
+
     def __init__(self, layer, isa: str | int | None = None):
         """Repack ``layer`` once. ``isa`` forces a kernel variant (``portable``, ``avx2``, ``avx512``;
         default: the best this CPU runs). Raises :class:`~.build.ExtensionError` if the extension

@@ -86,6 +86,8 @@ class CudaKernel(QuantKernel):
         else:
             self.packed = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, layer.bits, dtype)
         self.perm = None if self.packed.perm is None else self.packed.perm.to(dev)
+        # the GEMV path hands M > GEMV_MAX_M to the reference, which reads the canonical buffers
+        self.owns_weights = self.path == "gemm"
 
     def __call__(self, layer, x):
         m = x.shape[0]
