@@ -131,13 +131,12 @@ def check_exportable(fmt: str, layers: dict[str, LayerPlan], model: nn.Module | 
             by_reason.setdefault(r, []).append(name)
     if not problems and not by_reason:
         return
-    if not problems and len(by_reason) == 1 and len(next(iter(by_reason.values()))) == 1:
-        (r, (name,)), = by_reason.items()
-        msg = _line(name, r)
+    n = sum(len(v) for v in by_reason.values())
+    if n <= 1 and len(problems) + len(by_reason) == 1:
+        msg = problems[0] if problems else _line(*next((names[0], r) for r, names in by_reason.items()))
     else:
-        n = sum(len(v) for v in by_reason.values())
         lines = problems + [_line(_collapse(names), r) for r, names in by_reason.items()]
-        msg = f"format {fmt!r} cannot store this model ({n} layer(s)):\n  " + "\n  ".join(lines)
+        msg = f"format {fmt!r} cannot store this model{f' ({n} layer(s))' if n else ''}:\n  " + "\n  ".join(lines)
     if any("does not divide in_features" in r for r in by_reason):
         msg += f"\n{group_size_hint(layers, 'AWQ GEMM' if fmt == 'awq' else fmt)}"
     raise ValueError(msg)
