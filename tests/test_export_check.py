@@ -59,6 +59,14 @@ def test_gguf_architecture_refused_before_calibration(tiny_llama, token_data, no
         qk.RTNQuantizer(tiny_llama, bits=4, group_size=32, verbose=False).quantize(export_format="onnx")
 
 
+def test_prepare_door_checks_the_format_too(tiny_llama):
+    with pytest.raises(ValueError, match="AWQ GEMM stores 4-bit weights only, not 8-bit"):
+        qk.prepare(tiny_llama, qk.GPTQConfig(bits=8, group_size=32), export_format="awq")
+    _untouched(tiny_llama)
+    model = qk.prepare(tiny_llama, qk.GPTQConfig(bits=4, group_size=32), export_format="awq")
+    assert "forward" in model.__dict__  # prepared: the input catcher is in place
+
+
 def test_failed_check_leaves_the_model_quantizable(tiny_llama, token_data):
     q = qk.GPTQQuantizer(tiny_llama, bits=4, group_size=48, verbose=False)
     with pytest.raises(ValueError):

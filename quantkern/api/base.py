@@ -191,7 +191,8 @@ class BaseQuantizer:
         raise NotImplementedError
 
 
-def prepare(model: nn.Module, quant_config: BaseConfig, args=(), kwargs=None, inplace: bool = True) -> nn.Module:
+def prepare(model: nn.Module, quant_config: BaseConfig, args=(), kwargs=None, inplace: bool = True,
+            export_format: str | None = None) -> nn.Module:
     """Validate ``quant_config`` against ``model`` and install calibration observers.
 
     Everything checkable without data (bits, group sizes against every layer's shape, an already
@@ -199,14 +200,15 @@ def prepare(model: nn.Module, quant_config: BaseConfig, args=(), kwargs=None, in
     (``model(input_ids=..., attention_mask=...)``; while prepared, a forward stops at the first decoder
     block and returns None) and call :func:`convert`. ``args`` / ``kwargs``, when given, are example
     forward inputs run once right away as the first calibration batch. ``inplace=False`` prepares a
-    deep copy and leaves ``model`` untouched.
+    deep copy and leaves ``model`` untouched. ``export_format`` ("gptq", "awq", "compressed-tensors",
+    "gguf"): also refuse now a result that could not be saved in that format.
     """
     if not isinstance(quant_config, BaseConfig):
         raise TypeError(f"quant_config must be a quantkern config (e.g. GPTQConfig), got {type(quant_config).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     cls = quantizer_for(quant_config)
-    model = cls(model, quant_config).prepare()
+    model = cls(model, quant_config).prepare(export_format)
     if args or kwargs:
         with torch.no_grad():
             model(*tuple(args), **dict(kwargs or {}))
