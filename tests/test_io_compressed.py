@@ -18,6 +18,19 @@ from quantkern.nn import QuantLinear  # noqa: E402
 L = "model.layers.0.mlp.up_proj"
 
 
+def _upstream_zp_bug() -> bool:
+    """compressed-tensors <= 0.20.1 (checked with transformers 5.24) builds an unpacked weight_zero_point
+    for transformers' default load route; later versions may have fixed it, so tests expect the failure
+    strictly only where it was seen."""
+    import compressed_tensors
+    from packaging.version import Version
+
+    return Version(compressed_tensors.__version__) <= Version("0.20.1")
+
+
+UPSTREAM_ZP_BUG = _upstream_zp_bug()
+
+
 def _load_bit_exact(path, model):
     """``load_quantized(path)``, asserting every QuantLinear's GPTQ tensors equal ``model``'s."""
     loaded = load_quantized(path, backend="reference")
@@ -129,7 +142,7 @@ def test_transformers_loads_asymmetric_export(tmp_path, bits):
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
+@pytest.mark.xfail(strict=UPSTREAM_ZP_BUG, raises=RuntimeError,
                    reason="upstream: compressed-tensors <= 0.20.1 PackedQuantizationCompressor.compress, on the meta "
                           "tensors transformers builds before loading, packs weight_packed but leaves "
                           "weight_zero_point unpacked [N, G], so the packed [ceil(N*b/32), G] zero points of any "
@@ -173,8 +186,9 @@ def test_checkpoint_from_the_packages_own_compressor(tmp_path, sym):
         with torch.no_grad():
             torch.testing.assert_close(_hf_logits(path, x), model(x).logits, rtol=1e-4, atol=1e-4)
     else:
-        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-            _hf_logits(path, x)
+        if UPSTREAM_ZP_BUG:
+            with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+                _hf_logits(path, x)
         _assert_hf_weights_exact(model, _hf(path, quantization_config=CompressedTensorsConfig(dequantize=True)))
 
 
