@@ -4,7 +4,8 @@ Export writes ``quantization_config`` = ``{"quant_method": "awq", "bits": 4, "gr
 "zero_point": true, "version": "gemm"}`` (what transformers / vLLM read) plus AutoAWQ's own
 ``quant_config.json``. Zeros are written as-is, so symmetric models (zero 8) are exact too; a model
 is exportable only if every quantized layer is 4-bit, shares one group size that divides its
-in_features, and has no act-order.
+in_features, and keeps its groups in column order (act-order with static groups does; a permuted
+``g_idx`` cannot be stored).
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ def awq_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict]:
         raise ValueError(f"AWQ stores one group_size for the whole model; the layers use {sorted(sizes)}")
     sd = dense_state_dict(model)
     for name, m in layers.items():
-        if m.desc_act:
-            raise ValueError(f"{name}: AWQ GEMM has no g_idx, act-order (desc_act) layers cannot be exported")
         reason = awq_unsupported(m.scheme, m.in_features, m.out_features)
         if reason:
             raise ValueError(f"{name}: {reason}")

@@ -67,8 +67,9 @@ def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
             reasons.append(f"AWQ GEMM stores 4-bit weights only, not {s.bits}-bit")
         if n % 8:
             reasons.append(f"out_features={n} is not a multiple of 8")
-        if s.act_order:
-            reasons.append("AWQ GEMM has no g_idx, act-order (desc_act) layers cannot be stored")
+        if p.permuted_groups:
+            reasons.append("AWQ GEMM has no g_idx: act-order with a permuted g_idx cannot be stored (quantize "
+                           "with static_groups=True, which keeps groups in column order)")
         if _ragged(p):
             reasons.append(f"group_size={s.group_size} does not divide in_features={k}")
     elif fmt == "compressed-tensors":
