@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..core import WeightScheme
+from ..nn import QuantLinear
 from .gguf_export import BLOCK as GGUF_BLOCK
 from .gguf_export import gguf_model_problem
 
@@ -145,10 +147,6 @@ def check_exportable(fmt: str, layers: dict[str, LayerPlan], model: nn.Module | 
 
 def model_layer_plans(model: nn.Module) -> dict[str, LayerPlan]:
     """The plans of the quantized layers ``model`` holds (every module type from ``quantkern.nn``)."""
-    import torch
-
-    from ..nn import QuantLinear
-
     out = {}
     for name, m in model.named_modules():
         if not type(m).__module__.startswith("quantkern.nn"):

@@ -17,7 +17,8 @@ from ..kernels import Backend, select_kernel
 
 
 def _tensors_in(obj, depth: int = 3):
-    """The tensors an object holds (attributes, dataclass fields, tuples / lists / dicts), ``depth`` deep."""
+    """The tensors a kernel object holds: in tuples / lists / dicts and in the attributes of
+    quantkern's own objects (kernels, packed layouts), ``depth`` levels deep."""
     if isinstance(obj, torch.Tensor):
         yield obj
         return
@@ -27,7 +28,7 @@ def _tensors_in(obj, depth: int = 3):
         items = obj
     elif isinstance(obj, dict):
         items = obj.values()
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+    elif type(obj).__module__.startswith("quantkern.") and hasattr(obj, "__dict__"):
         items = vars(obj).values()
     else:
         return
