@@ -23,25 +23,20 @@ from .validate import FLOAT_DTYPES, CheckpointTensorError, check_bias, check_sca
 def awq_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(state dict in AWQ GEMM layout, quantization_config, {extra json files})``.
 
-    Raises ``ValueError`` naming the first layer that AWQ cannot store."""
+    What AWQ cannot hold is refused before this runs, by
+    :func:`~quantkern.io.export_rules.check_exportable` in ``save_quantized``."""
     from .save import dense_state_dict, quant_layers
 
     layers = quant_layers(model)
-    sizes = {m.group_size for m in layers.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"AWQ stores one group_size for the whole model; the layers use {sorted(sizes)}")
     sd = dense_state_dict(model)
     for name, m in layers.items():
-        reason = awq_unsupported(m.scheme, m.in_features, m.out_features)
-        if reason:
-            raise ValueError(f"{name}: {reason}")
         try:
             t = pack_awq(m.to_quantized())
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         sd.pop(f"{name}.g_idx", None)
         sd[f"{name}.qweight"], sd[f"{name}.qzeros"], sd[f"{name}.scales"] = t.qweight, t.qzeros, t.scales
-    group_size = sizes.pop()
+    group_size = next(iter(layers.values())).group_size  # one for the whole model (checked)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
     qcfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",

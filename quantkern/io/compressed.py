@@ -48,12 +48,6 @@ def _ct():
     return QuantizationArgs, QuantizationScheme, QuantizationConfig, pack_to_int32, unpack_from_int32
 
 
-def _ct_version() -> str:
-    import compressed_tensors
-
-    return compressed_tensors.__version__
-
-
 def _weight_args(scheme: WeightScheme, symmetric: bool):
     QuantizationArgs = _ct()[0]
     grouped = scheme.group_size != -1
@@ -67,8 +61,8 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
     as "int-quantized", FP8Linear as "float-quantized" (:mod:`.compressed_act`); several formats in
     one model make the top-level format "mixed-precision".
 
-    Raises ``ValueError`` naming a layer whose group size does not divide its in_features (the format
-    has no ragged groups) or that uses act-order."""
+    What the format cannot hold (ragged groups, a permuted ``g_idx``) is refused before this runs, by
+    :func:`~quantkern.io.export_rules.check_exportable` in ``save_quantized``."""
     from ..nn import QuantLinear
     from .compressed_act import act_layers, act_scheme
     from .save import dense_state_dict
@@ -84,17 +78,7 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
         qw = m.to_quantized()
         s = qw.scheme
         k, n, mid = m.in_features, m.out_features, 1 << (s.bits - 1)
-        if s.group_size != -1 and k % s.group_size:
-            raise ValueError(f"{name}: group_size={s.group_size} does not divide in_features={k}; "
-                             "compressed-tensors has no ragged last group")
         symmetric = s.sym and bool((qw.zeros == mid).all())  # a "sym" layer with other zeros is stored asym
-        plain = torch.arange(k, dtype=torch.int32) // (s.group_size if s.group_size != -1 else k)
-        if not torch.equal(qw.g_idx.cpu().to(torch.int32), plain):
-            # compressed-tensors >= 0.20 removed actorder="group" (a stored permuted g_idx)
-            raise ValueError(f"{name}: act-order with a permuted g_idx cannot be stored in compressed-tensors "
-                             f"{_ct_version()}; export GPTQ instead, or quantize with actorder=True and "
-                             "static_groups=True (groups fixed in the original column order, as llm-compressor's "
-                             "actorder='weight' stores them)")
         for suffix in ("qweight", "qzeros", "scales", "g_idx"):
             sd.pop(f"{name}.{suffix}")
         sd[f"{name}.weight_packed"] = pack_to_int32((qw.codes.cpu() - mid).to(torch.int8), s.bits)

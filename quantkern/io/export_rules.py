@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core import WeightScheme
+from ..formats.awq import awq_unsupported
 from ..nn import QuantLinear
 from .gguf_export import BLOCK as GGUF_BLOCK
 from .gguf_export import gguf_model_problem
@@ -65,15 +66,12 @@ def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
     s, k, n = p.scheme, p.in_features, p.out_features
     reasons = []
     if fmt == "awq":
-        if s.bits != 4:
-            reasons.append(f"AWQ GEMM stores 4-bit weights only, not {s.bits}-bit")
-        if n % 8:
-            reasons.append(f"out_features={n} is not a multiple of 8")
+        unsupported = awq_unsupported(s, k, n)
+        if unsupported:
+            reasons.append(unsupported)
         if p.permuted_groups:
             reasons.append("AWQ GEMM has no g_idx: act-order with a permuted g_idx cannot be stored (quantize "
                            "with static_groups=True, which keeps groups in column order)")
-        if _ragged(p):
-            reasons.append(f"group_size={s.group_size} does not divide in_features={k}")
     elif fmt == "compressed-tensors":
         if _ragged(p):
             reasons.append(f"group_size={s.group_size} does not divide in_features={k}")
@@ -158,7 +156,7 @@ def model_layer_plans(model: nn.Module) -> dict[str, LayerPlan]:
             s = m.scheme
             gs = s.group_size if s.group_size != -1 else k
             plain = torch.arange(k, dtype=torch.int32, device=m.g_idx.device) // gs
-            permuted = s.act_order and not torch.equal(m.g_idx.to(torch.int32), plain)
+            permuted = not torch.equal(m.g_idx.to(torch.int32), plain)  # the values decide, not the flag
             out[name] = LayerPlan("QuantLinear", k, n, s, permuted)
         else:
             out[name] = LayerPlan(type(m).__name__, k, n)

@@ -216,13 +216,11 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
     ``.gguf``); atomic (temporary file, fsync, rename). Returns the file path; the per-layer types
     chosen are in ``save_gguf.last_report`` (``{hf module: (gguf type, "exact" | "re-quantized")}``).
 
-    Raises ``ValueError`` for a non-Llama architecture, non-default RoPE, or in_features not a
-    multiple of 32."""
+    What GGUF cannot hold (a non-Llama architecture, non-default RoPE, in_features not a multiple of
+    32) is refused before this runs, by :func:`~quantkern.io.export_rules.check_exportable` in
+    ``save_quantized``."""
     gguf = _gguf()
     cfg = model.config
-    problem = gguf_model_problem(cfg)
-    if problem:
-        raise ValueError(problem)
     path = Path(path)
     if path.suffix != ".gguf":
         path = path / "model.gguf"
@@ -246,8 +244,6 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
                 gname = names.get_name(mod_name)
                 if gname is None:
                     raise ValueError(f"{mod_name}: no GGUF tensor name for this module")
-                if mod.in_features % BLOCK:  # checked by save_quantized first; kept for direct callers
-                    raise ValueError(f"{mod_name}: in_features={mod.in_features} is not a multiple of {BLOCK}")
                 qw = mod.to_quantized()
                 qw = QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.scheme)
                 heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(gname.split(".")[-1])
