@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.registry import check_same_device
+
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -97,5 +99,6 @@ class FP4Linear(nn.Module):
             raise ValueError(f"FP4Linear: input has {x.shape[-1]} features, expected {self.in_features}")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"FP4Linear: activations must be fp32/fp16/bf16, got {x.dtype}")
+        check_same_device(self, x, self._buffers.items())
         w = self.dequantized_weight().to(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
