@@ -162,6 +162,16 @@ def test_quant_linear_refuses_scales_its_dtype_cannot_hold():
     assert torch.equal(layer.scales, torch.ones_like(layer.scales))  # nothing half-loaded
 
 
+def test_fp4_refuses_group_scales_that_overflowed():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    w[1, 2] = 1e6  # amax / 6 > 65504
+    codes, scales = quantize_fp4_groups(w, 32, torch.float16)
+    with pytest.raises(ScaleOverflowError, match="FP4Linear: the float16 group scales are not finite"):
+        FP4Linear.from_codes(codes, scales, 32)
+    assert torch.isfinite(FP4Linear.from_codes(*quantize_fp4_groups(w, 32, torch.float32), 32).dequantized_weight()).all()
+
+
 # -- bias: kept in a dtype that holds it ----------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
 def test_a_bias_fp16_cannot_hold_stays_fp32_and_round_trips(fmt, tmp_path):
