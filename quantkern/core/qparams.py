@@ -32,7 +32,9 @@ def naming_layer(name: str):
 def dtype_overflow(values: torch.Tensor, dtype: torch.dtype) -> str | None:
     """``None`` if the finite ``values`` stay finite in ``dtype``, else what overflows: the largest
     magnitude and ``dtype``'s limit (one host sync; for construction / save time, not forwards)."""
-    if not dtype.is_floating_point or values.numel() == 0 or not bool(torch.isinf(values.detach().to(dtype)).any()):
+    if not dtype.is_floating_point or values.numel() == 0:
+        return None
+    if bool(torch.isfinite(values.detach().to(dtype).float()).all()):  # fp8 E4M3 overflows to NaN, not inf
         return None
     amax = float(values.detach().float().abs().amax())
     return (f"values up to {amax:.4g} overflow {str(dtype).replace('torch.', '')} "
