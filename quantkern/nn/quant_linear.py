@@ -103,14 +103,14 @@ class QuantLinear(nn.Module):
         if not bool(torch.isfinite(qw.scales).all()):
             raise ScaleOverflowError(f"{what}: the quantized weight's scales are not finite "
                                      f"({str(qw.scales.dtype).replace('torch.', '')} overflowed?)")
-        err = dtype_overflow(qw.scales, dtype)
+        err = dtype_overflow(qw.scales, dtype) if qw.scales.dtype != dtype else None
         if err:
             raise ScaleOverflowError(f"{what}: scales: {err}; keep them in float32")
         bias_dtype = dtype
         if bias is not None:
             if not bool(torch.isfinite(bias.detach()).all()):
                 raise ScaleOverflowError(f"{what}: the bias is not finite")
-            if dtype_overflow(bias, dtype):
+            if bias.dtype != dtype and dtype_overflow(bias, dtype):
                 bias_dtype = bias.dtype  # e.g. an fp32 bias of 1e5 with fp16 scales stays fp32
         s = qw.scheme
         mod = cls(qw.in_features, qw.out_features, s.bits, s.group_size, s.sym, s.act_order,
