@@ -175,10 +175,8 @@ class BaseQuantizer:
         return p.device if p is not None else torch.device("cpu")
 
     def make_quant_linear(self, linear: nn.Linear, qw, name: str) -> QuantLinear:
-        ql = QuantLinear.from_quantized(qw, bias=linear.bias, dtype=self.layer_dtype(linear),
-                                        backend=getattr(self.config, "backend", "auto"))
-        ql.name = name
-        return ql
+        return QuantLinear.from_quantized(qw, bias=linear.bias, dtype=self.layer_dtype(linear),
+                                          backend=getattr(self.config, "backend", "auto"), name=name)
 
     def layer_dtype(self, linear: nn.Linear) -> torch.dtype:
         """Scales/bias dtype of the QuantLinear: the checkpoint's scale dtype (fp16 by default)."""

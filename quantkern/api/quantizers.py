@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
 from ..calibration import BlockInput, InputCatcher, find_decoder_blocks, run_block
-from ..core import WeightScheme
+from ..core import WeightScheme, naming_layer
 from ..devices import block_device
 from ..kernels.reference import dequantize_gptq
 from ..kernels.registry import warn_once
@@ -83,7 +83,8 @@ class GPTQBlockDriver:
         losses = {}
         for name, mod in stage.items():
             g = gptq.pop(name)
-            q, w, bias, loss = self._quantize_layer(g, mod, prefix + name)
+            with naming_layer(prefix + name):
+                q, w, bias, loss = self._quantize_layer(g, mod, prefix + name)
             g.free()
             if loss is not None:
                 losses[prefix + name] = loss
@@ -157,7 +158,8 @@ class RTNQuantizer(BaseQuantizer):
     def _convert(self) -> None:
         scheme = self.config.scheme()
         for name, lin in tqdm(list(self.plan.quantize.items()), desc="RTN", disable=not self.verbose, leave=False):
-            qw = quantize_rtn(lin.weight, scheme, self.config.torch_scale_dtype, mse=self.config.mse)
+            with naming_layer(name):
+                qw = quantize_rtn(lin.weight, scheme, self.config.torch_scale_dtype, mse=self.config.mse)
             set_module(self.model, name, self.make_quant_linear(lin, qw, name))
 
 

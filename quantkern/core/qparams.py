@@ -8,7 +8,37 @@ what the quantizer optimised.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+
+class ScaleOverflowError(ValueError):
+    """Quantization scales (or a bias) that the dtype they are stored in cannot hold: casting them
+    would give ``inf`` and a model that computes NaN."""
+
+
+@contextmanager
+def naming_layer(name: str):
+    """Prefix a :class:`ScaleOverflowError` raised inside with the layer ``name`` (once)."""
+    try:
+        yield
+    except ScaleOverflowError as e:
+        if str(e).startswith(f"{name}: "):
+            raise
+        raise ScaleOverflowError(f"{name}: {e}") from None
+
+
+def dtype_overflow(values: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """``None`` if the finite ``values`` stay finite in ``dtype``, else what overflows: the largest
+    magnitude and ``dtype``'s limit (one host sync; for construction / save time, not forwards)."""
+    if not dtype.is_floating_point or values.numel() == 0:
+        return None
+    if bool(torch.isfinite(values.detach().to(dtype).float()).all()):  # fp8 E4M3 overflows to NaN, not inf
+        return None
+    amax = float(values.detach().float().abs().amax())
+    return (f"values up to {amax:.4g} overflow {str(dtype).replace('torch.', '')} "
+            f"(largest finite value {torch.finfo(dtype).max:.6g})")
 
 
 def find_qparams(
@@ -23,20 +53,30 @@ def find_qparams(
     Returns ``scale`` (fp32 values representable in ``scale_dtype``) and integer ``zero`` (int32,
     in ``[0, maxq]``), both of shape ``[rows]``. ``clip_ratio`` (scalar or [rows]) shrinks the range,
     as in an MSE clipping search. Rows that are all zero get scale 1 instead of a division by zero.
+    Raises :class:`ScaleOverflowError` (naming the largest ``|w|`` and ``scale_dtype``'s limit) when a
+    scale does not fit ``scale_dtype`` (e.g. ``|w|`` ~ 1e5 at 2 bits in fp16).
     """
     maxq = (1 << bits) - 1
     w = w.float()
     xmin = w.amin(dim=1).clamp(max=0)
     xmax = w.amax(dim=1).clamp(min=0)
+    wmax = torch.maximum(xmin.abs(), xmax)
     if sym:
-        amax = torch.maximum(xmin.abs(), xmax)
-        xmin, xmax = -amax, amax
+        xmin, xmax = -wmax, wmax
     xmin = xmin * clip_ratio
     xmax = xmax * clip_ratio
     dead = (xmin == 0) & (xmax == 0)
     xmin = torch.where(dead, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
-    scale = ((xmax - xmin) / maxq).to(scale_dtype).float()
+    raw = (xmax - xmin) / maxq
+    scale = raw.to(scale_dtype).float()
+    if scale_dtype != torch.float32 and bool(torch.isinf(scale).any()):  # one sync: quantization time only
+        bad = torch.isinf(scale)
+        raise ScaleOverflowError(
+            f"{bits}-bit scales overflow {str(scale_dtype).replace('torch.', '')}: weights with max |w| = "
+            f"{float(wmax[bad].max()):.4g} need scales up to {float(raw[bad].max()):.4g}, above its largest finite "
+            f"value {torch.finfo(scale_dtype).max:.6g}; quantize with scale_dtype='float32' (not every engine "
+            "loads fp32 GPTQ scales) or rescale the weights")
     # an fp16 scale can underflow to zero for tiny ranges; keep it the smallest positive normal
     tiny = torch.finfo(scale_dtype).tiny
     scale = scale.clamp(min=tiny)

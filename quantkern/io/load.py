@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core import dtype_overflow
 from ..nn import QuantLinear
 from .config import CheckpointConfigError, parse_quantization_config
 from .files import CheckpointFileError, read_json, read_tensors, safetensors_files
@@ -83,13 +84,24 @@ def assemble(model: nn.Module, quant: dict[str, tuple], dense: dict[str, torch.T
             continue
         old = model.get_submodule(name)
         scales = tensors[f"{name}.scales"]
+        bias = tensors.get(f"{name}.bias")
         sdtype = dtype or scales.dtype
+        bdtype = sdtype  # the bias in the scales' dtype, or in its own where that cannot hold it
+        if dtype is None and bias is not None and bias.dtype != sdtype and dtype_overflow(bias, sdtype):
+            bdtype = bias.dtype
         q = QuantLinear(old.in_features, old.out_features, scheme.bits, scheme.group_size, scheme.sym,
-                        scheme.act_order, bias=f"{name}.bias" in tensors, dtype=sdtype, backend=backend, device="meta")
+                        scheme.act_order, bias=bias is not None, dtype=sdtype, backend=backend, device="meta",
+                        bias_dtype=bdtype)
         q.name = name
         _set_module(model, name, q)
         for k, t in tensors.items():
-            state[k] = t.to(sdtype) if t.is_floating_point() else t
+            if t.is_floating_point():
+                to = bdtype if k == f"{name}.bias" else sdtype
+                err = dtype_overflow(t, to) if t.dtype != to else None
+                if err:
+                    raise CheckpointTensorError(f"{k}: {err}; load with dtype=None (as stored) or a wider dtype")
+                t = t.to(to)
+            state[k] = t
     expected = model.state_dict()
     for k, t in dense.items():
         if k not in expected:

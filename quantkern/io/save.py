@@ -28,6 +28,7 @@ from .files import atomic_directory, write_safetensors
 log = logging.getLogger(__name__)
 
 SAVE_FORMATS = tuple(FORMAT_KINDS)
+_FINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INFO_DEFAULTS = {"damp_percent": 0.01, "static_groups": False, "true_sequential": True}
 
 
@@ -46,7 +47,8 @@ def _scheme_key(m: QuantLinear) -> tuple:
 def dense_state_dict(model: nn.Module, skip_modules=()) -> dict[str, torch.Tensor]:
     """The model's state dict, CPU and contiguous, without the tied output embedding (safetensors
     refuses shared storage, and HF readers re-tie it from ``tie_word_embeddings``) and without the
-    tensors of ``skip_modules``. Any other shared storage is copied."""
+    tensors of ``skip_modules``. Any other shared storage is copied. Raises ``ValueError`` naming a
+    float tensor that holds inf / NaN (overflowed scales or bias), which the loader would refuse."""
     sd = model.state_dict()
     drop = set()
     cfg = getattr(model, "config", None)
@@ -64,6 +66,9 @@ def dense_state_dict(model: nn.Module, skip_modules=()) -> dict[str, torch.Tenso
         if t.device.type == "meta":
             raise ValueError(f"tensor {k} is on the meta device (offloaded?); load the whole model before saving")
         t = t.detach().to("cpu").contiguous()
+        if t.dtype in _FINITE_DTYPES and not bool(torch.isfinite(t).all()):
+            # load_quantized refuses non-finite tensors: never write a checkpoint its own loader rejects
+            raise ValueError(f"tensor {k} holds inf/NaN values; refusing to save (the checkpoint would not load)")
         ptr = t.untyped_storage().data_ptr()
         if t.numel() and ptr in storages:
             t = t.clone()  # a view of a tensor already written (fused projections): store a copy

@@ -10,9 +10,10 @@ from . import triton_backend  # noqa: F401  (registers Backend.TRITON; imports t
 from . import cpu  # noqa: F401  (registers Backend.CPU; builds nothing until used)
 from . import cuda  # noqa: F401  (registers Backend.CUDA; loads the extension lazily)
 from .reference import dequantize_gptq, gptq_gemm_reference
-from .registry import Backend, NoKernelError, QuantKernel, register_kernel, registered_kernels, select_kernel
+from .registry import (Backend, NoKernelError, QuantKernel, check_same_device, register_kernel, registered_kernels,
+                       select_kernel)
 
 __all__ = [
-    "Backend", "NoKernelError", "QuantKernel", "register_kernel", "registered_kernels", "select_kernel",
+    "Backend", "NoKernelError", "QuantKernel", "check_same_device", "register_kernel", "registered_kernels", "select_kernel",
     "dequantize_gptq", "gptq_gemm_reference",
 ]

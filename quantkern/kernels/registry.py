@@ -66,6 +66,29 @@ class QuantKernel:
         raise NotImplementedError
 
 
+def check_same_device(owner, x: torch.Tensor, tensors) -> None:
+    """Raise ``RuntimeError`` naming both devices when a tensor of ``tensors`` (``(name, tensor)`` pairs,
+    None skipped) is not on ``x``'s device. ``owner``: a module (named by its ``describe()`` or
+    ``name``) or a string. Device comparisons only: no sync, cheap enough for a forward. A weight on the
+    meta device holds no data (never loaded / materialised): computing with it would return
+    uninitialised memory."""
+    for name, t in tensors:
+        if t is not None and t.device != x.device:
+            why = (" (the meta device holds no data: the layer's weights were never loaded or materialised)"
+                   if t.device.type == "meta" else "")
+            raise RuntimeError(f"{_owner_name(owner)}: the input is on {x.device} but {name} is on {t.device}{why}; "
+                               "put the layer and its input on one device")
+
+
+def _owner_name(owner) -> str:
+    if isinstance(owner, str):
+        return owner
+    if callable(getattr(owner, "describe", None)):
+        return owner.describe()
+    name = getattr(owner, "name", "")
+    return f"{type(owner).__name__} {name}" if name else type(owner).__name__
+
+
 _KERNELS: list[type[QuantKernel]] = []
 _warned: set[tuple] = set()
 
@@ -83,8 +106,10 @@ def registered_kernels() -> list[type[QuantKernel]]:
 def select_kernel(layer: "QuantLinear", x: torch.Tensor, backend: Backend = Backend.AUTO) -> type[QuantKernel]:
     """Pick the kernel class for ``layer`` applied to activations like ``x``.
 
-    Raises :class:`NoKernelError` when an explicit ``backend`` cannot run, listing its reason.
+    Raises :class:`NoKernelError` when an explicit ``backend`` cannot run, listing its reason, and
+    ``RuntimeError`` naming both devices when a buffer of ``layer`` is not on ``x``'s device.
     """
+    check_same_device(layer, x, layer.named_buffers(recurse=False))
     backend = Backend.parse(backend)
     reasons: list[str] = []
     for k in _KERNELS:

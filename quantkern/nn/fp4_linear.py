@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.qparams import ScaleOverflowError
+from ..kernels.registry import check_same_device
+
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -69,7 +72,12 @@ class FP4Linear(nn.Module):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
                    dtype: torch.dtype = torch.float16) -> "FP4Linear":
-        """``codes`` uint8 ``[N, K]`` (E2M1), ``scales`` ``[N, G]`` in the storage dtype."""
+        """``codes`` uint8 ``[N, K]`` (E2M1), ``scales`` ``[N, G]`` in the storage dtype. Raises
+        :class:`~quantkern.core.ScaleOverflowError` for scales that are not finite (an fp16 scale
+        overflows for |w| > 6 * 65504)."""
+        if not bool(torch.isfinite(scales.float()).all()):
+            raise ScaleOverflowError(f"FP4Linear: the {str(scales.dtype).replace('torch.', '')} group scales are not "
+                                     "finite (overflowed?); quantize with scale_dtype='float32'")
         n, k = codes.shape
         mod = cls(k, n, group_size, bias=bias is not None, scale_dtype=scales.dtype, dtype=dtype,
                   device=codes.device)
@@ -97,5 +105,6 @@ class FP4Linear(nn.Module):
             raise ValueError(f"FP4Linear: input has {x.shape[-1]} features, expected {self.in_features}")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"FP4Linear: activations must be fp32/fp16/bf16, got {x.dtype}")
+        check_same_device(self, x, self._buffers.items())
         w = self.dequantized_weight().to(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.registry import check_same_device
 from ..kernels.w8a8 import FP8_DTYPE, fp8_linear, fp8_scaled_mm_ok, quantize_fp8_per_row
 
 ACT_MODES = ("none", "dynamic", "static")
@@ -73,6 +74,7 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear: input has {x.shape[-1]} features, expected {self.in_features}")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"FP8Linear: activations must be fp32/fp16/bf16, got {x.dtype}")
+        check_same_device(self, x, self._buffers.items())
         x2 = x.reshape(-1, self.in_features).contiguous()
         if self.backend == "scaled_mm" and self.act != "none" and not fp8_scaled_mm_ok(x2, self.weight):
             raise RuntimeError("backend='scaled_mm' needs a CUDA GPU with compute capability >= 8.9 and "

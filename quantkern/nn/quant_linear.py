@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core import QuantizedWeight, WeightScheme
+from ..core import QuantizedWeight, ScaleOverflowError, WeightScheme, dtype_overflow
 from ..formats.gptq import gptq_shapes, pack_gptq, packable, unpack_gptq
 from ..kernels import Backend, select_kernel
 
@@ -41,9 +41,15 @@ class QuantLinear(nn.Module):
 
     Shapes (K = in_features, N = out_features, G = groups, b = bits): ``qweight`` int32
     ``[K*b/32, N]``, ``qzeros`` int32 ``[G, N*b/32]``, ``scales`` ``[G, N]``, ``g_idx`` int32 ``[K]``,
-    ``bias`` ``[N]`` or None. Inputs may have any leading dims and be fp32 / fp16 / bf16; the output
-    has the input's dtype.
+    ``bias`` ``[N]`` or None (``bias_dtype``, default ``dtype``: the scales'). Inputs may have any
+    leading dims and be fp32 / fp16 / bf16; the output has the input's dtype.
+
+    ``load_state_dict()`` forgets the kernels built so far (they are rebuilt from the loaded buffers on
+    the next forward); after :meth:`release_canonical` it brings the canonical buffers back when the
+    state dict holds all of them, and raises ``RuntimeError`` otherwise.
     """
+
+    _CANONICAL = ("qweight", "qzeros", "scales", "g_idx")  # what kernels repack and release_canonical drops
 
     def __init__(
         self,
@@ -57,6 +63,7 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float16,
         backend: Backend | str = Backend.AUTO,
         device=None,
+        bias_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.scheme = WeightScheme(bits=bits, group_size=group_size, sym=sym, act_order=desc_act)
@@ -75,20 +82,40 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.ones(shapes["scales"], dtype=dtype, device=device))
         g_idx = torch.arange(in_features, dtype=torch.int32, device=device)
         self.register_buffer("g_idx", g_idx // (group_size if group_size != -1 else in_features))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype or dtype, device=device) if bias
+                             else None)
         self._kernels: dict = {}
         self._released: str | None = None  # why the canonical buffers are gone (see release_canonical)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
-                       dtype: torch.dtype | None = None, backend: Backend | str = Backend.AUTO) -> "QuantLinear":
-        """Build from the canonical form; ``dtype`` (default: the scales' dtype) is that of scales and bias."""
+                       dtype: torch.dtype | None = None, backend: Backend | str = Backend.AUTO,
+                       name: str = "") -> "QuantLinear":
+        """Build from the canonical form; ``dtype`` (default: the scales' dtype) is that of scales and
+        bias. A bias that ``dtype`` cannot hold (e.g. |b| > 65504 in fp16) keeps its own dtype.
+
+        Raises :class:`~quantkern.core.ScaleOverflowError` (naming ``name``) for scales that are not
+        finite or overflow ``dtype``, and for a non-finite bias."""
         qw.validate()
         dtype = dtype or qw.scales.dtype
+        what = name or "QuantLinear"
+        if not bool(torch.isfinite(qw.scales).all()):
+            raise ScaleOverflowError(f"{what}: the quantized weight's scales are not finite "
+                                     f"({str(qw.scales.dtype).replace('torch.', '')} overflowed?)")
+        err = dtype_overflow(qw.scales, dtype) if qw.scales.dtype != dtype else None
+        if err:
+            raise ScaleOverflowError(f"{what}: scales: {err}; keep them in float32")
+        bias_dtype = dtype
+        if bias is not None:
+            if not bool(torch.isfinite(bias.detach()).all()):
+                raise ScaleOverflowError(f"{what}: the bias is not finite")
+            if bias.dtype != dtype and dtype_overflow(bias, dtype):
+                bias_dtype = bias.dtype  # e.g. an fp32 bias of 1e5 with fp16 scales stays fp32
         s = qw.scheme
         mod = cls(qw.in_features, qw.out_features, s.bits, s.group_size, s.sym, s.act_order,
-                  bias=bias is not None, dtype=dtype, backend=backend, device=qw.codes.device)
+                  bias=bias is not None, dtype=dtype, backend=backend, device=qw.codes.device, bias_dtype=bias_dtype)
+        mod.name = name
         t = pack_gptq(qw)
         if t.scales.shape != mod.scales.shape:  # act-order without static groups still has ceil(K/g) groups
             raise ValueError(f"scales shape {tuple(t.scales.shape)} != expected {tuple(mod.scales.shape)}")
@@ -97,7 +124,7 @@ class QuantLinear(nn.Module):
         mod.scales.copy_(t.scales.to(dtype))
         mod.g_idx.copy_(t.g_idx)
         if bias is not None:
-            mod.bias.copy_(bias.detach().to(dtype))
+            mod.bias.copy_(bias.detach().to(bias_dtype))
         return mod
 
     def to_quantized(self) -> QuantizedWeight:
@@ -154,6 +181,37 @@ class QuantLinear(nn.Module):
         self._kernels.clear()  # buffers move or change dtype: repacked copies are stale
         return super()._apply(fn, *args, **kwargs)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Loading replaces the buffers the kernels were built (repacked) from: forget the kernels, so
+        the next forward rebuilds them from what was loaded. After release_canonical the canonical
+        buffers come back when ``state_dict`` holds all of them (else ``RuntimeError``)."""
+        for n in ("scales", "bias"):  # copy_ into a narrower float dtype must not turn into inf
+            t, buf = state_dict.get(prefix + n), self._buffers.get(n)
+            if (isinstance(t, torch.Tensor) and buf is not None and t.is_floating_point() and t.dtype != buf.dtype
+                    and not local_metadata.get("assign_to_params_buffers", False)):
+                err = dtype_overflow(t, buf.dtype)
+                if err:
+                    raise ScaleOverflowError(f"{prefix + n}: {err}, the dtype of {self.describe()}'s {n}; "
+                                             "build the layer with a dtype that holds them")
+        released = self._released is not None
+        if released:
+            absent = [n for n in self._CANONICAL if prefix + n not in state_dict]
+            if absent:
+                self._check_canonical(f"load_state_dict() without {', '.join(prefix + n for n in absent)}")
+            shapes = gptq_shapes(self.in_features, self.out_features, self.bits, self.scheme.num_groups(self.in_features))
+            empty = {n: self._buffers[n] for n in self._CANONICAL}
+            for n, buf in empty.items():
+                self._buffers[n] = torch.empty(shapes[n], dtype=buf.dtype, device=buf.device)
+        n_err = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if released and len(error_msgs) > n_err:  # not loaded: stay released rather than hold garbage
+            self._buffers.update(empty)
+            return
+        self._kernels.clear()
+        self._released = None
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._check_canonical("state_dict() / saving")
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -171,7 +229,7 @@ class QuantLinear(nn.Module):
 
         Afterwards the layer runs only on the device / dtype pairs already built; ``state_dict()``,
         saving, ``to_quantized()``, ``.to()`` and other dtypes raise ``RuntimeError`` (reload the
-        checkpoint for those). Returns the bytes freed (buffers whose storage a kernel still shares,
+        checkpoint for those, or ``load_state_dict()`` a state dict holding all four buffers). Returns the bytes freed (buffers whose storage a kernel still shares,
         as Triton shares 4-bit ``qweight``, count 0). Raises ``RuntimeError`` if no kernel is built or
         one still reads the canonical buffers (the reference kernel, the CUDA GEMV's large-M path)."""
         if self._released is not None:
@@ -185,7 +243,7 @@ class QuantLinear(nn.Module):
                                "nothing can be released")
         kept = {t.untyped_storage().data_ptr() for k in self._kernels.values() for t in _tensors_in(k)}
         freed = 0
-        for name in ("qweight", "qzeros", "scales", "g_idx"):
+        for name in self._CANONICAL:
             buf = self._buffers[name]
             if buf.untyped_storage().data_ptr() not in kept:
                 freed += buf.numel() * buf.element_size()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.registry import check_same_device
 from ..kernels.w8a8 import (check_w8a8_args, dequantize_codes, qparams_from_range, quantize_int8_per_channel,
                             quantize_int8_per_token, quantize_int8_static, quantize_rows, quantize_weight_groups,
                             quantize_with, w8a8_linear, w8a8_linear_reference)
@@ -68,6 +69,7 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         check_w8a8_args(x2, self.weight, self.weight_scale)
+        check_same_device(self, x, self._buffers.items())
         if self.backend == "triton":
             y = self._forward_triton(x2)
         elif self.backend == "reference":
@@ -146,6 +148,7 @@ class ZeroQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"ZeroQuantLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        check_same_device(self, x, self._buffers.items())
         x2 = x.reshape(-1, self.in_features).float()
         if self.input_scale is None:
             q, s, z = quantize_rows(x2, self.a_bits, self.a_has_zero, self.a_unsign)
