@@ -219,6 +219,31 @@ def test_streaming_checkpoint_needs_overwrite_and_resume_still_works(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]
 
 
+def test_streaming_failed_final_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from quantkern.offload import quantize_streaming
+
+    src = tmp_path / "src"
+    tiny_llama(tie=False).save_pretrained(src)
+    out = quantize_streaming(src, qk.RTNConfig(bits=4, group_size=32), None, tmp_path / "out", verbose=False)
+    before = listing(out)
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append(b)
+        if len(calls) == 2:  # the previous checkpoint is away, the new one fails to take its place
+            raise OSError(18, "Invalid cross-device link")
+        real(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="cross-device"):
+        quantize_streaming(src, qk.RTNConfig(bits=8, group_size=32), None, out, verbose=False, overwrite=True)
+    monkeypatch.undo()
+    assert listing(out) == before and not list(tmp_path.glob(".out.old-*"))
+    quantize_streaming(src, qk.RTNConfig(bits=8, group_size=32), None, out, verbose=False, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
 # -- an unusable place -----------------------------------------------------------------------------------
 def test_unusable_destination_is_refused_naming_the_users_path(qmodel, tmp_path, monkeypatch, capsys, no_loading):
     f = tmp_path / "file"

@@ -38,7 +38,6 @@ from .source import SourceCheckpoint, resolve_model_dir
 from .state import RunState, StreamStateError
 
 
-
 def _release_memory() -> None:
     """Return freed heap pages to the OS (glibc keeps them otherwise, and RSS would grow with blocks)."""
     try:
