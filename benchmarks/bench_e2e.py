@@ -162,7 +162,8 @@ def run_gptq(a, device, meta) -> list[dict]:
     calib = [torch.randint(0, shape["vocab_size"], (a.seq_len,), generator=g) for _ in range(a.nsamples)]
     config = GPTQConfig(bits=4, group_size=128, actorder=True, sym=True)
     t = time.perf_counter()
-    quantize_streaming(src, config, calib, out, device=str(device), offload="disk", resume=False, verbose=True)
+    quantize_streaming(src, config, calib, out, device=str(device), offload="disk", resume=False, verbose=True,
+                       overwrite=True)  # --workdir keeps the previous run's checkpoint: replace it
     sync(device)
     wall = time.perf_counter() - t
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")

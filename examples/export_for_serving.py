@@ -28,7 +28,7 @@ q.convert()
 
 out = "quantkern-out/serving"
 paths = {fmt: qk.save_quantized(model, f"{out}/{fmt}" + (".gguf" if fmt == "gguf" else ""), tokenizer=tok,
-                                format=fmt) for fmt in formats}
+                                format=fmt, overwrite=True) for fmt in formats}  # a rerun replaces its own output
 for fmt, path in paths.items():
     print(f"{fmt:20s} {path}")
 print(f"""

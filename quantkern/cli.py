@@ -35,6 +35,10 @@ def _config(a):
     return SmoothQuantConfig(alpha=a.alpha, **calib)
 
 
+_OVERWRITE_HELP = ("replace a previous checkpoint at --out (one holding only the files quantkern writes); "
+                   "anything else there is refused either way")
+
+
 def _add_quantize(sub):
     p = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     p.add_argument("--model", default="smollm2", help="'smollm2' (default), a .gguf file, a directory or a HF id")
@@ -63,7 +67,8 @@ def _add_quantize(sub):
     p.add_argument("--device-map", default=None,
                    help="spread the blocks over devices: auto, balanced, sequential or a JSON {module: device}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (a .gguf file for --format gguf): new or empty")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     from .offload.cli import add_streaming_args
 
     add_streaming_args(p)  # --offload {none,cpu,disk}, --resume/--no-resume, --max-memory
@@ -76,11 +81,13 @@ def cmd_quantize(a) -> int:
     from .api.registry import quantizer_for
     from .calibration import load_text, sample_windows
     from .eval import tokenize_text
+    from .io.save import check_save_destination
     from .models import load_model
 
     config = _config(a)  # built (and so validated) before any time goes into loading the model
     fmt = a.format or ("gptq" if a.method in ("gptq", "rtn", "awq") else "compressed-tensors")
     device_map = _device_map(a)
+    check_save_destination(a.out, fmt, a.overwrite)  # refused now, not after calibration
     if getattr(a, "offload", "none") != "none":  # stream block by block from the files, resumable
         if a.method not in STREAMING_METHODS:
             raise ValueError(f"--offload streams {' and '.join(STREAMING_METHODS)}; --method {a.method} runs in "
@@ -103,7 +110,8 @@ def cmd_quantize(a) -> int:
         ids = tokenize_text(tok, load_text(a.calib_text, "calibration"))
         data = sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed)
     q.quantize(data, export_format=fmt)  # a format that cannot hold the result fails before calibration
-    path = save_quantized(model, a.out, tokenizer=tok, format=fmt, checkpoint_format=a.checkpoint_format)
+    path = save_quantized(model, a.out, tokenizer=tok, format=fmt, checkpoint_format=a.checkpoint_format,
+                          overwrite=a.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -194,20 +202,24 @@ def _add_export(sub):
     p.add_argument("path", help="a quantized checkpoint directory")
     p.add_argument("--format", required=True, help="gptq, awq, compressed-tensors or gguf")
     p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (a .gguf file for --format gguf): new or empty")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
 
 def cmd_export(a) -> int:
     from transformers import AutoTokenizer
 
     from . import load_quantized, save_quantized
+    from .io.save import check_save_destination
 
+    check_save_destination(a.out, a.format, a.overwrite)  # before the checkpoint is read
     model = load_quantized(a.path)
     try:
         tok = AutoTokenizer.from_pretrained(a.path)
     except (OSError, ValueError):
         tok = None
-    path = save_quantized(model, a.out, tokenizer=tok, format=a.format, checkpoint_format=a.checkpoint_format)
+    path = save_quantized(model, a.out, tokenizer=tok, format=a.format, checkpoint_format=a.checkpoint_format,
+                          overwrite=a.overwrite)
     print(f"wrote {path}")
     return 0
 

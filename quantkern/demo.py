@@ -15,7 +15,8 @@ import torch
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="quantkern-out/smollm2-gptq-w4g128-actorder")
+    p.add_argument("--out", default="quantkern-out/smollm2-gptq-w4g128-actorder",
+                   help="new, empty, or a checkpoint of an earlier run (replaced); anything else is refused")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--nsamples", type=int, default=32)
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
     GPTQQuantizer(qmodel, bits=a.bits, group_size=a.group_size, actorder=True, nsamples=a.nsamples,
                   seq_len=a.seq_len).quantize(sample_windows(calib, a.nsamples, a.seq_len))
     t_quant = time.perf_counter() - t
-    path = save_quantized(qmodel, a.out, tokenizer=tok)
+    path = save_quantized(qmodel, a.out, tokenizer=tok, overwrite=True)  # the previous run's checkpoint only
     reloaded = load_quantized(path)
     ppl_q = perplexity(reloaded, held_out, max_windows=a.eval_windows)
     gen_q = generate(reloaded, tok, a.prompt)

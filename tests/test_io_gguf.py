@@ -181,5 +181,5 @@ def test_interrupted_gguf_export_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ge, "encode_blocks", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_quantized(model, tmp_path / "m.gguf", format="gguf")
+        save_quantized(model, tmp_path / "m.gguf", format="gguf", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"] and good.read_bytes() == before

@@ -190,14 +190,14 @@ def test_interrupted_save_leaves_old_checkpoint(ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(save_mod, "write_side_files", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_quantized(model, ckpt)
+        save_quantized(model, ckpt, overwrite=True)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # the temporary directory is gone
     with pytest.raises(KeyboardInterrupt):
         save_quantized(model, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
     monkeypatch.undo()
-    save_quantized(model, ckpt)  # a completed save replaces the old directory
+    save_quantized(model, ckpt, overwrite=True)  # a completed save replaces the old directory
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["bits"] == 8
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..core import dtype_overflow
 from ..nn import QuantLinear
 from .config import CheckpointConfigError, parse_quantization_config
-from .files import CheckpointFileError, read_json, read_tensors, safetensors_files
+from .files import CheckpointFileError, read_json, read_tensors, recover_interrupted, safetensors_files
 from .validate import CheckpointTensorError, validate_dense, validate_gptq_layer
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -141,7 +141,8 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto", device_map=No
     Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files, pickles),
     :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config`` or model config)
     or :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the
-    config, named) — all ``ValueError``.
+    config, named) — all ``ValueError``. A missing ``path`` whose save was killed between its two
+    renames is first restored from the ``.<name>.old-*`` it left (:func:`~quantkern.io.files.recover_interrupted`).
 
     ``device_map`` (several devices; overrides ``device``): ``"auto"``, ``"balanced"``,
     ``"balanced_low_0"``, ``"sequential"`` (accelerate fits the decoder blocks into ``max_memory``, e.g.
@@ -157,6 +158,8 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto", device_map=No
 
 
 def _load(path: Path, device, dtype, backend) -> nn.Module:
+    if not path.exists():  # a save killed between its two renames left the checkpoint as .<name>.old-*
+        recover_interrupted(path, clean=False)
     if not path.is_dir():
         raise CheckpointFileError(f"{path} is not a checkpoint directory")
     config_dict = read_json(path / "config.json", "config.json")

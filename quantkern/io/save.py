@@ -4,6 +4,8 @@ Formats: ``"gptq"`` (here; v1 or v2 zeros), ``"awq"`` (:mod:`.awq`), ``"compress
 (:mod:`.compressed`) and ``"gguf"`` (:mod:`.gguf_export`, a single ``.gguf`` file). Directory formats
 are written atomically (:func:`.files.atomic_directory`): weights, then the side files, then
 ``config.json`` last, all into a temporary directory that is renamed into place only when complete.
+The destination is checked first (:func:`check_save_destination`): nothing is replaced but a previous
+checkpoint, and that only with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..formats.bitpack import unpack_cols
 from ..formats.gptq import zeros_v2_to_v1
 from ..nn import QuantLinear
 from .export_rules import FORMAT_KINDS, check_exportable, model_layer_plans
-from .files import atomic_directory, write_safetensors
+from .files import GGUF_DIR_NAME, atomic_directory, check_destination, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +163,17 @@ def gptq_tensors(model: nn.Module, checkpoint_format: str | None) -> tuple[dict[
     return sd, checkpoint_format
 
 
+def check_save_destination(path, format: str = "gptq", overwrite: bool = False) -> Path:
+    """:func:`~quantkern.io.files.check_destination` for a save in ``format``: a ``.gguf`` path of
+    ``format="gguf"`` is a file, anything else a checkpoint directory. Call it before calibration (the
+    CLI does); :func:`save_quantized` calls it again. Raises ``CheckpointFileError`` naming ``path``."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+    return check_destination(path, overwrite, file=format == "gguf" and Path(path).suffix == ".gguf")
+
+
 def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq", checkpoint_format: str | None = None,
-                   max_shard_size="2GB") -> Path:
+                   max_shard_size="2GB", overwrite: bool = False) -> Path:
     """Write ``model`` (with :class:`QuantLinear` layers) to ``path``; returns the path written.
 
     - ``format="gptq"``: ``model.safetensors`` (or shards + index), ``config.json`` with
@@ -171,7 +182,14 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
     - ``format="awq"``: AWQ GEMM (4-bit, no act-order), see :mod:`quantkern.io.awq`.
     - ``format="compressed-tensors"``: QuantLinear as pack-quantized, W8A8Linear as int-quantized,
       FP8Linear as float-quantized; see :mod:`quantkern.io.compressed`.
-    - ``format="gguf"``: ``path`` is a ``.gguf`` file, see :mod:`quantkern.io.gguf_export`.
+    - ``format="gguf"``: ``path`` is a ``.gguf`` file (or a directory that gets ``model.gguf``), see
+      :mod:`quantkern.io.gguf_export`.
+
+    ``path`` must be new, an empty directory, or (with ``overwrite=True``) a previous checkpoint of
+    quantkern's files only, replaced as a whole; an existing file, any other directory or an unwritable
+    place is refused before anything is written (``CheckpointFileError``, see
+    :func:`check_save_destination`). A save killed between its two renames is undone by the next save
+    or load of ``path``.
 
     Raises ``ValueError`` for a model without quantized layers, a layer type or scheme the format cannot
     store (named), or an unknown format. An exception leaves ``path`` as it was.
@@ -183,10 +201,16 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
     # every quantkern layer type has its own tensors: a format that does not describe them, or a scheme
     # it cannot hold, would write a checkpoint that loads wrongly, so refuse (naming every such layer)
     check_exportable(format, model_layer_plans(model), model)
+    check_save_destination(path, format, overwrite)
+    path = Path(path)
     if format == "gguf":
         from .gguf_export import save_gguf
 
-        return save_gguf(model, path, tokenizer=tokenizer)
+        if path.suffix == ".gguf":
+            return save_gguf(model, path, tokenizer=tokenizer)
+        with atomic_directory(path) as tmp:  # a directory: replaced as a whole, like the other formats
+            save_gguf(model, tmp / GGUF_DIR_NAME, tokenizer=tokenizer)
+        return path / GGUF_DIR_NAME
     if format == "awq":
         from .awq import awq_export
 
@@ -200,7 +224,6 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
         qcfg = gptq_quantization_config(model, quant_layers(model), fmt)
         extra = {"quantize_config.json": qcfg}
     config_dict = hf_config_dict(model, qcfg)
-    path = Path(path)
     with atomic_directory(path) as tmp:
         write_safetensors(sd, tmp, max_shard_size)
         write_side_files(model, tmp, tokenizer, config_dict, extra)

@@ -63,6 +63,6 @@ def run_streaming_from_args(a, config) -> int:
         data = sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed)
     out = quantize_streaming(path, config, data, a.out, device=a.device, offload=a.offload, resume=a.resume,
                              max_memory=a.max_memory, checkpoint_format=a.checkpoint_format, verbose=False,
-                             callback=_progress)
+                             callback=_progress, overwrite=getattr(a, "overwrite", False))
     print(f"wrote {out}")
     return 0

@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..io.files import publish_modes
+from ..io.files import check_destination, publish_modes, replace_directory
 
 MANIFEST = "manifest.json"
 STATE_VERSION = 1
@@ -172,20 +171,15 @@ class RunState:
             raise StreamStateError(f"{path} holds {len(d)} batches, the calibration set has {count}")
         return [d[f"h{j}"] for j in range(count)]
 
-    def finish(self, out_dir: Path) -> Path:
+    def finish(self, out_dir: Path, overwrite: bool = False) -> Path:
         """Delete the scratch files and the manifest, then move the work directory to ``out_dir``
-        (an existing ``out_dir`` is replaced only once the new one is complete)."""
+        (an existing checkpoint there is replaced, with ``overwrite``, only once the new one is
+        complete: :func:`~quantkern.io.files.replace_directory`). ``out_dir`` is checked again first
+        (:func:`~quantkern.io.files.check_destination`): a refusal leaves the work directory resumable."""
+        out_dir = check_destination(out_dir, overwrite)
         for f in self.work.glob("acts-*.safetensors"):
             f.unlink()
         (self.work / MANIFEST).unlink()
-        out_dir = Path(out_dir).absolute()
         publish_modes(self.work)
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        os.rename(self.work, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(self.work, out_dir)
         return out_dir

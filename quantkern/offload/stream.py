@@ -30,15 +30,12 @@ from ..algorithms import quantize_rtn
 from ..api import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer
 from ..api.targets import set_module
 from ..calibration import BlockInput, InputCatcher, group_batches, normalize_calibration_data
-from ..io.files import SAFE_WEIGHTS_INDEX_NAME, parse_size
+from ..io.files import SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_FILES, check_destination, parse_size
 from ..io.load import build_skeleton
 from ..io.save import dense_state_dict, gptq_quantization_config, gptq_tensors, hf_config_dict, write_side_files
 from ..nn import QuantLinear
 from .source import SourceCheckpoint, resolve_model_dir
 from .state import RunState, StreamStateError
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def _release_memory() -> None:
@@ -119,7 +116,7 @@ def _plan_rest_shards(source: SourceCheckpoint, names: list[str], itemsize: int,
 def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibration_data=None, out_dir=None, *,
                        device=None, offload: str = "disk", resume: bool = True, max_memory=None, dtype=None,
                        tokenizer=None, checkpoint_format: str | None = None, max_shard_size="1GB",
-                       verbose: bool = True, callback=None) -> Path:
+                       verbose: bool = True, callback=None, overwrite: bool = False) -> Path:
     """Quantize the dense safetensors checkpoint ``model_dir_or_id`` (a directory or a Hugging Face id)
     block by block into a GPTQ checkpoint at ``out_dir``; returns ``out_dir``.
 
@@ -129,7 +126,10 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
       dtype of dense tensors (default: the checkpoint's). ``offload``: "disk" reads each block's tensors
       from the safetensors files when it is processed; "cpu" reads the whole source into CPU memory
       first (see :mod:`.source`).
-    - ``out_dir`` is written only when complete (an existing one is replaced then).
+    - ``out_dir`` is written only when complete. It must be new, an empty directory or, with
+      ``overwrite=True``, a previous checkpoint (replaced then); anything else (a file, a directory of
+      other files, an unwritable place) raises ``CheckpointFileError`` before any data is read. See
+      :func:`~quantkern.io.files.check_destination`.
     - ``resume``: continue an interrupted run from ``.<out name>.partial`` next to ``out_dir``; a run
       made with another model, config, calibration set, dtype or format is refused with
       :class:`~quantkern.offload.state.StreamStateError`. ``resume=False`` discards it.
@@ -157,6 +157,7 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
     if use_gptq:
         batches = group_batches(normalize_calibration_data(calibration_data, tokenizer), config.batch_size)
     device = torch.device(device or config.device or "cpu")
+    check_destination(out_dir, overwrite)  # before the source is read; checked again before the rename
     out_dir = Path(out_dir).absolute()
     _bound_heap()
     source = SourceCheckpoint(resolve_model_dir(model_dir_or_id), offload)
@@ -247,7 +248,7 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
     bar.close()
     inputs = None
     _finish_files(model, q, config, fmt, source, state, tokenizer)
-    return state.finish(out_dir)
+    return state.finish(out_dir, overwrite)
 
 
 def _capture(model, bname, source, batches, rest_names, out_w, device, acts_device, cdtype) -> list[BlockInput]:
@@ -332,6 +333,6 @@ def _finish_files(model, q, config, fmt, source, state, tokenizer) -> None:
         model.generation_config = GenerationConfig.from_pretrained(str(source.path))
     write_side_files(model, state.work, tokenizer, config_dict, {"quantize_config.json": qcfg})
     if tokenizer is None:
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             if (source.path / name).is_file():
                 shutil.copyfile(source.path / name, state.work / name)
