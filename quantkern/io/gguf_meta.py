@@ -113,7 +113,7 @@ def _value(meta: dict, key: str, default=None):
     return default if v is None else v.value
 
 
-def _matches(meta: dict, cfg, tokenizer, arch: str) -> str | None:
+def _matches(meta: dict, cfg, tokenizer, arch: str, check_name: bool = True) -> str | None:
     """Why ``meta`` (a GGUF file's metadata) is not the source of this model, or None."""
     if _value(meta, "general.architecture") != arch:
         return f"architecture {_value(meta, 'general.architecture')!r}"
@@ -126,7 +126,7 @@ def _matches(meta: dict, cfg, tokenizer, arch: str) -> str | None:
     if len(tokens) != cfg.vocab_size:
         return f"{len(tokens)} tokens (the model's vocab_size is {cfg.vocab_size})"
     name = getattr(cfg, "_model_name_or_path", None)  # transformers' GGUF loading keeps general.name there
-    if isinstance(name, str) and name and _value(meta, "general.name") not in (None, name):
+    if check_name and isinstance(name, str) and name and _value(meta, "general.name") not in (None, name):
         return f"general.name {_value(meta, 'general.name')!r} (the model was loaded as {name!r})"
     if tokenizer is not None:
         vocab = _tokenizer_vocab(tokenizer)
@@ -425,6 +425,10 @@ def model_metadata(model, tokenizer=None, source_gguf=None, exclude=None) -> tup
     arch = cfg.model_type
     if source_gguf is None:
         source_gguf = find_source_gguf(model, tokenizer, exclude=exclude)
+    else:
+        why = _matches(read_metadata(source_gguf), cfg, tokenizer, arch, check_name=False)
+        if why is not None:
+            raise ValueError(f"source_gguf={str(source_gguf)!r} does not describe this model: {why}")
     derived = hparam_metadata(cfg, arch)
     if source_gguf is None:
         meta = dict(derived)
