@@ -387,3 +387,26 @@ def test_source_hyperparameters_the_config_changed_take_the_config(tmp_path, cap
         save_gguf(quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False)), tmp_path / "x.gguf",
                   source_gguf=src_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_q8_0_embeddings_when_asked(tmp_path, tie):
+    model = quantize_linears(tiny_llama(tie=tie), WeightScheme(4, 32, True, False))
+    path = save_gguf(model, tmp_path / "m.gguf", embedding_type="Q8_0")
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q8_0"
+    assert types.get("output.weight") == (None if tie else "Q8_0")  # tied stays tied: one tensor
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    # the reference: the model with its embeddings rounded to Q8_0 exactly as the gguf package does
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for emb in {model.get_input_embeddings(), model.get_output_embeddings()}:
+            w = emb.weight.detach().float().numpy()
+            emb.weight.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, q8), q8)))
+    x = tokens()
+    hf = _hf_gguf(path)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="embedding_type must be"):
+        save_gguf(model, tmp_path / "n.gguf", embedding_type="Q4_0")

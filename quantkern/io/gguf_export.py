@@ -169,7 +169,7 @@ def _summary(names: list[str], report: dict, sources: dict) -> str:
                      for (src, qtype), ns in by.items())
 
 
-def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None) -> Path:
+def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None, embedding_type: str | None = None) -> Path:
     """Write ``model`` as one GGUF file at ``path`` (``<path>/model.gguf`` if ``path`` does not end in
     ``.gguf``); atomic (temporary file, fsync, rename). Returns the file path; the per-layer types
     chosen are in ``save_gguf.last_report`` (``{hf module: (gguf type, "exact" | "re-quantized")}``).
@@ -180,10 +180,16 @@ def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None) -> Path:
     ``general.file_type`` names the type holding most of the weights, ``general.quantization_version``
     is 2. The source used is in ``save_gguf.last_source`` (None when derived).
 
+    ``embedding_type="Q8_0"``: the token embeddings and a dense (untied) output matrix are quantized to
+    ``Q8_0`` by the gguf package (as llama.cpp's quantizer does for small models) instead of written
+    dense; tied embeddings stay tied (one ``token_embd`` tensor, no ``output``).
+
     What GGUF cannot hold (a non-Llama architecture, non-default RoPE, in_features not a multiple of
     32) is refused before this runs, by :func:`~quantkern.io.export_rules.check_exportable` in
     ``save_quantized``."""
     gguf = _gguf()
+    if embedding_type not in (None, "Q8_0"):
+        raise ValueError(f"embedding_type must be None (dense) or 'Q8_0', got {embedding_type!r}")
     cfg = model.config
     path = Path(path)
     if path.suffix != ".gguf":
@@ -232,6 +238,12 @@ def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None) -> Path:
             if gname is None:
                 raise ValueError(f"{pname}: no GGUF tensor name for this parameter")
             arr = p.detach().cpu()
+            if embedding_type == "Q8_0" and leaf == "weight" and gname in ("token_embd", "output"):
+                if arr.shape[-1] % BLOCK:
+                    raise ValueError(f"{pname}: {arr.shape[-1]} columns, not a multiple of {BLOCK}: no Q8_0 blocks")
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                tensors.append((f"{gname}.{leaf}", gguf.quants.quantize(arr.float().numpy(), q8), q8))
+                continue
             arr = arr.float() if (arr.dtype == torch.float32 or arr.dim() == 1) else arr.to(torch.float16)
             tensors.append((f"{gname}.{leaf}", arr.numpy(), None))
         if requantized:

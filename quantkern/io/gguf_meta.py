@@ -356,6 +356,10 @@ def tokenizer_metadata(tokenizer, cfg, arch: str = "llama") -> dict:
         v = getattr(tokenizer, attr, None)
         if isinstance(v, int) and 0 <= v < n_vocab:
             special.special_token_ids.setdefault(typ, v)
+    for attr, typ in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "pad")):
+        v = getattr(cfg, attr, None)  # the converter falls back to config.json's ids
+        if isinstance(v, int) and 0 <= v < n_vocab:
+            special.special_token_ids.setdefault(typ, v)
     for typ, flag in _add_flags(tokenizer, special.special_token_ids).items():
         special.add_special_token.setdefault(typ, flag)
     if special.chat_template is None and isinstance(getattr(tokenizer, "chat_template", None), str):
