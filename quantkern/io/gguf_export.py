@@ -23,7 +23,13 @@ Blocks are written from the integer codes (not re-quantized) following the ggml 
 ``Q4_0`` = fp16 d + 16 bytes where byte j holds element j (low nibble) and element j + 16 (high
 nibble); ``Q4_1`` = fp16 d + fp16 m + the same 16 bytes; ``Q8_0`` = fp16 d + 32 int8. As llama.cpp's
 converter does, the rows of ``attn_q`` / ``attn_k`` are permuted into its rotary layout (readers undo
-it). Dense tensors are written as F32 (norms, and everything of an fp32 model) or F16.
+it). Dense tensors are written as F32 (norms, and everything of an fp32 model) or F16 (or, asked for,
+the embeddings as ``Q8_0``).
+
+The metadata llama.cpp reads (tokenizer, chat template, hyperparameters, ``general.*``) comes from
+:mod:`.gguf_meta`: copied from the source GGUF when the model was loaded from one, else derived from
+the HF tokenizer and config as llama.cpp's converter does; ``general.file_type`` and
+``general.quantization_version`` describe the export.
 """
 
 from __future__ import annotations
