@@ -410,3 +410,24 @@ def test_q8_0_embeddings_when_asked(tmp_path, tie):
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="embedding_type must be"):
         save_gguf(model, tmp_path / "n.gguf", embedding_type="Q4_0")
+
+
+def test_tokenizers_llama_cpp_would_read_wrongly_are_refused(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # SentencePiece-style BPE (byte fallback, "▁" for spaces): not a GPT-2 byte-level vocabulary
+    t = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    t.train_from_iterator([TEXT * 3], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                          show_progress=False))
+    spm = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    wp = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    word = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]")
+    model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False))
+    for tok, why in ((spm, "got BPE with byte fallback"), (word, "got WordLevel")):
+        with pytest.raises(ValueError, match=f"supports byte-level BPE tokenizers \\(GPT-2 style\\), {why}"):
+            save_quantized(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok)
+    assert list(tmp_path.iterdir()) == []
