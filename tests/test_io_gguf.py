@@ -3,6 +3,8 @@ loader, re-quantization of schemes without an exact GGUF type."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -316,8 +318,6 @@ def _tiny_bpe(pre: str):
 
 @pytest.mark.parametrize("pre, name", [("byte-level", "gpt-2"), ("digits+byte-level", "default")])
 def test_tiny_bpe_tokenizer_metadata(tmp_path, caplog, pre, name):
-    import json
-
     import quantkern.io.gguf_meta as gm
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -412,22 +412,68 @@ def test_q8_0_embeddings_when_asked(tmp_path, tie):
         save_gguf(model, tmp_path / "n.gguf", embedding_type="Q4_0")
 
 
-def test_tokenizers_llama_cpp_would_read_wrongly_are_refused(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def _tiny_spm():
+    """A SentencePiece-style BPE tokenizer laid out as Llama 2's tokenizer.json: <unk> <s> </s>, the 256
+    byte tokens <0x00>..<0xFF> (byte fallback), then pieces trained here; "▁" for spaces, prepended."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    # SentencePiece-style BPE (byte fallback, "▁" for spaces): not a GPT-2 byte-level vocabulary
-    t = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    t.train_from_iterator([TEXT * 3], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
-                                                          show_progress=False))
-    spm = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t = Tokenizer(models.BPE())
+    t.normalizer = norm
+    t.train_from_iterator([TEXT * 3, "the quick brown fox jumps over the lazy dog " * 5],
+                          trainers.BpeTrainer(vocab_size=250, show_progress=False))
+    trained = json.loads(t.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    spm = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    spm.normalizer = norm
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return tok, len(merges)
+
+
+def test_sentencepiece_style_tokenizer_metadata(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok, n_merges = _tiny_spm()
+    n = len(tok.get_vocab())
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=n + 4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = quantize_linears(AutoModelForCausalLM.from_config(cfg).eval(), WeightScheme(4, 32, True, False))
+    path = save_quantized(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok)
+    out = _fields(path)
+    assert out["tokenizer.ggml.model"][1] == "llama" and out["tokenizer.ggml.pre"][1] == "default"
+    assert "tokenizer.ggml.merges" not in out  # llama.cpp's SPM tokenizer merges by score
+    tokens, scores, types = (out[f"tokenizer.ggml.{k}"][1] for k in ("tokens", "scores", "token_type"))
+    assert len(tokens) == len(scores) == len(types) == n + 4
+    T = gguf.TokenType
+    assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL] and set(types[3:259]) == {T.BYTE}
+    assert tokens[3 + 0x41] == "<0x41>" and set(types[n:]) == {T.UNUSED}
+    merged = [s for s in scores[259:n] if s < 0]
+    assert len(merged) == n_merges and sorted(merged, reverse=True) == merged  # later merges score lower
+    assert out["tokenizer.ggml.add_space_prefix"][1] is True
+    assert out["tokenizer.ggml.add_bos_token"][1] is True and out["tokenizer.ggml.bos_token_id"][1] == 1
+    text = TEXT + " Straße"  # "ß" is in no piece: byte fallback
+    assert _hf_tokenizer(path)(text).input_ids == tok(text).input_ids
+
+
+def test_tokenizers_llama_cpp_would_read_wrongly_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    fallback = Tokenizer(models.BPE({"<unk>": 0, "a": 1, "<0x61>": 2}, [], unk_token="<unk>", byte_fallback=True))
+    fallback.pre_tokenizer = pre_tokenizers.Whitespace()  # byte fallback, but spaces not as "▁"
     wp = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     wp.pre_tokenizer = pre_tokenizers.Whitespace()
-    word = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]")
     model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False))
-    for tok, why in ((spm, "got BPE with byte fallback"), (word, "got WordLevel")):
-        with pytest.raises(ValueError, match=f"supports byte-level BPE tokenizers \\(GPT-2 style\\), {why}"):
+    for t, why in ((fallback, "got BPE with byte fallback"), (wp, "got WordLevel")):
+        tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+        with pytest.raises(ValueError, match=f"SentencePiece-style BPE ones .*, {why}"):
             save_quantized(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok)
     assert list(tmp_path.iterdir()) == []

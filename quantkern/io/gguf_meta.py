@@ -10,11 +10,13 @@ Two sources:
   the directory it was loaded from) and takes a file only when its architecture, sizes, vocabulary and
   ``general.name`` match the model (``save_gguf(source_gguf=...)`` names it explicitly).
 - otherwise the keys are derived from the HF tokenizer and config as llama.cpp's converter
-  (``convert_hf_to_gguf.py``) does: token list / types like its ``get_vocab_base``, merges, special ids
-  and the chat template through ``gguf.SpecialVocab``, and ``tokenizer.ggml.pre`` from the hash of the
-  tokenization of llama.cpp's check text (:data:`CHKTXT`, :data:`KNOWN_PRE`), else from a
-  pre-tokenizer layout that is certain (plain byte-level GPT-2 regex -> ``"gpt-2"``), else
-  ``"default"`` with a warning.
+  (``convert_hf_to_gguf.py``) does. Byte-level BPE (``gpt2``): token list / types like its
+  ``get_vocab_base``, merges, special ids and the chat template through ``gguf.SpecialVocab``, and
+  ``tokenizer.ggml.pre`` from the hash of the tokenization of llama.cpp's check text (:data:`CHKTXT`,
+  :data:`KNOWN_PRE`), else from a pre-tokenizer layout that is certain (plain byte-level GPT-2 regex
+  -> ``"gpt-2"``), else ``"default"`` with a warning. SentencePiece-style BPE with byte fallback
+  (``llama``, as Llama 2's tokenizer.json): tokens and types as its LlamaHfVocab path, scores from the
+  merge ranks (see :func:`_spm_metadata`). Other tokenizers are refused (``ValueError``).
 
 Either way ``general.file_type`` (the ``LlamaFileType`` of the type holding most of the weights) and
 ``general.quantization_version`` describe the export itself, and ``general.name`` is never a local path.
@@ -302,23 +304,132 @@ def _add_flags(tokenizer, special: dict) -> dict:
     return out
 
 
+def _checked_vocab(tokenizer, cfg) -> tuple[dict, int]:
+    vocab = _tokenizer_vocab(tokenizer) or {}
+    n_vocab = cfg.vocab_size
+    if vocab and max(vocab.values()) >= n_vocab:
+        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size "
+                         f"{n_vocab}: llama.cpp could not load the export")
+    return vocab, n_vocab
+
+
+def _spm_prefix(data: dict) -> bool | None:
+    """Whether a SentencePiece-style tokenizer prepends "▁" to the text (llama.cpp's
+    add_space_prefix), or None when it does not treat spaces as "▁" at all."""
+    def walk(node, kinds):
+        if not isinstance(node, dict):
+            return []
+        found = [node] if node.get("type") in kinds else []
+        for child in node.get("normalizers", []) or node.get("pretokenizers", []) or []:
+            found += walk(child, kinds)
+        return found
+    norm = walk(data.get("normalizer"), ("Prepend", "Replace"))
+    meta = walk(data.get("pre_tokenizer"), ("Metaspace",))
+    if meta:
+        return meta[0].get("prepend_scheme", "always") != "never" and meta[0].get("add_prefix_space", True)
+    replaces = [n for n in norm if n["type"] == "Replace" and n.get("content") == "▁"]
+    if not replaces:
+        return None
+    return any(n["type"] == "Prepend" and n.get("prepend") == "▁" for n in norm)
+
+
+def _is_spm(data: dict) -> bool:
+    return _spm_prefix(data) is not None
+
+
+def _spm_metadata(tokenizer, data: dict, cfg, arch: str) -> dict:
+    """``tokenizer.*`` of a SentencePiece-style BPE tokenizer (Llama 2, TinyLlama ...): llama.cpp's
+    ``llama`` vocabulary (its SPM tokenizer), as the converter's LlamaHfVocab path writes it, except the
+    scores: llama.cpp merges the adjacent pair whose joined token scores highest, so a merged token
+    scores minus its merge rank (the order the HF merges apply in) rather than a flat -1000; byte tokens
+    ``<0xXX>`` are BYTE, the unknown token UNKNOWN, special added tokens CONTROL; no merges are
+    written (llama.cpp's SPM tokenizer does not read them)."""
+    import re
+
+    gguf = _gguf()
+    vocab, n_vocab = _checked_vocab(tokenizer, cfg)
+    reverse = {i: t for t, i in vocab.items()}
+    rank: dict[str, int] = {}
+    for r, m in enumerate(data["model"].get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    unk = data["model"].get("unk_token")
+    tokens, scores, types = [], [], []
+    for i in range(n_vocab):
+        tok = reverse.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        score, typ = 0.0, gguf.TokenType.NORMAL
+        info = decoder.get(i)
+        if tok == unk:
+            typ = gguf.TokenType.UNKNOWN
+        elif tok in added and ((info is not None and info.special) or _looks_special(tok)):
+            typ = gguf.TokenType.CONTROL
+        elif tok in added and tok not in rank:
+            typ, score = gguf.TokenType.USER_DEFINED, -1000.0
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
+            typ = gguf.TokenType.BYTE
+        elif tok in rank:
+            score = -float(rank[tok] + 1)
+        tokens.append(tok)
+        scores.append(score)
+        types.append(typ)
+    w = _scratch(arch)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(bool(_spm_prefix(data)))
+    _special_vocab(tokenizer, cfg, n_vocab, load_merges=False).add_to_gguf(w, quiet=True)
+    return _kv(w)
+
+
+def _special_vocab(tokenizer, cfg, n_vocab: int, load_merges: bool):
+    """``gguf.SpecialVocab`` of the tokenizer's saved files (special ids, add-flags, chat template,
+    merges), completed from the tokenizer and config objects where the files say nothing."""
+    gguf = _gguf()
+    with tempfile.TemporaryDirectory(prefix="quantkern-gguf-tok-") as d:
+        tokenizer.save_pretrained(d)
+        special = gguf.SpecialVocab(d, load_merges=load_merges, n_vocab=n_vocab)
+    for attr, typ in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("unk_token_id", "unk"),
+                      ("pad_token_id", "pad")):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int) and 0 <= v < n_vocab:
+            special.special_token_ids.setdefault(typ, v)
+    for attr, typ in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "pad")):
+        v = getattr(cfg, attr, None)  # the converter falls back to config.json's ids
+        if isinstance(v, int) and 0 <= v < n_vocab:
+            special.special_token_ids.setdefault(typ, v)
+    for typ, flag in _add_flags(tokenizer, special.special_token_ids).items():
+        special.add_special_token.setdefault(typ, flag)
+    if special.chat_template is None and isinstance(getattr(tokenizer, "chat_template", None), str):
+        special.chat_template = tokenizer.chat_template
+    return special
+
+
 def tokenizer_metadata(tokenizer, cfg, arch: str = "llama") -> dict:
-    """``{key: GGUFValue}``: the ``tokenizer.*`` keys of a byte-level BPE (GPT-2 style) HF tokenizer, as
-    llama.cpp's converter derives them. Other tokenizers raise ``ValueError``."""
+    """``{key: GGUFValue}``: the ``tokenizer.*`` keys of a byte-level BPE (GPT-2 style, llama.cpp's
+    ``gpt2``) or SentencePiece-style BPE (``llama``) HF tokenizer, as llama.cpp's converter derives them.
+    Other tokenizers raise ``ValueError``."""
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError("GGUF tokenizer export needs a fast (tokenizers) tokenizer")
     data = json.loads(backend.to_str())
     model = data["model"]
+    if model.get("type") == "BPE" and model.get("byte_fallback") and not _is_byte_level(data) and _is_spm(data):
+        return _spm_metadata(tokenizer, data, cfg, arch)
     if model.get("type") != "BPE" or model.get("byte_fallback") or not _is_byte_level(data):
-        raise ValueError("GGUF tokenizer export supports byte-level BPE tokenizers (GPT-2 style), got "
+        raise ValueError("GGUF tokenizer export supports byte-level BPE tokenizers (GPT-2 style) and "
+                         "SentencePiece-style BPE ones (byte fallback, '▁' for spaces), got "
                          f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}")
-    vocab = _tokenizer_vocab(tokenizer) or {}
-    n_vocab = cfg.vocab_size
-    if vocab and max(vocab.values()) >= n_vocab:
-        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size "
-                         f"{n_vocab}: llama.cpp could not load the export")
+    vocab, n_vocab = _checked_vocab(tokenizer, cfg)
     reverse = {i: t for t, i in vocab.items()}
     added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
@@ -348,22 +459,7 @@ def tokenizer_metadata(tokenizer, cfg, arch: str = "llama") -> dict:
     w.add_token_types(types)
     pre = data.get("pre_tokenizer") or {}
     w.add_add_space_prefix(bool(pre.get("add_prefix_space", False)) if pre.get("type") == "ByteLevel" else False)
-    with tempfile.TemporaryDirectory(prefix="quantkern-gguf-tok-") as d:
-        tokenizer.save_pretrained(d)
-        special = gguf.SpecialVocab(d, load_merges=True, n_vocab=n_vocab)
-    for attr, typ in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("unk_token_id", "unk"),
-                      ("pad_token_id", "pad")):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int) and 0 <= v < n_vocab:
-            special.special_token_ids.setdefault(typ, v)
-    for attr, typ in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "pad")):
-        v = getattr(cfg, attr, None)  # the converter falls back to config.json's ids
-        if isinstance(v, int) and 0 <= v < n_vocab:
-            special.special_token_ids.setdefault(typ, v)
-    for typ, flag in _add_flags(tokenizer, special.special_token_ids).items():
-        special.add_special_token.setdefault(typ, flag)
-    if special.chat_template is None and isinstance(getattr(tokenizer, "chat_template", None), str):
-        special.chat_template = tokenizer.chat_template
+    special = _special_vocab(tokenizer, cfg, n_vocab, load_merges=True)
     special.add_to_gguf(w, quiet=True)
     return _kv(w)
 
