@@ -23,7 +23,13 @@ Blocks are written from the integer codes (not re-quantized) following the ggml 
 ``Q4_0`` = fp16 d + 16 bytes where byte j holds element j (low nibble) and element j + 16 (high
 nibble); ``Q4_1`` = fp16 d + fp16 m + the same 16 bytes; ``Q8_0`` = fp16 d + 32 int8. As llama.cpp's
 converter does, the rows of ``attn_q`` / ``attn_k`` are permuted into its rotary layout (readers undo
-it). Dense tensors are written as F32 (norms, and everything of an fp32 model) or F16.
+it). Dense tensors are written as F32 (norms, and everything of an fp32 model) or F16 (or, asked for,
+the embeddings as ``Q8_0``).
+
+The metadata llama.cpp reads (tokenizer, chat template, hyperparameters, ``general.*``) comes from
+:mod:`.gguf_meta`: copied from the source GGUF when the model was loaded from one, else derived from
+the HF tokenizer and config as llama.cpp's converter does; ``general.file_type`` and
+``general.quantization_version`` describe the export.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from .. import __version__
 from ..core import QuantizedWeight
 from ..nn import QuantLinear
 from .files import publish_modes
+from .gguf_meta import file_type, model_metadata
 
 log = logging.getLogger(__name__)
 BLOCK = 32
@@ -158,49 +165,6 @@ def gguf_model_problem(cfg) -> str | None:
     return None
 
 
-def _llama_metadata(writer, cfg) -> None:
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(theta))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
-
-
-def _tokenizer_metadata(writer, tokenizer) -> None:
-    """Byte-level BPE tokenizers (GPT-2 style, as SmolLM2's) only; others raise ``ValueError``."""
-    import json
-
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = data["model"]
-    if model.get("type") != "BPE":
-        raise ValueError(f"GGUF tokenizer export supports byte-level BPE tokenizers, got {model.get('type')}")
-    vocab = dict(model["vocab"])
-    for tok in data.get("added_tokens", []):
-        vocab[tok["content"]] = tok["id"]
-    tokens = [""] * (max(vocab.values()) + 1)
-    for t, i in vocab.items():
-        tokens[i] = t
-    special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3 = control, 1 = normal
-    writer.add_token_merges(merges)
-    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                      ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            add(v)
-
-
 def _summary(names: list[str], report: dict, sources: dict) -> str:
     """``"W4 g128 asym -> Q4_1: 210 layers (model.layers.0.self_attn.q_proj, ...)"``, one entry per
     (scheme, type), so that a whole model does not print one name per layer."""
@@ -211,15 +175,27 @@ def _summary(names: list[str], report: dict, sources: dict) -> str:
                      for (src, qtype), ns in by.items())
 
 
-def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
+def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None, embedding_type: str | None = None) -> Path:
     """Write ``model`` as one GGUF file at ``path`` (``<path>/model.gguf`` if ``path`` does not end in
     ``.gguf``); atomic (temporary file, fsync, rename). Returns the file path; the per-layer types
     chosen are in ``save_gguf.last_report`` (``{hf module: (gguf type, "exact" | "re-quantized")}``).
+
+    Metadata (:mod:`.gguf_meta`): a model loaded from a GGUF file (``source_gguf``, or found from
+    ``config._name_or_path``) keeps that file's tokenizer, ``general.*`` and hyperparameter keys;
+    otherwise they are derived from ``tokenizer`` and the config as llama.cpp's converter does.
+    ``general.file_type`` names the type holding most of the weights, ``general.quantization_version``
+    is 2. The source used is in ``save_gguf.last_source`` (None when derived).
+
+    ``embedding_type="Q8_0"``: the token embeddings and a dense (untied) output matrix are quantized to
+    ``Q8_0`` by the gguf package (as llama.cpp's quantizer does for small models) instead of written
+    dense; tied embeddings stay tied (one ``token_embd`` tensor, no ``output``).
 
     What GGUF cannot hold (a non-Llama architecture, non-default RoPE, in_features not a multiple of
     32) is refused before this runs, by :func:`~quantkern.io.export_rules.check_exportable` in
     ``save_quantized``."""
     gguf = _gguf()
+    if embedding_type not in (None, "Q8_0"):
+        raise ValueError(f"embedding_type must be None (dense) or 'Q8_0', got {embedding_type!r}")
     cfg = model.config
     path = Path(path)
     if path.suffix != ".gguf":
@@ -233,11 +209,8 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
     os.close(fd)
     report, requantized, sources = {}, [], {}
     try:
+        meta, source = model_metadata(model, tokenizer, source_gguf=source_gguf, exclude=path)
         writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_name(getattr(cfg, "_name_or_path", "") or "quantkern model")
-        _llama_metadata(writer, cfg)
-        if tokenizer is not None:
-            _tokenizer_metadata(writer, tokenizer)
         tensors = []
         for mod_name, mod in model.named_modules():
             if isinstance(mod, QuantLinear):
@@ -271,12 +244,23 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
             if gname is None:
                 raise ValueError(f"{pname}: no GGUF tensor name for this parameter")
             arr = p.detach().cpu()
+            if embedding_type == "Q8_0" and leaf == "weight" and gname in ("token_embd", "output"):
+                if arr.shape[-1] % BLOCK:
+                    raise ValueError(f"{pname}: {arr.shape[-1]} columns, not a multiple of {BLOCK}: no Q8_0 blocks")
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                tensors.append((f"{gname}.{leaf}", gguf.quants.quantize(arr.float().numpy(), q8), q8))
+                continue
             arr = arr.float() if (arr.dtype == torch.float32 or arr.dim() == 1) else arr.to(torch.float16)
             tensors.append((f"{gname}.{leaf}", arr.numpy(), None))
         if requantized:
             log.warning("GGUF export: %d layer(s) have no exact GGUF type and were re-quantized by the gguf "
                         "package (exact only when every 32-column block lies in one group and the scales fit fp16): %s",
                         len(requantized), _summary(requantized, report, sources))
+        for key, v in meta.items():
+            writer.add_key_value(key, v.value, v.type, v.sub_type)
+        writer.add_file_type(file_type({name: (raw if raw is not None else _dense_type(data), _n_weights(data, raw),
+                                               data.ndim) for name, data, raw in tensors}))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string("quantkern.version", __version__)
         writer.add_array("quantkern.requantized", requantized or [""])
         for name, data, raw in tensors:
@@ -294,7 +278,23 @@ def save_gguf(model: nn.Module, path, tokenizer=None) -> Path:
             os.unlink(tmp)
         raise
     save_gguf.last_report = report
+    save_gguf.last_source = source
     return path
 
 
+def _dense_type(data: np.ndarray):
+    gguf = _gguf()
+    return {np.dtype(np.float16): gguf.GGMLQuantizationType.F16}.get(data.dtype, gguf.GGMLQuantizationType.F32)
+
+
+def _n_weights(data: np.ndarray, raw) -> int:
+    """Elements of a tensor: block data (uint8 rows of ``raw`` blocks) counts its weights."""
+    if raw is None:
+        return int(data.size)
+    gguf = _gguf()
+    block, nbytes = gguf.GGML_QUANT_SIZES[raw]
+    return int(data.size // nbytes * block)
+
+
 save_gguf.last_report = {}
+save_gguf.last_source = None
