@@ -412,6 +412,18 @@ def test_q8_0_embeddings_when_asked(tmp_path, tie):
         save_gguf(model, tmp_path / "n.gguf", embedding_type="Q4_0")
 
 
+def test_save_quantized_passes_the_gguf_options(tmp_path):
+    from quantkern import save_quantized
+
+    model = quantize_linears(tiny_llama(tie=False), WeightScheme(4, 32, True, False))
+    path = save_quantized(model, tmp_path / "m.gguf", format="gguf", gguf_embedding_type="Q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["token_embd.weight"] == types["output.weight"] == "Q8_0"
+    with pytest.raises(ValueError, match="apply to format='gguf' only"):
+        save_quantized(model, tmp_path / "gptq", gguf_embedding_type="Q8_0")
+    assert not (tmp_path / "gptq").exists()
+
+
 def _tiny_spm():
     """A SentencePiece-style BPE tokenizer laid out as Llama 2's tokenizer.json: <unk> <s> </s>, the 256
     byte tokens <0x00>..<0xFF> (byte fallback), then pieces trained here; "▁" for spaces, prepended."""

@@ -173,7 +173,8 @@ def check_save_destination(path, format: str = "gptq", overwrite: bool = False) 
 
 
 def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq", checkpoint_format: str | None = None,
-                   max_shard_size="2GB", overwrite: bool = False) -> Path:
+                   max_shard_size="2GB", overwrite: bool = False, *, source_gguf=None,
+                   gguf_embedding_type: str | None = None) -> Path:
     """Write ``model`` (with :class:`QuantLinear` layers) to ``path``; returns the path written.
 
     - ``format="gptq"``: ``model.safetensors`` (or shards + index), ``config.json`` with
@@ -183,7 +184,10 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
     - ``format="compressed-tensors"``: QuantLinear as pack-quantized, W8A8Linear as int-quantized,
       FP8Linear as float-quantized; see :mod:`quantkern.io.compressed`.
     - ``format="gguf"``: ``path`` is a ``.gguf`` file (or a directory that gets ``model.gguf``), see
-      :mod:`quantkern.io.gguf_export`.
+      :mod:`quantkern.io.gguf_export`. ``source_gguf``: the GGUF file the model was loaded from, whose
+      tokenizer / general / hyperparameter keys are copied (default: found next to the model's
+      ``config._name_or_path``, else derived from ``tokenizer``); ``gguf_embedding_type="Q8_0"``
+      quantizes the token embeddings and an untied output matrix.
 
     ``path`` must be new, an empty directory, or (with ``overwrite=True``) a previous checkpoint of
     quantkern's files only, replaced as a whole; an existing file, any other directory or an unwritable
@@ -200,16 +204,19 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
         raise ValueError(f"checkpoint_format applies to format='gptq' only, got {checkpoint_format!r} with {format!r}")
     # every quantkern layer type has its own tensors: a format that does not describe them, or a scheme
     # it cannot hold, would write a checkpoint that loads wrongly, so refuse (naming every such layer)
+    if format != "gguf" and (source_gguf is not None or gguf_embedding_type is not None):
+        raise ValueError(f"source_gguf / gguf_embedding_type apply to format='gguf' only, got format={format!r}")
     check_exportable(format, model_layer_plans(model), model)
     check_save_destination(path, format, overwrite)
     path = Path(path)
     if format == "gguf":
         from .gguf_export import save_gguf
 
+        opts = dict(tokenizer=tokenizer, source_gguf=source_gguf, embedding_type=gguf_embedding_type)
         if path.suffix == ".gguf":
-            return save_gguf(model, path, tokenizer=tokenizer)
+            return save_gguf(model, path, **opts)
         with atomic_directory(path) as tmp:  # a directory: replaced as a whole, like the other formats
-            save_gguf(model, tmp / GGUF_DIR_NAME, tokenizer=tokenizer)
+            save_gguf(model, tmp / GGUF_DIR_NAME, **opts)
         return path / GGUF_DIR_NAME
     if format == "awq":
         from .awq import awq_export
