@@ -9,7 +9,7 @@ Two front doors::
     model = convert(model, GPTQConfig(bits=4))
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .api import (BaseConfig, BaseQuantizer, GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer, convert, prepare,
                   register_quantizer)

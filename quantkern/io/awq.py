@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..core import WeightScheme
 from ..formats.awq import AWQTensors, awq_shapes, awq_unsupported, pack_awq, unpack_awq
 from ..formats.gptq import pack_gptq

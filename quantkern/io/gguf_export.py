@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..core import QuantizedWeight
 from ..nn import QuantLinear
 from .files import publish_modes

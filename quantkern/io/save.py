@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..formats.bitpack import unpack_cols
 from ..formats.gptq import zeros_v2_to_v1
 from ..nn import QuantLinear
