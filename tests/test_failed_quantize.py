@@ -75,6 +75,8 @@ CALIBRATED = {
     "w8a8_static": lambda: qk.W8A8Config(act_static=True, batch_size=4),
     "ptq": lambda: qk.PTQConfig(batch_size=4),
     "fp8_gptq": lambda: qk.FP8Config(weight_method="gptq", batch_size=4),
+    "fp8_gptq_static": lambda: qk.FP8Config(weight_method="gptq", act_static=True, batch_size=4),
+    "zeroquant_static": lambda: qk.ZeroQuantConfig(act_static=True, batch_size=4),
 }
 
 
@@ -94,7 +96,8 @@ def test_bad_token_ids_quantize_door(method, bad, tiny_llama, token_data):
     before, ref = state(tiny_llama), logits(tiny_llama)
     data = [t.clone() for t in token_data]
     data[3][5] = bad
-    with pytest.raises(ValueError, match=rf"calibration item 3, row 0: token id {bad} at position 5 .*valid ids 0..255"):
+    msg = rf"calibration item 3, row 0: token id {bad} at position 5 .*valid ids 0..255"
+    with pytest.raises(ValueError, match=msg):
         _quantizer(tiny_llama, CALIBRATED[method]()).quantize(data)
     assert_restored(tiny_llama, before, ref)
 
@@ -108,8 +111,9 @@ def test_bad_token_ids_prepare_door_restores_and_retry_succeeds(method, tiny_lla
     model(input_ids=torch.stack(token_data[:4]))
     bad = torch.stack(token_data[4:]).clone()
     bad[2, 7] = 300
-    with pytest.raises(ValueError, match=r"calibration forward 1, row 2: token id 300 at position 7"):
+    with pytest.raises(ValueError, match=r"calibration forward 1, row 2: token id 300 at position 7") as err:
         model(input_ids=bad)
+    assert any("the model was restored to its state before prepare()" in n for n in err.value.__notes__)
     assert_restored(tiny_llama, before, ref)
     with pytest.raises(RuntimeError, match="call prepare\\(\\) again"):
         qk.convert(tiny_llama, cfg)
@@ -291,8 +295,8 @@ def test_mixed_conv1d_and_linear(token_data):
     for block in m.transformer.h:
         conv1d_to_linear(block.mlp)  # the MLP as nn.Linear, attention still Conv1D
     before = state(m)
-    with pytest.raises(ValueError, match=r"4 transformers Conv1D layer\(s\) .*: transformer\.h\.\*\.attn\.c_attn \(2x\), "
-                                         r"transformer\.h\.\*\.attn\.c_proj \(2x\)\. "):
+    with pytest.raises(ValueError, match=r"4 transformers Conv1D layer\(s\) .*: transformer\.h\.\*\.attn\.c_attn "
+                                         r"\(2x\), transformer\.h\.\*\.attn\.c_proj \(2x\)\. "):
         qk.RTNQuantizer(m, bits=4, group_size=32, verbose=False).quantize()
     assert_restored(m, before, None)
     q = qk.RTNQuantizer(m, bits=4, group_size=32, skip_layers=["lm_head", "attn.c_attn", "attn.c_proj"],
@@ -318,8 +322,8 @@ PRODUCERS = {
 def test_requantizing_says_already_quantized(kind, consumer, tiny_llama, token_data):
     PRODUCERS[kind](tiny_llama)
     before = state(tiny_llama)
-    with pytest.raises(ValueError, match=rf"model is already quantized: model\.layers\.0\.self_attn\.q_proj is a "
-                                         rf"{kind} \(14 {kind} layers in all\)"):
+    with pytest.raises(ValueError, match=rf"model is already quantized \(model\.layers\.0\.self_attn\.q_proj is a "
+                                         rf"{kind}; 14 {kind} layers in all\)"):
         _quantizer(tiny_llama, ALL_METHODS[consumer]()).quantize(token_data)
     assert_same_state(state(tiny_llama), before)
 
@@ -329,8 +333,8 @@ def test_requantizing_says_already_quantized(kind, consumer, tiny_llama, token_d
                                  qk.FP4Config, qk.PTQConfig, qk.ZeroQuantConfig])
 @pytest.mark.parametrize("value", [5, None, {"lm_head": 1}, 2.5])
 def test_skip_layers_type_checked(cls, value):
-    with pytest.raises(ValueError, match=r"skip_layers must be a module-name pattern or a list of them "
-                                         rf"\(strings such as \['lm_head', '\*\.mlp\.\*'\]\), got .* \({type(value).__name__}\)"):
+    with pytest.raises(ValueError, match=r"skip_layers must be a module-name pattern or a list of them \(strings "
+                                         rf"such as \['lm_head', '\*\.mlp\.\*'\]\), got .* \({type(value).__name__}\)"):
         cls(skip_layers=value)
 
 

@@ -4,6 +4,11 @@ A quantizer owns one model and one config. ``prepare`` validates everything that
 without data (so bad settings fail before calibration) and installs whatever must watch the
 calibration forwards; ``convert`` does the work and swaps in ``QuantLinear`` layers; ``quantize(data)``
 is ``prepare`` + one forward per calibration batch + ``convert``, so both front doors run the same code.
+
+A failed run leaves the model as it was: ``prepare`` records the model (:class:`~quantkern.api.restore.
+ModelSnapshot`, no copy of the weights) and any exception raised by ``prepare``, by a calibration forward
+(either door) or by ``convert`` restores it before propagating (modules, parameters and buffers, hooks,
+``forward``), with a note saying so; ``prepare`` can then be called again.
 """
 
 from __future__ import annotations
@@ -205,12 +210,14 @@ class BaseQuantizer:
         if snap is None:
             return
         snap.restore()
+        noted = self._prepared  # a failure inside prepare() itself changed nothing the user could see
         self._prepared = False
         self._failed = True
         for attr in ("catcher", "observers"):
             if getattr(self, attr, None) is not None:
                 setattr(self, attr, None)
-        if exc is not None and hasattr(exc, "add_note") and _RESTORED_NOTE not in getattr(exc, "__notes__", ()):
+        notes = getattr(exc, "__notes__", ())
+        if noted and exc is not None and hasattr(exc, "add_note") and _RESTORED_NOTE not in notes:
             exc.add_note(_RESTORED_NOTE)
 
     def _finish(self) -> None:

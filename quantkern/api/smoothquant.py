@@ -160,6 +160,8 @@ class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
         c = self.config.for_layer(name)
         mode = c.act_mode
         scale = None
+        if g.nsamples:
+            g.check_finite()  # inf/NaN inputs: name the layer before the scale or the Hessian maths fail
         if mode == "static":
             scale = static_input_scale(g.input_amax, FP8_MAX)
         if g.nsamples == 0:  # never reached by calibration: plain rounding

@@ -64,7 +64,7 @@ def check_not_quantized(model: nn.Module) -> None:
     found = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, kinds)]
     if found:
         types = sorted({t for _, t in found})
-        raise ValueError(f"model is already quantized: {found[0][0]} is a {found[0][1]} ({len(found)} "
+        raise ValueError(f"model is already quantized ({found[0][0]} is a {found[0][1]}; {len(found)} "
                          f"{'/'.join(types)} layers in all); start from the dense model")
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if qc is not None:
