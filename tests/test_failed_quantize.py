@@ -125,6 +125,22 @@ def test_bad_token_ids_prepare_door_restores_and_retry_succeeds(method, tiny_lla
     assert sd_equal(tiny_llama, clean)
 
 
+def test_second_prepare_is_refused_and_changes_nothing(tiny_llama, token_data):
+    cfg = qk.GPTQConfig(bits=4, group_size=32)
+    model = qk.prepare(tiny_llama, cfg)
+    before = state(model)
+    with pytest.raises(RuntimeError, match=r"model is already prepared for gptq \(prepare\(\) was called and "
+                                           r"convert\(\) not yet\)"):
+        qk.prepare(model, qk.AWQConfig(bits=4, group_size=32))
+    after = state(model)  # still the first prepare's model: its patched forward and block-0 hook, nothing more
+    assert after["patched"] == before["patched"] == [""] and after["hooks"] == before["hooks"]
+    assert after["modules"] == before["modules"] and after["attrs"] == before["attrs"]
+    assert all(torch.equal(after["tensors"][k][4], v[4]) for k, v in before["tensors"].items())
+    _drive(model, token_data, bs=8)
+    qk.convert(model, cfg)
+    assert sum(isinstance(x, qk.QuantLinear) for x in model.modules()) == 14
+
+
 def test_float_token_ids_prepare_door(tiny_llama, token_data):
     before, ref = state(tiny_llama), logits(tiny_llama)
     model = qk.prepare(tiny_llama, qk.GPTQConfig(bits=4, group_size=32))

@@ -98,6 +98,10 @@ class BaseQuantizer:
         this quantizer will produce can be saved in that format (see :meth:`check_export`)."""
         if self._prepared:
             raise RuntimeError("prepare() was already called on this model")
+        other = self.model.__dict__.get(_STATE_ATTR)
+        if other is not None:
+            raise RuntimeError(f"model is already prepared for {other.config.method} (prepare() was called and "
+                               "convert() not yet); convert() it first, or start from the dense model")
         self._t0 = time.perf_counter()
         self.report["bytes_before"] = weight_bytes(self.model)
         check_not_offloaded(self.model)
