@@ -53,6 +53,30 @@ def check_not_offloaded(model: nn.Module) -> None:
             "at a time), or load the model with a device_map that keeps every block on a device.")
 
 
+def check_devices(model: nn.Module, device=None) -> None:
+    """Before calibration: refuse a model that cannot run where its calibration inputs will be.
+
+    Raises ``ValueError`` naming both devices for a parameter on the meta device (no data: a forward
+    would read uninitialised memory) and, for a model not dispatched by accelerate, for ``device``
+    (``config.device``) differing from where the parameters are (nothing moves the weights there)."""
+    dispatched = is_dispatched(model)
+    first = None
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            where = torch.device(device) if device is not None else (first[1].device if first else "cpu")
+            raise ValueError(f"{name} is on the meta device (it has no data) while calibration inputs would be on "
+                             f"{where}: load or materialise the weights (e.g. load_state_dict(..., assign=True)) "
+                             "before quantizing")
+        if first is None:
+            first = (name, p)
+    if device is not None and first is not None and not dispatched:
+        want = torch.device(device)
+        have = first[1].device
+        if want.type != have.type or (want.index is not None and have.index is not None and want.index != have.index):
+            raise ValueError(f"config device={str(want)!r} but the model's parameters are on {have} ({first[0]}); "
+                             f"move the model there first (model.to({str(want)!r})) or leave device unset")
+
+
 def is_dispatched(model: nn.Module) -> bool:
     return getattr(model, "hf_device_map", None) is not None and any(
         hasattr(m, "_hf_hook") for m in model.modules())

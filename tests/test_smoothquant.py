@@ -23,6 +23,7 @@ else:
 import quantkern as qk
 from quantkern.algorithms.smoothquant import AbsMaxObserver, smoothing_factors
 from quantkern.calibration import group_batches, normalize_calibration_data
+from quantkern.calibration.awq_specs import conv1d_to_linear
 from quantkern.kernels.w8a8 import (int8_mm, int8_mm_reference, quantize_int8_per_channel, quantize_int8_per_token,
                                     w8a8_linear, w8a8_linear_reference)
 from quantkern.nn.w8a8_linear import W8A8Linear
@@ -207,6 +208,8 @@ def test_smoothquant_other_architectures(arch, token_data):
     m = (T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256)) if arch == "gpt2" else
          T.OPTForCausalLM(T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                       vocab_size=256, word_embed_proj_dim=64))).eval()
+    if arch == "gpt2":  # quantkern refuses Conv1D layers: the GPT-2 spec runs on them made nn.Linear
+        conv1d_to_linear(m)
     with torch.no_grad():
         ref = m(EVAL).logits
     qk.SmoothQuantQuantizer(m, alpha=0.5, verbose=False).quantize(token_data)

@@ -127,12 +127,21 @@ class GPTQ:
             q8 = q8[:, torch.argsort(perm)]
         return q8.contiguous(), scale, loss
 
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` if inf / NaN reached this layer's inputs (its ``H`` is then not finite and
+        no damping can make it positive definite). One host sync."""
+        if not bool(torch.isfinite(self.H).all()):
+            raise ValueError(f"{self.name or 'GPTQ layer'}: non-finite inputs (inf/NaN) reached this layer during "
+                             "calibration, so its Hessian is not finite; a layer before it (or the block's input) "
+                             "produces inf/NaN on the calibration data")
+
     def _setup(self, act_order: bool, damp_percent: float, max_damp_tries: int):
         """``(W, perm, Hinv)``: the fp32 weight with dead columns zeroed, permuted by decreasing
         ``diag(H)`` when ``act_order`` (``perm`` maps position -> original column, else None), and the
         upper Cholesky factor of the damped inverse Hessian in the same order."""
         if self.nsamples == 0:
             raise RuntimeError(f"GPTQ layer {self.name!r} saw no calibration inputs")
+        self.check_finite()
         W = self.weight.detach().to(torch.float32).clone()
         H = self.H.clone()
         # Columns that never saw a non-zero input cannot affect the output: zero them, make H invertible.

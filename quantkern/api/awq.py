@@ -18,15 +18,15 @@ from tqdm.auto import tqdm
 from ..algorithms import quantize_rtn
 from ..algorithms.awq import (apply_clip, fold_into_linear_outputs, fold_into_norm, scale_input_channels,
                               search_clip, search_scale)
-from ..calibration import BlockInput, find_decoder_blocks, run_block
-from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
+from ..calibration import BlockInput, check_finite_inputs, find_decoder_blocks, run_block
+from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for
 from ..devices import block_device
 from ..formats.gptq import packable
 from ..kernels.reference import dequantize_gptq
 from .calibrated import BlockwiseQuantizer, check_no_quantized_modules
 from .configs_more import AWQConfig
 from .registry import register_quantizer
-from .targets import plan_targets, set_module
+from .targets import plan_targets
 
 logger = logging.getLogger("quantkern")
 
@@ -54,8 +54,6 @@ class AWQQuantizer(BlockwiseQuantizer):
         self.spec = awq_spec_for(self.model)
         check_no_quantized_modules(self.model)
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
-        if self.spec.conv1d:
-            conv1d_to_linear(self.blocks)
         self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)
         bad = []
         for name, lin in self.plan.quantize.items():  # layers with overrides: check their own settings
@@ -78,13 +76,15 @@ class AWQQuantizer(BlockwiseQuantizer):
             device = block_device(block, self.calibration_device())  # placed by a device map: runs there
             prefix = f"{self.blocks_name}.{i}."
             targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
+            if targets:
+                check_finite_inputs(inputs, prefix[:-1], f"{self.blocks_name}.{i - 1}" if i else None)
             done, outputs = self._quantize_block(block, prefix, targets, inputs, device, errors) if targets \
                 else ({}, None)
             if outputs is None:
                 outputs = run_block(block, inputs, device)
             inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
             for name, ql in done.items():
-                set_module(self.model, name, ql)
+                self.replace_module(name, ql)
         self.report["awq_errors"] = errors
 
     def _groups(self, block: nn.Module, prefix: str, targets: dict[str, nn.Linear]):
@@ -128,6 +128,10 @@ class AWQQuantizer(BlockwiseQuantizer):
                                keep_outputs=not c.propagate_quantized)
         x_all = {n: torch.cat(v) for n, v in feats.items() if v}
         feats.clear()
+        bad = [prefix + n for n in x_all if not bool(torch.isfinite(sums[n]).all())]  # one sync per Linear
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: non-finite inputs (inf/NaN) reached these layers during calibration; "
+                             "a layer before them in the block produces inf/NaN on the calibration data")
         for n in list(x_all):
             x_all[n] = _subsample(x_all[n], max(c.max_search_tokens, c.clip_tokens), seed=0).to(device)
         counts = {n: sum(int(inp.token_mask.sum()) for inp in inputs) for n in x_all}
@@ -144,6 +148,8 @@ class AWQQuantizer(BlockwiseQuantizer):
                                            n_grid=c.n_grid, duo_scaling=c.duo_scaling)
             errors[prefix + ",".join(g.linears)] = (err, rtn_err)
             s = s.to(prev.weight.device)
+            for t in [prev.weight, getattr(prev, "bias", None)] + [m.weight for m in lins]:
+                self.writable(t)  # folded in place below: keep the originals for a restore
             if g.prev_kind == LINEAR:
                 rows = g.prev_rows(prev.out_features)
                 fold_into_linear_outputs(prev.weight.data[rows], None if prev.bias is None else prev.bias.data[rows], s)
@@ -160,6 +166,7 @@ class AWQQuantizer(BlockwiseQuantizer):
                 x = x_all[owner[n]][:c.clip_tokens]
                 max_val = search_clip(x, lin.weight.detach().to(x.device), schemes[n], c.torch_scale_dtype,
                                       n_grid=c.n_grid, max_shrink=c.max_shrink)
+                self.writable(lin.weight)
                 apply_clip(lin.weight.data, max_val.to(lin.weight.device), schemes[n].group_size)
             qw = quantize_rtn(lin.weight, schemes[n], c.torch_scale_dtype)
             ql = self.make_quant_linear(lin, qw, prefix + n)

@@ -4,6 +4,11 @@ A quantizer owns one model and one config. ``prepare`` validates everything that
 without data (so bad settings fail before calibration) and installs whatever must watch the
 calibration forwards; ``convert`` does the work and swaps in ``QuantLinear`` layers; ``quantize(data)``
 is ``prepare`` + one forward per calibration batch + ``convert``, so both front doors run the same code.
+
+A failed run leaves the model as it was: ``prepare`` records the model (:class:`~quantkern.api.restore.
+ModelSnapshot`, no copy of the weights) and any exception raised by ``prepare``, by a calibration forward
+(either door) or by ``convert`` restores it before propagating (modules, parameters and buffers, hooks,
+``forward``), with a note saying so; ``prepare`` can then be called again.
 """
 
 from __future__ import annotations
@@ -11,22 +16,37 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import types
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import group_batches, normalize_calibration_data
-from ..devices import check_not_offloaded
+from ..calibration import check_token_ids, group_batches, normalize_calibration_data
+from ..devices import check_devices, check_not_offloaded, is_dispatched
 from ..io.export_rules import LayerPlan, check_exportable
 from ..nn import QuantLinear
 from .config import BaseConfig
 from .registry import quantizer_for
-from .targets import TargetPlan
+from .restore import ModelSnapshot
+from .targets import TargetPlan, set_module
 
 logger = logging.getLogger("quantkern")
+_MISSING = object()
 
 _STATE_ATTR = "_quantkern_quantizer"
+_RESTORED_NOTE = ("quantkern: the model was restored to its state before prepare() (modules, weights, hooks and "
+                  "forward as they were); fix the cause and quantize again")
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding (``get_input_embeddings()``), if it is an ``nn.Embedding``."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    return emb if isinstance(emb, nn.Embedding) else None
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -66,6 +86,10 @@ class BaseQuantizer:
         self.plan: TargetPlan | None = None
         self.report: dict = {}
         self._prepared = False
+        self._failed = False
+        self._snapshot: ModelSnapshot | None = None
+        self._ids_checked = False  # calibrate() feeds data that quantize() validated already
+        self._forwards = 0
 
     # -- the two-step door -------------------------------------------------------------------------
     def prepare(self, export_format: str | None = None) -> nn.Module:
@@ -74,27 +98,44 @@ class BaseQuantizer:
         this quantizer will produce can be saved in that format (see :meth:`check_export`)."""
         if self._prepared:
             raise RuntimeError("prepare() was already called on this model")
+        other = self.model.__dict__.get(_STATE_ATTR)
+        if other is not None:
+            raise RuntimeError(f"model is already prepared for {other.config.method} (prepare() was called and "
+                               "convert() not yet); convert() it first, or start from the dense model")
         self._t0 = time.perf_counter()
         self.report["bytes_before"] = weight_bytes(self.model)
         check_not_offloaded(self.model)
-        self._prepare()
-        if export_format is not None:
-            try:
+        check_devices(self.model, self.config.device)
+        self._failed = False
+        self._forwards = 0
+        # from here on any exception puts the model back exactly as it is now (see _abort)
+        self._snapshot = ModelSnapshot(self.model)
+        self._forward_before = self.model.__dict__.get("forward", _MISSING)
+        try:
+            self._prepare()
+            if export_format is not None:
                 self.check_export(export_format)
-            except ValueError:
-                self._remove_calibration_hooks()
-                raise
+            self._install_guard()
+        except BaseException as e:
+            self._abort(e)
+            raise
         self._prepared = True
         setattr(self.model, _STATE_ATTR, self)
         return self.model
 
     def convert(self) -> nn.Module:
         if not self._prepared:
+            if self._failed:
+                raise RuntimeError("this quantization failed earlier and the model was restored to its state "
+                                   "before prepare(); call prepare() again")
             raise RuntimeError("convert() called before prepare()")
-        with torch.no_grad():
-            self._convert()
-        if self.model.__dict__.get(_STATE_ATTR) is self:
-            del self.model.__dict__[_STATE_ATTR]
+        try:
+            with torch.no_grad():
+                self._convert()
+        except BaseException as e:
+            self._abort(e)
+            raise
+        self._finish()
         self.model.quantkern_config = self.config.to_dict()
         self.report["bytes_after"] = weight_bytes(self.model)
         self.report["seconds"] = time.perf_counter() - self._t0
@@ -114,13 +155,97 @@ class BaseQuantizer:
         batches = None
         if self.needs_data:
             # validate the data before prepare() touches the model
-            batches = group_batches(normalize_calibration_data(data, tokenizer), self.calibration_batch_size())
+            items = normalize_calibration_data(data, tokenizer)
+            self.check_calibration_ids(items)
+            batches = group_batches(items, self.calibration_batch_size())
         elif data is not None:
             logger.info("quantkern: %s needs no calibration data; ignoring it", self.config.method)
         self.prepare(export_format)
-        if batches:
-            self.calibrate(batches)
-        return self.convert()
+        try:
+            if batches:
+                self._ids_checked = True
+                try:
+                    self.calibrate(batches)
+                finally:
+                    self._ids_checked = False
+            return self.convert()
+        except BaseException as e:
+            self._abort(e)
+            raise
+
+    # -- validation and the restore guarantee ---------------------------------------------------------
+    def check_calibration_ids(self, batches) -> None:
+        """Raise, before calibration, for token ids outside the model's input embedding (naming the
+        calibration item, row, position and id)."""
+        emb = input_embedding(self.model)
+        vocab = emb.num_embeddings if emb is not None else None
+        for i, b in enumerate(batches):
+            check_token_ids(b.input_ids, vocab, f"calibration item {i}")
+
+    def _install_guard(self) -> None:
+        """Wrap ``model.forward`` while prepared: check each calibration forward's ``input_ids`` (integer,
+        inside the embedding, on the embedding's device) and restore the model if the forward raises."""
+        inner = self.model.forward
+        q = self
+        emb = input_embedding(self.model)
+        dispatched = is_dispatched(self.model)
+
+        def forward(model_self, *args, **kwargs):
+            try:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if isinstance(ids, torch.Tensor) and not q._ids_checked:
+                    where = f"calibration forward {q._forwards}"
+                    check_token_ids(ids, emb.num_embeddings if emb is not None else None, where)
+                    if emb is not None and not dispatched and ids.device != emb.weight.device:
+                        raise ValueError(f"{where}: input_ids are on {ids.device} but the model's input embedding "
+                                         f"is on {emb.weight.device}; move the inputs there")
+                q._forwards += 1
+                return inner(*args, **kwargs)
+            except BaseException as e:
+                q._abort(e)
+                raise
+
+        self._guard = forward
+        self.model.forward = types.MethodType(forward, self.model)
+
+    def _abort(self, exc: BaseException | None = None) -> None:
+        """A step failed: put the model back as it was before :meth:`prepare` (idempotent)."""
+        snap, self._snapshot = self._snapshot, None
+        if snap is None:
+            return
+        snap.restore()
+        noted = self._prepared  # a failure inside prepare() itself changed nothing the user could see
+        self._prepared = False
+        self._failed = True
+        for attr in ("catcher", "observers"):
+            if getattr(self, attr, None) is not None:
+                setattr(self, attr, None)
+        notes = getattr(exc, "__notes__", ())
+        if noted and exc is not None and hasattr(exc, "add_note") and _RESTORED_NOTE not in notes:
+            exc.add_note(_RESTORED_NOTE)
+
+    def _finish(self) -> None:
+        """``convert`` succeeded: drop the guard, the prepared state and the snapshot."""
+        if self.model.__dict__.get(_STATE_ATTR) is self:
+            del self.model.__dict__[_STATE_ATTR]
+        if self._forward_before is _MISSING:
+            self.model.__dict__.pop("forward", None)
+        else:
+            self.model.__dict__["forward"] = self._forward_before
+        self._snapshot = None
+
+    def writable(self, t) -> None:
+        """Call before writing a model tensor in place (scale folding): keeps its original for a restore."""
+        if self._snapshot is not None:
+            self._snapshot.writable(t)
+
+    def replace_module(self, name: str, new: nn.Module) -> None:
+        """Swap ``new`` in for module ``name`` (see :func:`~quantkern.api.targets.set_module`); the old
+        module's tensors go back to their original data, so its working copies are freed now."""
+        old = self.model.get_submodule(name)
+        set_module(self.model, name, new)
+        if self._snapshot is not None:
+            self._snapshot.release(old)
 
     # -- what the result will be ---------------------------------------------------------------------
     def layer_plan(self, name: str, linear: nn.Linear) -> LayerPlan:
@@ -140,13 +265,6 @@ class BaseQuantizer:
             raise RuntimeError("check_export() needs the layer plan: call prepare() first")
         plans = {name: self.layer_plan(name, lin) for name, lin in self.plan.quantize.items()}
         check_exportable(export_format, plans, self.model)
-
-    def _remove_calibration_hooks(self) -> None:
-        for attr in ("catcher", "observers"):
-            hooks = getattr(self, attr, None)
-            if hooks is not None:
-                hooks.remove()
-                setattr(self, attr, None)
 
     @torch.no_grad()
     def calibrate(self, batches) -> None:
@@ -217,7 +335,8 @@ def convert(model: nn.Module, quant_config: BaseConfig | None = None) -> nn.Modu
     """Finish what :func:`prepare` started: quantize with the collected statistics."""
     q = model.__dict__.get(_STATE_ATTR)
     if q is None:
-        raise RuntimeError("convert() needs a model returned by prepare()")
+        raise RuntimeError("convert() needs a model returned by prepare() (a failed calibration forward restores "
+                           "the model to its state before prepare(): call prepare() again)")
     if quant_config is not None and quant_config != q.config:
         raise ValueError(f"convert() got a different config than prepare(): {quant_config} != {q.config}")
     return q.convert()

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..calibration import InputCatcher, normalize_calibration_data
 from .base import BaseQuantizer
+from .targets import check_not_quantized
 
 
 class BlockwiseQuantizer(BaseQuantizer):
@@ -71,7 +72,13 @@ class ActivationObservers:
         x2 = x.detach().reshape(-1, x.shape[-1])
         if self._mask is not None and self._mask.numel() == x2.shape[0]:
             x2 = x2[self._mask.reshape(-1).bool().to(x2.device)]
-        self.observers[name].update(x2)
+        try:
+            self.observers[name].update(x2)
+        except ValueError as e:
+            if "inf/NaN" not in str(e):
+                raise
+            raise ValueError(f"{name}: non-finite inputs (inf/NaN) reached this layer during calibration; a layer "
+                             "before it produces inf/NaN on the calibration data") from None
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -82,13 +89,5 @@ class ActivationObservers:
 
 
 def check_no_quantized_modules(model: nn.Module) -> None:
-    """Raise if ``model`` already holds this package's activation / float-format quantized layers."""
-    from ..nn.fp4_linear import FP4Linear
-    from ..nn.fp8_linear import FP8Linear
-    from ..nn.w8a8_linear import W8A8Linear, ZeroQuantLinear
-
-    kinds = (W8A8Linear, FP8Linear, FP4Linear, ZeroQuantLinear)
-    found = sorted({type(m).__name__ for m in model.modules() if isinstance(m, kinds)})
-    if found:
-        raise ValueError(f"model is already quantized (it contains {', '.join(found)} layers); "
-                         "start from the dense model")
+    """Raise if ``model`` already holds quantized layers (see :func:`~quantkern.api.targets.check_not_quantized`)."""
+    check_not_quantized(model)

@@ -24,6 +24,24 @@ def validate_damp_percent(v) -> None:
         raise ValueError(f"damp_percent must be in (0, 1), got {v!r}")
 
 
+def validate_patterns(name: str, v) -> tuple[str, ...]:
+    """A module-name pattern or a list / tuple / set of them -> a tuple of non-empty strings; anything
+    else is a ``ValueError`` saying what is allowed."""
+    if isinstance(v, str):
+        v = (v,)
+    elif isinstance(v, (set, frozenset)):
+        v = tuple(sorted(v, key=str))
+    elif isinstance(v, (list, tuple)):
+        v = tuple(v)
+    else:
+        raise ValueError(f"{name} must be a module-name pattern or a list of them (strings such as "
+                         f"['lm_head', '*.mlp.*']), got {v!r} ({type(v).__name__})")
+    for p in v:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"{name} must be non-empty strings (module-name patterns), got {p!r} in {list(v)!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class BaseConfig:
     """Common settings. ``skip_layers``: fnmatch patterns (or dotted suffixes) of module names left in
@@ -34,13 +52,7 @@ class BaseConfig:
     device: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.skip_layers, str):
-            object.__setattr__(self, "skip_layers", (self.skip_layers,))
-        else:
-            object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
-        for p in self.skip_layers:
-            if not isinstance(p, str) or not p:
-                raise ValueError(f"skip_layers must be non-empty strings, got {p!r}")
+        object.__setattr__(self, "skip_layers", validate_patterns("skip_layers", self.skip_layers))
 
     def to_dict(self) -> dict:
         d = {"method": self.method}

@@ -49,13 +49,20 @@ class PerLayer:
 
     def _normalize_overrides(self) -> None:
         raw = self.overrides
+        if raw is not None and not isinstance(raw, (dict, list, tuple)):
+            raise ValueError("overrides must be a dict {module-name pattern: {setting: value}} (or a list of "
+                             f"(pattern, settings) pairs), got {raw!r} ({type(raw).__name__})")
         items = list(raw.items()) if isinstance(raw, dict) else list(raw or ())
         norm = []
         for entry in items:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]):
                 raise ValueError(f"overrides must map module-name patterns to settings dicts, got {entry!r}")
             pattern, settings = entry
-            settings = dict(settings)
+            try:
+                settings = dict(settings)
+            except (TypeError, ValueError):
+                raise ValueError(f"overrides[{pattern!r}] must be a dict of settings (allowed keys: "
+                                 f"{list(self.layer_keys)}), got {settings!r}") from None
             bad = sorted(set(settings) - set(self.layer_keys))
             if bad:
                 raise ValueError(f"{type(self).__name__} cannot override {bad} per layer; allowed: "

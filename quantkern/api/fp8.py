@@ -9,13 +9,11 @@ from tqdm.auto import tqdm
 
 from ..algorithms.fp4 import quantize_fp4_groups
 from ..calibration import find_decoder_blocks
-from ..calibration.awq_specs import conv1d_to_linear
 from ..nn.fp4_linear import SCALE_DTYPES, FP4Linear
 from .base import BaseQuantizer
 from .configs_more import FP4Config
 from .registry import register_quantizer
 from .smoothquant import plan_unpacked
-from .targets import set_module
 
 
 @register_quantizer(FP4Config)
@@ -27,9 +25,7 @@ class FP4Quantizer(BaseQuantizer):
 
     def _prepare(self) -> None:
         c = self.config
-        self.blocks_name, blocks = find_decoder_blocks(self.model)
-        if getattr(getattr(self.model, "config", None), "model_type", None) == "gpt2":
-            conv1d_to_linear(blocks)
+        self.blocks_name, _ = find_decoder_blocks(self.model)
         self.plan = plan_unpacked(self.model, c.skip_layers, self.blocks_name)
         gs = {n: c.for_layer(n).group_size for n in self.plan.quantize}
         bad = [f"{n} (group_size={gs[n]}, in_features={m.in_features})" for n, m in self.plan.quantize.items()
@@ -43,4 +39,4 @@ class FP4Quantizer(BaseQuantizer):
             codes, scales = quantize_fp4_groups(lin.weight, c.group_size, SCALE_DTYPES[c.scale_dtype], mse=c.mse)
             q = FP4Linear.from_codes(codes, scales, c.group_size, bias=lin.bias, dtype=lin.weight.dtype)
             q.name = name
-            set_module(self.model, name, q)
+            self.replace_module(name, q)

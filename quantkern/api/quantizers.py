@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
-from ..calibration import BlockInput, InputCatcher, find_decoder_blocks, run_block
+from ..calibration import BlockInput, InputCatcher, check_finite_inputs, find_decoder_blocks, run_block
 from ..core import WeightScheme, naming_layer
 from ..devices import block_device
 from ..kernels.reference import dequantize_gptq
@@ -18,7 +18,7 @@ from ..nn import QuantLinear
 from .base import BaseQuantizer
 from .config import GPTQConfig, RTNConfig
 from .registry import register_quantizer
-from .targets import plan_targets, set_module
+from .targets import plan_targets
 
 logger = logging.getLogger("quantkern")
 
@@ -43,7 +43,7 @@ class GPTQBlockDriver:
         for i in tqdm(range(len(self.blocks)), desc=desc, disable=not self.verbose):
             inputs, done = self.quantize_block(i, inputs, device, losses)
             for name, q in done.items():
-                set_module(self.model, name, q)
+                self.replace_module(name, q)
         return losses
 
     def quantize_block(self, i: int, inputs: list[BlockInput], device, losses: dict[str, float]
@@ -58,6 +58,7 @@ class GPTQBlockDriver:
         targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
         done: dict[str, QuantLinear] = {}
         if targets:
+            check_finite_inputs(inputs, prefix[:-1], f"{self.blocks_name}.{i - 1}" if i else None)
             for stage, shared_input in self._stages(block, targets, inputs[0]):
                 losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done, shared_input))
         outputs = run_block(block, inputs, device)
@@ -160,7 +161,7 @@ class RTNQuantizer(BaseQuantizer):
         for name, lin in tqdm(list(self.plan.quantize.items()), desc="RTN", disable=not self.verbose, leave=False):
             with naming_layer(name):
                 qw = quantize_rtn(lin.weight, scheme, self.config.torch_scale_dtype, mse=self.config.mse)
-            set_module(self.model, name, self.make_quant_linear(lin, qw, name))
+            self.replace_module(name, self.make_quant_linear(lin, qw, name))
 
 
 @register_quantizer(GPTQConfig)

@@ -18,7 +18,7 @@ from torch import nn
 from ..algorithms.awq import fold_into_linear_outputs, fold_into_norm, scale_input_channels
 from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
 from ..calibration import find_decoder_blocks
-from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
+from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for
 from ..kernels.w8a8 import FP8_MAX, INT8_MAX, static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
@@ -26,7 +26,7 @@ from .calibrated import ActivationObservers, BlockwiseQuantizer, check_no_quanti
 from .configs_more import FP8Config, SmoothQuantConfig, W8A8Config
 from .quantizers import GPTQBlockDriver
 from .registry import register_quantizer
-from .targets import plan_targets, set_module
+from .targets import plan_targets
 
 logger = logging.getLogger("quantkern")
 
@@ -53,8 +53,6 @@ class W8A8Quantizer(BlockwiseQuantizer):
         if self.smoothing:
             self.spec = awq_spec_for(self.model, method="SmoothQuant")
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
-        if getattr(getattr(self.model, "config", None), "model_type", None) == "gpt2":
-            conv1d_to_linear(self.blocks)
         self.plan = plan_unpacked(self.model, c.skip_layers, self.blocks_name)
         self.observers = None
         if self.needs_data:
@@ -71,12 +69,16 @@ class W8A8Quantizer(BlockwiseQuantizer):
             if not amax:
                 raise RuntimeError("no calibration forwards reached the model between prepare() and convert(); "
                                    "run model(input_ids=...) on calibration batches first")
+            bad = [n for n, a in amax.items() if not bool(torch.isfinite(a).all())]  # one sync per Linear
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: non-finite inputs (inf/NaN) reached these layers during "
+                                 "calibration; a layer before them produces inf/NaN on the calibration data")
         if self.smoothing:
             self._smooth(amax)
         for name, lin in list(self.plan.quantize.items()):
             q = self.make_module(lin, amax.get(name), name)
             q.name, q.backend = name, getattr(self.config, "backend", "auto")
-            set_module(self.model, name, q)
+            self.replace_module(name, q)
 
     def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
         """The quantized replacement of ``lin``; ``act_amax``: its observed per-channel input abs-max."""
@@ -100,6 +102,8 @@ class W8A8Quantizer(BlockwiseQuantizer):
                                                   and prev.out_features == lins[0].in_features):
                     continue
                 s = smoothing_factors(amax[names[0]], torch.cat([m.weight for m in lins]), alpha)
+                for t in [prev.weight, getattr(prev, "bias", None)] + [m.weight for m in lins]:
+                    self.writable(t)  # folded in place below: keep the originals for a restore
                 if g.prev_kind == LINEAR:
                     # the producer is itself quantized later: its (now divided) rows are what it stores
                     fold_into_linear_outputs(prev.weight.data, None if prev.bias is None else prev.bias.data,
@@ -144,8 +148,6 @@ class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
         if not self.gptq:
             return super()._prepare()
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
-        if getattr(getattr(self.model, "config", None), "model_type", None) == "gpt2":
-            conv1d_to_linear(self.blocks)
         self.plan = plan_unpacked(self.model, self.config.skip_layers, self.blocks_name)
         self.install_catcher(self.blocks[0])
 
@@ -158,6 +160,8 @@ class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
         c = self.config.for_layer(name)
         mode = c.act_mode
         scale = None
+        if g.nsamples:
+            g.check_finite()  # inf/NaN inputs: name the layer before the scale or the Hessian maths fail
         if mode == "static":
             scale = static_input_scale(g.input_amax, FP8_MAX)
         if g.nsamples == 0:  # never reached by calibration: plain rounding

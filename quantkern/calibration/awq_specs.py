@@ -9,8 +9,10 @@ channels are weighted sums of V's channels). A SiLU/GELU between two Linears is 
 GPT-2's ``c_fc -> c_proj`` has no scale group (its weights are still clipped and quantized).
 
 Names are relative to one decoder block. GPT-2 stores its projections as ``transformers`` ``Conv1D``
-(``y = x @ W + b`` with ``W [in, out]``); :func:`conv1d_to_linear` turns them into ``nn.Linear``
-before planning, so everything downstream sees one layout.
+(``y = x @ W + b`` with ``W [in, out]``). The quantizers refuse ``Conv1D`` layers (see
+:func:`quantkern.api.targets.plan_targets`: their quantized checkpoints could not be loaded back);
+:func:`conv1d_to_linear` turns them into equivalent ``nn.Linear`` layers, after which the GPT-2 spec
+below applies.
 """
 
 from __future__ import annotations

@@ -85,6 +85,20 @@ class InputCatcher:
         raise StopForward
 
 
+def check_finite_inputs(inputs: list[BlockInput], block_name: str, previous: str | None = None) -> None:
+    """Raise ``ValueError`` if the hidden states fed to block ``block_name`` hold inf / NaN (one host sync
+    for all batches). ``previous``: what produced them (the block before), for the message."""
+    if not inputs:
+        return
+    flags = [torch.isfinite(inp.hidden).all() for inp in inputs]
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).all()
+    if not bool(ok):
+        i = next(k for k, f in enumerate(flags) if not bool(f))
+        src = f"the outputs of {previous}" if previous else "the model's embeddings"
+        raise ValueError(f"{block_name}: non-finite inputs (inf/NaN) in its hidden states (calibration batch {i}): "
+                         f"{src} are not finite on the calibration data")
+
+
 def _to(x, device):
     if device is None:
         return x

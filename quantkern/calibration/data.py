@@ -97,6 +97,26 @@ def normalize_calibration_data(data, tokenizer=None, max_length: int | None = No
     return batches
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None, where: str) -> None:
+    """Raise ``TypeError`` for non-integer ids and ``ValueError`` naming the row, position and id when
+    an id is negative or ``>= vocab_size`` (the input embedding's rows); one host sync when all are valid.
+    ``where`` names the batch (``"calibration item 3"``); rows are counted within it."""
+    if not isinstance(ids, torch.Tensor):
+        return
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
+        raise TypeError(f"{where}: input_ids must be integer token ids, got dtype {ids.dtype}")
+    if vocab_size is None or ids.numel() == 0 or ids.device.type == "meta":
+        return
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids.long())).tolist())
+    if lo >= 0 and hi < vocab_size:
+        return
+    ids2 = ids.reshape(-1, ids.shape[-1]) if ids.dim() else ids.reshape(1, 1)
+    bad = ((ids2 < 0) | (ids2 >= vocab_size)).nonzero()
+    row, pos = (int(v) for v in bad[0].tolist())
+    raise ValueError(f"{where}, row {row}: token id {int(ids2[row, pos])} at position {pos} is outside the "
+                     f"model's input embedding (valid ids 0..{vocab_size - 1}); {len(bad)} such id(s) in all")
+
+
 def group_batches(batches: list[Batch], batch_size: int) -> list[Batch]:
     """Concatenate consecutive single-row batches of equal length into batches of ``batch_size`` rows
     (padding is never introduced, so results do not depend on the batch size)."""
