@@ -22,9 +22,11 @@ _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
-def read_gguf(path) -> "object":
+def read_gguf(path, strict: bool = False) -> "object":
     """Open a GGUF file with the ``gguf`` package's reader after cheap sanity checks; every failure is a
-    :class:`CheckpointFileError` naming the file (truncated, corrupt, wrong magic)."""
+    :class:`CheckpointFileError` naming the file (truncated, corrupt, wrong magic). ``strict`` also
+    decodes every metadata value (what a loader such as transformers does next), so a value that is
+    not valid UTF-8 or does not match its declared type fails here, naming its key."""
     import gguf
 
     path = Path(path)
@@ -45,6 +47,13 @@ def read_gguf(path) -> "object":
         raise
     except Exception as e:  # the reader raises ValueError / IndexError / struct errors on corrupt input
         raise CheckpointFileError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
+    if strict:
+        for key, f in reader.fields.items():
+            try:
+                f.contents()
+            except Exception as e:
+                raise CheckpointFileError(f"{path}: corrupt GGUF metadata value {key!r} "
+                                          f"({type(e).__name__}: {e})") from None
     return reader
 
 
