@@ -546,6 +546,16 @@ def check_model_config(config_dict: dict, names, where: str = "config.json") -> 
     """Check the model config's sizes (positive ints within :data:`SIZE_LIMITS`) and its layer count
     against the tensors present (``names``), before anything is built from it. Raises
     :class:`CheckpointConfigError` naming the key."""
+    key = next((k for k in LAYER_COUNT_KEYS if config_dict.get(k) is not None), None)
+    if key is not None:
+        n = config_dict[key]
+        lists = numbered_lists(names)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0 and not any(
+                n <= len(idx) and all(i in idx for i in range(n)) for idx in lists.values()):
+            prefix, idx = max(lists.items(), key=lambda kv: len(kv[1]), default=("", set()))
+            held = f"{len(idx)} ({prefix}.{min(idx)} .. {prefix}.{max(idx)})" if idx else "none"
+            raise CheckpointConfigError(f"{where}: '{key}'={n}, but the weights do not hold layers 0..{n - 1}: "
+                                        f"layers found: {held}")
     for key, limit in SIZE_LIMITS.items():
         v = config_dict.get(key)
         if v is None:
@@ -553,13 +563,3 @@ def check_model_config(config_dict: dict, names, where: str = "config.json") -> 
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
             raise CheckpointConfigError(f"{where}: cannot build the model it describes: '{key}' must be a "
                                         f"positive int <= {limit}, got {v!r}")
-    key = next((k for k in LAYER_COUNT_KEYS if config_dict.get(k) is not None), None)
-    if key is None:
-        return
-    n = config_dict[key]
-    lists = numbered_lists(names)
-    if not any(set(range(n)) <= idx for idx in lists.values()):
-        prefix, idx = max(lists.items(), key=lambda kv: len(kv[1]), default=("", set()))
-        held = f"{len(idx)} ({prefix}.{min(idx)} .. {prefix}.{max(idx)})" if idx else "none"
-        raise CheckpointConfigError(f"{where}: '{key}'={n}, but the weights do not hold layers 0..{n - 1}: "
-                                    f"layers found: {held}")

@@ -228,7 +228,7 @@ def _inspect_dir(path: Path) -> dict:
             info["format"] = fmt
             if note:
                 info["format_note"] = note
-        except CheckpointConfigError as e:
+        except (CheckpointConfigError, CheckpointFileError) as e:
             info["problems"].append(str(e))
     if model is not None:
         missing = sorted(_expected_dense(model, quantized) - set(headers))
