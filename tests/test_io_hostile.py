@@ -360,7 +360,8 @@ def test_catastrophic_override_pattern_is_matched_in_linear_time(ckpt, saved):
     from quantkern.io import inspect_checkpoint, parse_quantization_config
 
     cfg = parse_quantization_config({"quant_method": "gptq", "bits": 4, "group_size": 32,
-                                     "dynamic": {EVIL: {"bits": 8}, "-:(a|aa)*$": {}}})
+                                     "dynamic": {EVIL: {"bits": 8}, "-:(a|aa)*$": {},
+                                                 "+:(?:(?:){99999}){99999}Z": {"bits": 2}}})
     t = time.perf_counter()
     assert cfg.scheme_for("model.layers.0.self_attn.q_proj" * 20) == cfg.scheme
     assert cfg.scheme_for("model.layers.0.self_attn.q_projX").bits == 8

@@ -190,6 +190,10 @@ class _NFA:
         if op in _REPEATS:
             lo, hi, sub = av
             sub = list(sub)
+            before = len(self.states)
+            self._seq(sub, nxt)  # (unreachable) probe: a body that needs no state matches only ""
+            if len(self.states) == before:
+                return nxt
             if hi is _sre.MAXREPEAT or hi == _sre.MAXREPEAT:
                 loop = self._new(_SPLIT, [])
                 self.states[loop][1] = [self._seq(sub, loop), nxt]
@@ -259,13 +263,16 @@ def override_matcher(pattern: str):
     possessive repeats / inline flags."""
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise PatternTooComplex(f"longer than {MAX_PATTERN_LENGTH} characters ({len(pattern)})")
-    parsed = _sre_parse.parse(pattern)
-    if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
-        raise PatternTooComplex("inline flags are not supported")
-    if _cannot_backtrack(list(parsed)):
-        compiled = re.compile(pattern)
-        return lambda name: compiled.match(name) is not None
-    return _NFA(parsed).match
+    try:
+        parsed = _sre_parse.parse(pattern)
+        if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
+            raise PatternTooComplex("inline flags are not supported")
+        if _cannot_backtrack(list(parsed)):
+            compiled = re.compile(pattern)
+            return lambda name: compiled.match(name) is not None
+        return _NFA(parsed).match
+    except RecursionError:
+        raise PatternTooComplex("nested too deeply") from None
 
 
 @dataclass(frozen=True)
