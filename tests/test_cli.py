@@ -110,7 +110,8 @@ def test_hub_ids_still_go_to_transformers():
 def test_verbose_prints_the_traceback(capsys):
     assert main(["--verbose", "eval", "/nonexistent/path"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.strip().splitlines()[-1] == "quantkern eval: error: no such directory: /nonexistent/path"
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1] == "quantkern eval: error: no such directory: /nonexistent/path"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -393,8 +393,6 @@ def test_override_patterns_beyond_linear_time_are_refused(ckpt, pattern, match):
                                      r"^model\.layers\.\d+\.self_attn\.(q|k|v)_proj$", r"(?:.*\.)?down_proj$",
                                      r"\bq_proj\b", r"[^.]+\.[^.]+$", r"(ab|a)*b{1,3}c?", r"x*$", ""])
 def test_override_matcher_agrees_with_re(pattern):
-    from quantkern.io.config import override_matcher
-
     names = ["model.layers.18.mlp.gate_proj", "model.layers.0.self_attn.q_proj", "model.layers.21.mlp.down_proj",
              "model.layers.1.self_attn.v_proj", "lm_head", "", "ababbbc", "abbbb", "a.b", "a.b.c", "q_proj", "xq_proj"]
     from quantkern.io.config import override_matcher as m

@@ -149,7 +149,10 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto", device_map=No
     Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files, pickles),
     :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config`` or model config)
     or :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the
-    config, named) — all ``ValueError``.
+    config, named) — all ``ValueError``; a ``device`` that is not usable here raises
+    :class:`~quantkern.env.DeviceUnavailableError` before anything is read. A GPTQ checkpoint whose
+    v1 / v2 format no config states is read as its zeros say (v1 when they do not tell), with a
+    :class:`~quantkern.io.config.CheckpointFormatWarning`; sources that disagree are refused.
 
     ``device_map`` (several devices; overrides ``device``): ``"auto"``, ``"balanced"``,
     ``"balanced_low_0"``, ``"sequential"`` (accelerate fits the decoder blocks into ``max_memory``, e.g.

@@ -43,7 +43,8 @@ def checkpoint_headers(path: Path) -> tuple[list[Path], dict, list[str]]:
                         "tensors in the index")
     if index.exists():
         wm = read_config_json(index, "safetensors index")["weight_map"]
-        wrong = [f"{index}: maps {k!r} to {v}, but {'it is in ' + headers[k][0].name if k in headers else 'no shard holds it'}"
+        wrong = [f"{index}: maps {k!r} to {v}, but "
+                 f"{'it is in ' + headers[k][0].name if k in headers else 'no shard holds it'}"
                  for k, v in wm.items() if k not in headers or headers[k][0].name != v]
         unlisted = [f"{headers[k][0]}: holds {k!r}, which the index {index.name} does not list"
                     for k in headers if k not in wm]
