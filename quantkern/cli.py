@@ -140,8 +140,10 @@ def _load_any(path: str, device: str, device_map=None):
 
     from .models import load_model
 
-    cfg = Path(path) / "config.json"
-    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
+    from .io.config import read_config_json
+
+    cfg = Path(path).expanduser() / "config.json"
+    if cfg.is_file() and "quantization_config" in read_config_json(cfg, "config.json"):
         from transformers import AutoTokenizer
 
         from . import load_quantized
@@ -233,12 +235,26 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
+        if getattr(a, "device", None) is not None:  # before any loading: a missing GPU is one line, early
+            from .env import check_device
+
+            check_device(a.device)
         cmds = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
                 "export": cmd_export}
         return cmds[a.cmd](a)
-    except (ValueError, OSError, TypeError, RuntimeError) as e:
-        print(f"quantkern {a.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, TypeError, RuntimeError, ImportError) as e:
+        if a.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"quantkern {a.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line: its message (type name when it has none), line breaks folded."""
+    text = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 if __name__ == "__main__":

@@ -56,6 +56,32 @@ def devices() -> list[torch.device]:
     return devs
 
 
+class DeviceUnavailableError(RuntimeError):
+    """A device string that names no usable device here (bad syntax, no CUDA, index out of range)."""
+
+
+def check_device(device) -> torch.device:
+    """``torch.device(device)`` if that device can be used here, else :class:`DeviceUnavailableError`
+    saying why, before any work is done (torch itself fails late, some builds with an
+    ``AssertionError``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceUnavailableError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None and \
+                getattr(torch.version, "hip", None) is None else "no CUDA device is visible"
+            raise DeviceUnavailableError(f"device {device!r}: CUDA is not available ({why})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type not in ("cpu", "meta"):
+        ok = getattr(torch, dev.type, None)
+        if ok is None or not getattr(ok, "is_available", lambda: False)():
+            raise DeviceUnavailableError(f"device {device!r}: {dev.type} is not available in this torch build")
+    return dev
+
+
 def probe_layer(bits: int, group_size: int, sym: bool, act_order: bool, dtype: torch.dtype, device):
     """A ``QuantLinear`` of ``PROBE_FEATURES`` squared with a valid (all-zero-code) weight; act-order
     layers get a shuffled ``g_idx`` like a real act-order checkpoint."""

@@ -1,6 +1,7 @@
 """The command line on a tiny model saved to disk (no network, no real model)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -79,3 +80,82 @@ def test_quantize_every_method_end_to_end(tiny_llama, tmp_path, monkeypatch, met
     ids = torch.arange(12)[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, tiny_llama(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+# --- issue #14: one line naming the cause, a traceback only under --verbose -----------------------
+
+def _one_error_line(capsys, cmd):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"quantkern {cmd}: error: "), err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/path", "./no-such-model", "~/no-such-model-dir", "a/b/c"])
+def test_missing_local_model_is_no_such_directory(capsys, path):
+    assert main(["eval", path]) == 2
+    assert _one_error_line(capsys, "eval").endswith(f"no such directory: {path}")
+    assert main(["quantize", "--model", path, "--out", "x"]) == 2
+    assert _one_error_line(capsys, "quantize").endswith(f"no such directory: {path}")
+
+
+def test_hub_ids_still_go_to_transformers():
+    from quantkern.models import resolve_model
+
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
+    assert resolve_model("gpt2") == ("gpt2", None)
+
+
+def test_verbose_prints_the_traceback(capsys):
+    assert main(["--verbose", "eval", "/nonexistent/path"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1] == "quantkern eval: error: no such directory: /nonexistent/path"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_a_gpu(ckpt, capsys):
+    assert main(["eval", str(ckpt), "--device", "cuda"]) == 2
+    assert "device 'cuda': CUDA is not available" in _one_error_line(capsys, "eval")
+    assert main(["quantize", "--model", str(ckpt), "--device", "cuda:0", "--out", "x"]) == 2
+    assert "device 'cuda:0': CUDA is not available" in _one_error_line(capsys, "quantize")
+    from quantkern.env import DeviceUnavailableError
+
+    with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
+        qk.load_quantized(ckpt, device="cuda")
+
+
+def test_pickle_only_dense_model_is_refused_before_unpickling(tiny_llama, tmp_path, capsys, monkeypatch):
+    d = tmp_path / "dense"
+    tiny_llama.config.save_pretrained(d)
+    torch.save(tiny_llama.state_dict(), d / "pytorch_model.bin")
+
+    def boom(*a, **k):
+        raise AssertionError("torch.load must never be called")
+
+    monkeypatch.setattr(torch, "load", boom)
+    assert main(["generate", str(d)]) == 2
+    line = _one_error_line(capsys, "generate")
+    assert "holds only pickle weights ['pytorch_model.bin']; quantkern loads safetensors only" in line
+
+
+def test_hostile_gguf_is_one_line(tmp_path, capsys):
+    from fixtures.quant_models import quantize_linears, tiny_llama
+    from quantkern.core import WeightScheme
+    from test_io_hostile import hostile_ggufs
+
+    model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False))
+    data = qk.save_quantized(model, tmp_path / "m.gguf", format="gguf").read_bytes()
+    for name, match in hostile_ggufs(data, tmp_path).items():
+        assert main(["generate", str(tmp_path / name)]) == 2
+        assert re.search(match, _one_error_line(capsys, "generate"))
+        assert main(["inspect", str(tmp_path / name)]) in (0, 1, 2)  # as before: no traceback either
+        assert "Traceback" not in capsys.readouterr().err
+
+
+def test_deeply_nested_config_is_one_line(ckpt, capsys):
+    (ckpt / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    for cmd in (["eval", str(ckpt)], ["inspect", str(ckpt)], ["export", str(ckpt), "--format", "gptq", "--out", "x"]):
+        assert main(cmd) == 2
+        assert "config.json is nested too deeply" in _one_error_line(capsys, cmd[0])

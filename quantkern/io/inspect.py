@@ -13,16 +13,20 @@ from collections import Counter
 from pathlib import Path
 
 from ..formats.bitpack import packed_length
-from .config import CheckpointConfigError, parse_quantization_config
-from .files import CheckpointFileError, read_headers, read_json, safetensors_files
+from .config import (CheckpointConfigError, check_model_config, parse_quantization_config, read_config_json,
+                     resolve_gptq_format)
+from .files import CheckpointFileError
+from .validate import checkpoint_headers
 
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
-def read_gguf(path) -> "object":
+def read_gguf(path, strict: bool = False) -> "object":
     """Open a GGUF file with the ``gguf`` package's reader after cheap sanity checks; every failure is a
-    :class:`CheckpointFileError` naming the file (truncated, corrupt, wrong magic)."""
+    :class:`CheckpointFileError` naming the file (truncated, corrupt, wrong magic). ``strict`` also
+    decodes every metadata value (what a loader such as transformers does next), so a value that is
+    not valid UTF-8 or does not match its declared type fails here, naming its key."""
     import gguf
 
     path = Path(path)
@@ -43,6 +47,13 @@ def read_gguf(path) -> "object":
         raise
     except Exception as e:  # the reader raises ValueError / IndexError / struct errors on corrupt input
         raise CheckpointFileError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
+    if strict:
+        for key, f in reader.fields.items():
+            try:
+                f.contents()
+            except Exception as e:
+                raise CheckpointFileError(f"{path}: corrupt GGUF metadata value {key!r} "
+                                          f"({type(e).__name__}: {e})") from None
     return reader
 
 
@@ -79,16 +90,45 @@ def _inspect_gguf(path: Path) -> dict:
 
 def _expected_gptq(bits, gs, k, n):
     g = 1 if gs == -1 else -(-k // gs)
-    return g, {"qzeros": (g, packed_length(n, bits)), "scales": (g, n), "g_idx": (k,)}
+    return g, {"qweight": (packed_length(k, bits), n), "qzeros": (g, packed_length(n, bits)), "scales": (g, n),
+               "g_idx": (k,)}
+
+
+MAX_NAME_LENGTH = 1024  # a tensor name longer than this is not matched against override patterns
+
+
+def _skeleton(cfg: dict, headers: dict, problems: list):
+    """The model of config.json on the meta device, after the same checks load_quantized makes; None
+    (and a problem) when it cannot be built."""
+    from .load import build_skeleton
+
+    try:
+        check_model_config(cfg, headers, "config.json")
+        d = {k: v for k, v in cfg.items() if k != "quantization_config"}
+        return build_skeleton(d, None)
+    except CheckpointConfigError as e:
+        problems.append(str(e))
+        return None
+
+
+def _expected_dense(model, quantized: set[str]) -> set[str]:
+    """The tensors the skeleton needs from the files, less the weights of the quantized modules (and
+    of a tied output embedding)."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    names = {n for n, _ in model.named_parameters()}
+    persistent = set(model.state_dict())
+    names |= {n for n, _ in model.named_buffers() if n in persistent}
+    return {n for n in names if n.rpartition(".")[0] not in quantized or not n.endswith(".weight")}
 
 
 def _inspect_dir(path: Path) -> dict:
     info = {"path": str(path), "problems": []}
-    cfg = read_json(path / "config.json", "config.json")
+    cfg = read_config_json(path / "config.json", "config.json")
     info["model_type"] = cfg.get("model_type")
     info["architectures"] = cfg.get("architectures")
-    files = safetensors_files(path)
-    headers = read_headers(files)
+    files, headers, shard_problems = checkpoint_headers(path)
+    info["problems"] += shard_problems
     info["files"] = [f.name for f in files]
     info["file_bytes"] = sum(f.stat().st_size for f in files)
     qc = cfg.get("quantization_config")
@@ -112,18 +152,26 @@ def _inspect_dir(path: Path) -> dict:
             info["format"] = parsed.checkpoint_format if method == "gptq" else "awq-gemm"
             s = parsed.scheme
             info.update(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.act_order)
-    except (CheckpointConfigError, ImportError) as e:
+    except (CheckpointConfigError, CheckpointFileError, ImportError) as e:
         info.setdefault("format", str(method))
         info["problems"].append(str(e))
-    layers, qbytes = [], 0
+    model = _skeleton(cfg, headers, info["problems"])
+    modules = dict(model.named_modules()) if model is not None else None
+    layers, qbytes, quantized = [], 0, set()
     suffix = ".weight_packed" if method == "compressed-tensors" else ".qweight"
     keys = [k for k in headers if k.endswith(suffix)]
     if method == "compressed-tensors":  # int8 / fp8 weights (int- / float-quantized) are stored unpacked
         keys += [k for k, (_, d, _) in headers.items() if k.endswith(".weight") and d in ("I8", "F8_E4M3")]
+    gptq_layers = []
     for key in sorted(keys):
         name = key.rpartition(".")[0]
         _, dtype, shape = headers[key]
         layer = {"name": name}
+        quantized.add(name)
+        lin = modules.get(name) if modules is not None else None
+        if modules is not None and not hasattr(lin, "in_features"):
+            info["problems"].append(f"{key}: the model config has no Linear {name[:MAX_NAME_LENGTH]!r}")
+            continue
         if key.endswith(".weight"):
             layer.update(in_features=shape[1], out_features=shape[0], bits=8, weight_dtype=dtype,
                          static_activations=f"{name}.input_scale" in headers)
@@ -139,29 +187,54 @@ def _inspect_dir(path: Path) -> dict:
             layers.append(layer)
             continue
         if parsed is not None and method in ("gptq", "awq"):
+            if len(name) > MAX_NAME_LENGTH:
+                info["problems"].append(f"{key[:64]}...: tensor name longer than {MAX_NAME_LENGTH} characters")
+                continue
             s = parsed.scheme_for(name)
             if s is None:
                 info["problems"].append(f"{key}: the config excludes this module, yet it holds packed weights")
                 continue
-            if method == "gptq":
-                k_ = shape[0] * 32 // s.bits
-                n_ = shape[1]
+            # K and N from the model config; without one, from g_idx / scales, and from qweight last
+            if lin is not None:
+                k_, n_ = lin.in_features, lin.out_features
+            elif method == "gptq":
+                k_ = parts["g_idx"][2][0] if len(parts.get("g_idx", (0, 0, ()))[2]) == 1 else shape[0] * 32 // s.bits
+                n_ = parts["scales"][2][1] if len(parts.get("scales", (0, 0, ()))[2]) == 2 else shape[1]
             else:
                 k_, n_ = shape[0], shape[1] * 8
             g, exp = _expected_gptq(s.bits, s.group_size, k_, n_)
             if method == "awq":
-                exp = {"qzeros": (g, shape[1]), "scales": (g, n_)}
+                exp = {"qweight": (k_, packed_length(n_, s.bits)), "qzeros": (g, packed_length(n_, s.bits)),
+                       "scales": (g, n_)}
             for p, want in exp.items():
-                if p in parts and tuple(parts[p][2]) != want:
-                    info["problems"].append(f"{name}.{p}: shape {list(parts[p][2])}, expected {list(want)} "
-                                            f"for a {k_}->{n_} {s.describe()} layer")
-                elif p not in parts and p != "g_idx":
+                have = shape if p == "qweight" else parts[p][2] if p in parts else None
+                if have is not None and tuple(have) != want:
+                    why = " (does the bit width match?)" if p == "qweight" else ""
+                    info["problems"].append(f"{name}.{p}: shape {list(have)}, expected {list(want)} "
+                                            f"for a {k_}->{n_} {s.describe()} layer{why}")
+                elif have is None and p != "g_idx":
                     info["problems"].append(f"{name}.{p}: missing")
             layer.update(in_features=k_, out_features=n_, bits=s.bits, group_size=s.group_size, groups=g)
+            if method == "gptq" and "qzeros" in parts and tuple(parts["qzeros"][2]) == exp["qzeros"]:
+                gptq_layers.append((name, s.bits, s.sym, n_,
+                                    lambda f=parts["qzeros"][0], k=f"{name}.qzeros": _read_tensor(f, k)))
         elif "weight_scale" in parts:
             n_, g = parts["weight_scale"][2]
             layer.update(out_features=n_, groups=g)
         layers.append(layer)
+    if method == "gptq" and parsed is not None:
+        try:
+            fmt, note = resolve_gptq_format(path, qc, gptq_layers)
+            info["format"] = fmt
+            if note:
+                info["format_note"] = note
+        except (CheckpointConfigError, CheckpointFileError) as e:
+            info["problems"].append(str(e))
+    if model is not None:
+        missing = sorted(_expected_dense(model, quantized) - set(headers))
+        if missing:
+            info["problems"].append(f"{len(missing)} tensor(s) the model config expects are in no shard: "
+                                    f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
     info["layers"] = layers
     info["num_quantized_layers"] = len(layers)
     total = sum(_ST_SIZES.get(d, 0) * _numel(s) for _, d, s in headers.values())
@@ -171,6 +244,13 @@ def _inspect_dir(path: Path) -> dict:
         info["problems"].append("quantization_config is present but no packed weights were found")
     info["consistent"] = not info["problems"]
     return info
+
+
+def _read_tensor(file: Path, key: str):
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as h:
+        return h.get_tensor(key)
 
 
 def _acts(a) -> str:
@@ -236,6 +316,8 @@ def format_inspection(info: dict) -> str:
         if "total_bytes" in info:
             lines.append(f"size:       {_mb(info['total_bytes'])} (quantized {_mb(info['quantized_bytes'])}, "
                          f"dense {_mb(info['dense_bytes'])})")
+    if info.get("format_note"):
+        lines.append(f"note:       {info['format_note']}")
     if info["problems"]:
         lines.append(f"consistent: NO ({len(info['problems'])} problem(s))")
         lines += [f"  - {p}" for p in info["problems"][:20]]

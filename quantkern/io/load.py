@@ -2,13 +2,16 @@
 :class:`QuantLinear` layers.
 
 Order of work, so that nothing hostile reaches a kernel: parse and validate ``config.json`` →
-list safetensors files (pickles refused) → build the model skeleton on the meta device (no dense
-allocation) → per quantized Linear, validate its tensors against the config and convert them to the
-in-memory GPTQ v2 layout → validate every dense tensor against the skeleton → assign.
+list safetensors files (pickles refused) and read their headers; check the shards against the index
+and the model config's sizes and layer count against the tensors present → read the tensors → build
+the model skeleton on the meta device (no dense allocation; its real buffers measured first) → per
+quantized Linear, validate its tensors against the config and convert them to the in-memory GPTQ v2
+layout → validate every dense tensor against the skeleton → assign.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -16,9 +19,16 @@ from torch import nn
 
 from ..core import dtype_overflow
 from ..nn import QuantLinear
-from .config import CheckpointConfigError, parse_quantization_config
-from .files import CheckpointFileError, read_json, read_tensors, recover_interrupted, safetensors_files
-from .validate import CheckpointTensorError, validate_dense, validate_gptq_layer
+from .config import (CheckpointConfigError, check_model_config, parse_quantization_config, read_config_json,
+                     resolve_gptq_format, warn_format)
+from .files import CheckpointFileError, read_tensors, recover_interrupted
+from .validate import CheckpointTensorError, checkpoint_headers, validate_dense, validate_gptq_layer
+
+# the skeleton's real (non-parameter) buffers, e.g. rotary tables or causal masks sized by
+# max_position_embeddings, are the one allocation a config controls directly: bounded here
+MAX_SKELETON_BUFFER_BYTES = 1 << 30
+_BUILD_ERRORS = (ValueError, RuntimeError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError,
+                 MemoryError, RecursionError)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -54,9 +64,19 @@ def build_skeleton(config_dict: dict, dtype: torch.dtype | None) -> nn.Module:
         raise CheckpointConfigError(f"config.json: cannot build a {model_type!r} config: {e}") from None
     file_dtype = _DTYPES.get(str(d.get("dtype", d.get("torch_dtype", "float32"))), torch.float32)
     try:
+        with init_empty_weights(include_buffers=True):  # everything on meta: measure the buffers first
+            probe = AutoModelForCausalLM.from_config(config, dtype=dtype or file_dtype)
+        nbytes = sum(b.numel() * b.element_size() for b in probe.buffers())
+        del probe
+        if nbytes > MAX_SKELETON_BUFFER_BYTES:
+            raise CheckpointConfigError(f"config.json: the model it describes needs {nbytes / 2**30:.1f} GiB of "
+                                        f"buffers (over {MAX_SKELETON_BUFFER_BYTES >> 30} GiB); "
+                                        "check max_position_embeddings and the other sizes")
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or file_dtype)
-    except (ValueError, RuntimeError, TypeError, KeyError, AttributeError, IndexError) as e:
+    except CheckpointConfigError:
+        raise
+    except _BUILD_ERRORS as e:
         raise CheckpointConfigError(f"config.json: cannot build the model it describes "
                                     f"({type(e).__name__}: {e})") from None
     if qc is not None:
@@ -141,14 +161,22 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto", device_map=No
     Raises :class:`~quantkern.io.files.CheckpointFileError` (missing / corrupt files, pickles),
     :class:`~quantkern.io.config.CheckpointConfigError` (bad ``quantization_config`` or model config)
     or :class:`~quantkern.io.validate.CheckpointTensorError` (a tensor that does not match the
-    config, named) — all ``ValueError``. A missing ``path`` whose save was killed between its two
-    renames is first restored from the ``.<name>.old-*`` it left (:func:`~quantkern.io.files.recover_interrupted`).
+    config, named) — all ``ValueError``; a ``device`` that is not usable here raises
+    :class:`~quantkern.env.DeviceUnavailableError` before anything is read. A GPTQ checkpoint whose
+    v1 / v2 format no config states is read as its zeros say (v1 when they do not tell), with a
+    :class:`~quantkern.io.config.CheckpointFormatWarning`; sources that disagree are refused. A missing
+    ``path`` whose save was killed between its two renames is first restored from the ``.<name>.old-*``
+    it left (:func:`~quantkern.io.files.recover_interrupted`).
 
     ``device_map`` (several devices; overrides ``device``): ``"auto"``, ``"balanced"``,
     ``"balanced_low_0"``, ``"sequential"`` (accelerate fits the decoder blocks into ``max_memory``, e.g.
     ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``) or an explicit ``{module name: device}``; see
     :func:`quantkern.devices.dispatch` ("cpu" entries run on the CPU kernels)."""
+    from ..env import check_device
+
     path = Path(path)
+    if device_map is None:
+        check_device(device)
     model = _load(path, device if device_map is None else "cpu", dtype, backend)
     if device_map is None:
         return model
@@ -162,31 +190,41 @@ def _load(path: Path, device, dtype, backend) -> nn.Module:
         recover_interrupted(path, clean=False)
     if not path.is_dir():
         raise CheckpointFileError(f"{path} is not a checkpoint directory")
-    config_dict = read_json(path / "config.json", "config.json")
+    config_dict = read_config_json(path / "config.json", "config.json")
     qc = config_dict.get("quantization_config")
     if qc is None:
         raise CheckpointConfigError(f"{path / 'config.json'}: no 'quantization_config'; not a quantized checkpoint")
     dtype = _resolve_dtype(dtype)
-    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
-        from .compressed import compressed_to_gptq
-
-        files = safetensors_files(path)
-        tensors = read_tensors(files)
-        model = build_skeleton(config_dict, dtype)
-        quant, dense = compressed_to_gptq(qc, tensors, model, dtype, backend)
-        return assemble(model, quant, dense, device, dtype, backend)
-    cfg = parse_quantization_config(qc)
-    files = safetensors_files(path)
+    compressed = isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+    cfg = None if compressed else parse_quantization_config(qc)
+    files, headers, problems = checkpoint_headers(path)
+    if problems:
+        raise CheckpointFileError(problems[0] + (f" (and {len(problems) - 1} more problem(s))" if problems[1:] else ""))
+    check_model_config(config_dict, headers, str(path / "config.json"))
     tensors = read_tensors(files)
     model = build_skeleton(config_dict, dtype)
+    if compressed:
+        from .compressed import compressed_to_gptq
+
+        quant, dense = compressed_to_gptq(qc, tensors, model, dtype, backend)
+        return assemble(model, quant, dense, device, dtype, backend)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-    quant, used = {}, set()
+    layers = {}
     for name in names:
         lin = _linear(model, name)
         scheme = cfg.scheme_for(name)
         if scheme is None:
             raise CheckpointTensorError(f"{name}.qweight: the config excludes {name!r} from quantization, "
                                         "yet the file holds packed weights for it")
+        layers[name] = (lin, scheme)
+    if cfg.quant_method == "gptq":
+        fmt, note = resolve_gptq_format(path, qc, [
+            (name, s.bits, s.sym, lin.out_features, lambda k=f"{name}.qzeros": tensors[k])
+            for name, (lin, s) in layers.items() if f"{name}.qzeros" in tensors])
+        warn_format(note)
+        cfg = dataclasses.replace(cfg, checkpoint_format=fmt)
+    quant, used = {}, set()
+    for name, (lin, scheme) in layers.items():
         if cfg.quant_method == "awq":
             from .awq import awq_layer_to_gptq
 

@@ -6,6 +6,8 @@ Every check raises :class:`CheckpointTensorError` whose message starts with the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..core import WeightScheme
@@ -16,6 +18,39 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 class CheckpointTensorError(ValueError):
     """A tensor in a checkpoint with the wrong dtype, shape or values."""
+
+
+def checkpoint_headers(path: Path) -> tuple[list[Path], dict, list[str]]:
+    """``(safetensors files, their headers, problems)`` of checkpoint directory ``path``, reading no
+    tensor data. ``problems`` lists what makes the files disagree with each other: a ``*.safetensors``
+    file that is not read (not in the index, or next to ``model.safetensors``), a tensor the index maps
+    to a shard that does not hold it, or one a shard holds that the index does not list. Unreadable
+    files and indexes raise :class:`~quantkern.io.files.CheckpointFileError`."""
+    from .config import read_config_json
+    from .files import SAFE_WEIGHTS_INDEX_NAME, CheckpointFileError, read_headers, safetensors_files
+
+    try:
+        files = safetensors_files(path)
+    except RecursionError:
+        raise CheckpointFileError(f"{path / SAFE_WEIGHTS_INDEX_NAME}: safetensors index is nested too deeply") from None
+    headers = read_headers(files)
+    problems = []
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    read = {f.name for f in files}
+    for stray in sorted(p.name for p in path.glob("*.safetensors") if p.is_file() and p.name not in read):
+        why = f"the index {index.name} does not list it" if index.exists() else f"{files[0].name} is read instead"
+        problems.append(f"{path / stray}: safetensors file that is not read ({why}); remove it, or list its "
+                        "tensors in the index")
+    if index.exists():
+        wm = read_config_json(index, "safetensors index")["weight_map"]
+        wrong = [f"{index}: maps {k!r} to {v}, but "
+                 f"{'it is in ' + headers[k][0].name if k in headers else 'no shard holds it'}"
+                 for k, v in wm.items() if k not in headers or headers[k][0].name != v]
+        unlisted = [f"{headers[k][0]}: holds {k!r}, which the index {index.name} does not list"
+                    for k in headers if k not in wm]
+        for group in (wrong, unlisted):
+            problems += group[:4] + ([f"... and {len(group) - 4} more like it"] if len(group) > 4 else [])
+    return files, headers, problems
 
 
 def check_tensor(name: str, t: torch.Tensor, dtypes, shape: tuple[int, ...]) -> None:
