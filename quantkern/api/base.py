@@ -140,6 +140,7 @@ class BaseQuantizer:
         self.report["bytes_after"] = weight_bytes(self.model)
         self.report["seconds"] = time.perf_counter() - self._t0
         self.report["skipped"] = list(self.plan.skipped) if self.plan else []
+        self.report["quantized_share"] = self.plan.quantized_share if self.plan else None
         if self.verbose and self.plan is not None:
             tqdm.write(f"[quantkern] {self.config.method}: {self.plan.summary()}\n"
                        f"[quantkern] weights {self.report['bytes_before'] / 2**20:.1f} MiB -> "

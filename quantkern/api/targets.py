@@ -17,10 +17,23 @@ def matches(name: str, patterns) -> bool:
     return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+# A group of decoder-block tensors (one name across the blocks) at least this share of the blocks'
+# parameters must be quantized or skipped by a rule: left dense unnoticed it is how fused MoE experts
+# (transformers 5 stores them as 3-D parameters, most of the model) were silently lost.
+UNACCOUNTED_SHARE = 0.01
+
+
 @dataclass
 class TargetPlan:
     quantize: dict[str, nn.Linear] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    block_params: int = 0  # floating-point parameters of >= 2 dims in the decoder blocks
+    quantized_params: int = 0  # of those, the ones quantized
+
+    @property
+    def quantized_share(self) -> float | None:
+        """The quantized share of the decoder blocks' (>= 2-D, floating-point) parameters."""
+        return self.quantized_params / self.block_params if self.block_params else None
 
     def summary(self) -> str:
         """Skipped modules, with names that differ only by block index collapsed (``layers.*.norm (30x)``)."""
@@ -28,7 +41,10 @@ class TargetPlan:
         for name, reason in self.skipped:
             key = (re.sub(r"\.\d+\.", ".*.", name), reason)
             counts[key] = counts.get(key, 0) + 1
-        lines = [f"quantized {len(self.quantize)} Linear layers; skipped {len(self.skipped)} modules:"]
+        share = self.quantized_share
+        lines = [f"quantized {len(self.quantize)} Linear layers"
+                 + (f" ({share:.1%} of the decoder blocks' weights)" if share is not None else "")
+                 + f"; skipped {len(self.skipped)} modules:"]
         for (name, reason), c in counts.items():
             lines.append(f"  - {name}{f' ({c}x)' if c > 1 else ''}: {reason}")
         return "\n".join(lines)
@@ -125,6 +141,8 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
                     plan.quantize[name] = mod
         elif isinstance(mod, nn.Embedding):
             plan.skipped.append((name, "embedding (not a Linear)"))
+        elif any(True for _ in mod.parameters(recurse=False)) and _is_router(name, mod, model):
+            plan.skipped.append((name, f"MoE router ({type(mod).__name__}), kept dense"))
         elif len(list(mod.children())) == 0 and any(True for _ in mod.parameters(recurse=False)):
             if "norm" in type(mod).__name__.lower():
                 plan.skipped.append((name, f"{type(mod).__name__} (not a Linear)"))
@@ -144,7 +162,72 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
         raise ValueError("model has no nn.Linear layers to quantize" +
                          (f" (all matched skip_layers={list(skip_layers)}: {n_skipped} layers)" if n_skipped else ""))
     check_finite_weights(plan.quantize)
+    account_block_parameters(model, plan, skip_layers)
     return plan
+
+
+def _is_router(name: str, mod: nn.Module, model: nn.Module) -> bool:
+    """An MoE router: ``Qwen3MoeTopKRouter``, DeepSeek's ``MoEGate``, or a ``gate`` beside ``experts``."""
+    kind = type(mod).__name__
+    if "Router" in kind or kind.endswith("Gate"):
+        return True
+    parent, _, leaf = name.rpartition(".")
+    return leaf in ("gate", "router") and hasattr(model.get_submodule(parent) if parent else model, "experts")
+
+
+def account_block_parameters(model: nn.Module, plan: TargetPlan, skip_layers) -> None:
+    """Account for every floating-point tensor of >= 2 dims inside the decoder blocks: quantized, or
+    skipped with a reason (user pattern, router, outside the plan's kinds). A tensor that no rule covers
+    and that, summed over the blocks, holds >= ``UNACCOUNTED_SHARE`` of the blocks' parameters raises
+    ``ValueError`` naming it (before calibration): that is a weight the user would lose without a word,
+    such as fused 3-D MoE experts. Smaller ones are listed as skipped. Sets ``plan.block_params`` and
+    ``plan.quantized_params``; a model whose decoder blocks cannot be found is left unaccounted."""
+    from ..calibration import find_decoder_blocks
+
+    try:
+        prefix, _ = find_decoder_blocks(model)
+    except ValueError:
+        return
+    modules = dict(model.named_modules())
+    skipped = {n for n, _ in plan.skipped}
+    unaccounted: dict[str, list[tuple[str, tuple, int]]] = {}
+    total = quantized = 0
+    for pname, p in model.named_parameters():
+        if not pname.startswith(prefix + ".") or p.dim() < 2 or not p.is_floating_point():
+            continue
+        total += p.numel()
+        owner, _, leaf = pname.rpartition(".")
+        if owner in plan.quantize and leaf == "weight":
+            quantized += p.numel()
+            continue
+        chain = [owner.rsplit(".", i)[0] for i in range(owner.count(".") + 1)]  # owner and its parents
+        if any(c in skipped for c in chain):
+            continue
+        if any(matches(c, skip_layers) for c in chain):
+            plan.skipped.append((pname, "matches skip_layers"))
+        elif _is_router(owner, modules[owner], model):
+            plan.skipped.append((pname, f"MoE router ({type(modules[owner]).__name__}), kept dense"))
+        else:
+            key = re.sub(r"\.\d+\.", ".*.", pname)
+            unaccounted.setdefault(key, []).append((pname, tuple(p.shape), p.numel()))
+    plan.block_params, plan.quantized_params = total, quantized
+    lost = []
+    for key, items in unaccounted.items():
+        n = sum(i[2] for i in items)
+        kind = type(modules[items[0][0].rpartition(".")[0]]).__name__
+        if total and n / total >= UNACCOUNTED_SHARE:
+            what = "fused MoE experts, " if items[0][1] and len(items[0][1]) == 3 else ""
+            lost.append(f"{key if len(items) > 1 else items[0][0]} ({len(items)}x {list(items[0][1])}, {kind}; {what}{n / total:.1%} of the blocks' "
+                        "parameters)")
+        else:
+            plan.skipped.extend((i[0], f"{kind} parameter of shape {list(i[1])}: not a kind quantkern quantizes "
+                                 f"(kept dense, under {UNACCOUNTED_SHARE:.0%} of the blocks)") for i in items)
+    if lost:
+        raise ValueError(
+            f"{len(lost)} weight tensor(s) inside the decoder blocks would be left in full precision without any "
+            "rule saying so: " + "; ".join(lost) + ". quantkern quantizes nn.Linear layers; these are not "
+            "(3-D fused MoE expert parameters are not supported by this version). Keep them dense knowingly "
+            "with skip_layers=[...] (e.g. 'experts') or quantize another layout of the model")
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
