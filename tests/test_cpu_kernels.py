@@ -16,6 +16,7 @@ above the fp32 term for the K used here (K <= 224: sqrt(K) * eps_fp32 ~ 2e-6 * S
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,3 +407,22 @@ def test_saving_a_released_model_names_the_layers(ext, tmp_path):
                                          "released for inference"):
         qk.save_quantized(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_builds_lock_file_does_not_block_the_next_build(tmp_path, monkeypatch):
+    """torch's JIT guard is a ``lock`` file that a killed build leaves behind (every later build then
+    waited forever: found when a killed test left one in the shared cache); the build now holds a flock
+    and clears such a file."""
+    from torch.utils import cpp_extension
+
+    seen = []
+
+    def fake_load(name, sources, build_directory, **kw):
+        seen.append((Path(build_directory) / "lock").exists())
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    srcs = build.sources()
+    build_dir = build.jit_build("quantkern_cpu_ext", srcs, build_root=tmp_path)
+    (build_dir / "lock").touch()  # what a build killed half-way leaves
+    assert build.jit_build("quantkern_cpu_ext", srcs, build_root=tmp_path) == build_dir
+    assert seen == [False, False] and not (build_dir / "lock").exists()

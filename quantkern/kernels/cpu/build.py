@@ -19,12 +19,16 @@ quantkern is installed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
 import threading
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 PREBUILT_NAME = "quantkern._C_cpu"
 CFLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
@@ -82,6 +86,29 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """Hold an exclusive ``flock`` on ``build_dir`` while torch builds there. torch's own guard is a
+    ``lock`` file that a killed build leaves behind, after which every later build waits for it
+    forever; the kernel drops a ``flock`` with its holder, so a ``lock`` file found while holding it
+    was left by a dead build and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's file lock alone
+        yield
+        return
+    with open(build_dir / "quantkern.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                logger.warning("quantkern: removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def jit_build(name: str, srcs: list[Path], build_root: Path | None = None, verbose: bool = False) -> Path:
     """Build ``srcs`` into a shared library with ninja and load it into the process.
 
@@ -105,9 +132,10 @@ def jit_build(name: str, srcs: list[Path], build_root: Path | None = None, verbo
     build_dir = (build_root or cache_dir()) / f"{name}-{h.hexdigest()[:16]}"
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(name=name, sources=[str(p) for p in srcs], extra_cflags=CFLAGS,
-                           extra_ldflags=LDFLAGS, extra_include_paths=[str(srcs[0].parent)] if srcs else [],
-                           build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+        with build_lock(build_dir):
+            cpp_extension.load(name=name, sources=[str(p) for p in srcs], extra_cflags=CFLAGS,
+                               extra_ldflags=LDFLAGS, extra_include_paths=[str(srcs[0].parent)] if srcs else [],
+                               build_directory=str(build_dir), is_python_module=False, verbose=verbose)
     except Exception as exc:  # the message of cpp_extension's build error holds the compiler output
         raise ExtensionError(f"building the quantkern CPU extension in {build_dir} failed: {exc}") from exc
     return build_dir
