@@ -17,8 +17,9 @@
 #                   which would make every later load wait forever: it is removed. After a failed build,
 #                   QUANTKERN_CUDA_JIT=0 keeps the later steps from building again.
 #   cuda_tests 70, triton_tests 85, other_tests 40
-#                   the gpu-marked tests, one pytest run per backend (no -x, no plugins: the image has
-#                   no pytest-timeout), -v so a killed run still shows every test it finished
+#                   the gpu-marked tests that are not slow (triton: 134 of 246), one pytest run per backend
+#                   (no -x, no plugins: the image has no pytest-timeout), -v so a killed run still shows
+#                   every test it finished
 #   memcheck 35, racecheck 30
 #                   compute-sanitizer on benchmarks/sanitize_kernels.py (each CUDA kernel variant once,
 #                   small awkward shapes); skipped with the reason when compute-sanitizer is missing
@@ -139,7 +140,7 @@ else
     record "build skipped (limit ${L_BUILD}s): not in STEPS"
 fi
 
-PYTEST=("$PY" -m pytest -v --tb=short -rfEs -m gpu -p no:cacheprovider)
+PYTEST=("$PY" -m pytest -v --tb=short -rfEs -m "gpu and not slow" -p no:cacheprovider)
 step cuda_tests "$L_CUDA" "${GPU_WHY:-$EXT_WHY}" "${PYTEST[@]}" tests/test_cuda_kernels.py
 step triton_tests "$L_TRITON" "$GPU_WHY" "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_smoothquant.py
 step other_tests "$L_OTHER" "$GPU_WHY" "${PYTEST[@]}" tests/test_devices.py tests/test_fp8.py tests/test_io_gptq.py \

@@ -106,7 +106,7 @@ def test_hung_build_is_bounded_its_lock_removed_and_dependants_skip(tmp_path):
     for name in ("triton_tests", "other_tests", "gemm", "e2e"):  # they do not, and must not rebuild it
         assert steps[name]["rc"] == 0, summary
         assert "QUANTKERN_CUDA_JIT=0" in (tmp_path / "out" / f"{name}.log").read_text()
-    assert "-m pytest" in (tmp_path / "out" / "triton_tests.log").read_text()
+    assert "-m pytest -v --tb=short -rfEs -m gpu and not slow" in (tmp_path / "out" / "triton_tests.log").read_text()
     assert " -x" not in (tmp_path / "out" / "triton_tests.log").read_text()
     env_log = (tmp_path / "out" / "env.log").read_text()
     assert "QUANTKERN_CUDA_JIT=0" in env_log  # env ran while the build ran, without starting another
