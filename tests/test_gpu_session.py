@@ -67,12 +67,15 @@ def test_dry_run_without_gpu_skips_every_gpu_step_with_its_reason(tmp_path):
     assert sum(s["limit"] for s in steps.values()) <= 300
     assert steps["probe"]["rc"] is not None and steps["env"]["rc"] is not None  # both ran (env may time out)
     assert steps["env"]["seconds"] <= steps["env"]["limit"] + 6
+    if steps["probe"]["rc"] != 0:  # no answer in time (an overloaded machine): every step must have run
+        assert "running every step" in steps["probe"]["note"], summary
+        assert all(steps[n]["rc"] is not None or "compute-sanitizer" in steps[n]["skipped"] for n in GPU_STEPS)
+        pytest.skip(f"the probe gave no answer within {steps['probe']['limit']} s here; the skips were not checked")
     for name in ["build"] + GPU_STEPS:
         assert steps[name]["skipped"], f"{name} ran without a GPU: {summary}"
-    if steps["probe"]["rc"] == 0:  # the probe answered in time: the reason is the real one
-        assert all("no CUDA GPU" in steps[n]["skipped"] for n in GPU_STEPS), summary
-        why_no_build = steps["build"]["skipped"]
-        assert ("CPU-only build" in why_no_build) if torch.version.cuda is None else ("no CUDA GPU" in why_no_build)
+    assert all("no CUDA GPU" in steps[n]["skipped"] for n in GPU_STEPS), summary
+    why_no_build = steps["build"]["skipped"]
+    assert ("CPU-only build" in why_no_build) if torch.version.cuda is None else ("no CUDA GPU" in why_no_build)
     assert re.search(r"^total \d+s of a 300s budget", summary, re.M)
     assert wall < 120  # nothing waited for a limit beyond probe + env
     assert not (tmp_path / "out" / "build.log").exists()
