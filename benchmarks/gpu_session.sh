@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run (issues 9, 18). GPU time comes in short slots (15 minutes a task, at most 10 a
 # command, the machine start included), so everything that needs the GPU runs here in ONE command of at
-# most 9 minutes, most valuable first, each step bounded by coreutils `timeout`; every step writes
+# most 9 minutes, most valuable first, each step bounded by coreutils `timeout` (and by what is left of
+# BUDGET_S, so the whole run ends within it even when an early step overran); every step writes
 # $OUT/<step>.log as it goes and one line to $OUT/summary.txt when it ends, so a step that runs out of
 # time keeps what the earlier ones found (and the benchmarks keep every row measured so far).
 #
@@ -41,7 +42,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MAX_JOBS=
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/quantkern-torch-extensions}
 unset TRITON_INTERPRET
 LOCK="$TORCH_EXTENSIONS_DIR/quantkern_cuda_kernels/lock"
-T0=$(date +%s)
+T0=${SESSION_T0:-$(date +%s)}  # SESSION_T0: when the budget started (epoch seconds), if before this script
 
 lim() {  # a step's limit: its share (of 540) of BUDGET_S, at least 1 s; the shares sum to BUDGET_S at most
     local v=$(($1 * BUDGET_S / 540))
@@ -59,11 +60,14 @@ step() {  # step NAME LIMIT SKIP_REASON COMMAND...: run it time-boxed into $OUT/
     shift 3
     if ! wanted "$name"; then record "$name skipped (limit ${limit}s): not in STEPS"; return 0; fi
     if [ -n "$why" ]; then record "$name skipped (limit ${limit}s): $why"; return 0; fi
+    local left=$((T0 + BUDGET_S - $(date +%s)))  # never past the session's budget, whatever came before
+    if [ "$left" -le 0 ]; then record "$name skipped (limit ${limit}s): the ${BUDGET_S}s budget is spent"; return 0; fi
+    [ "$left" -lt "$limit" ] && note=" (cut to the ${left}s left of the budget)" && limit=$left
     echo "== $name (limit ${limit}s)"
     start=$(date +%s)
-    timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 2 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
-    { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && note=" (timed out)"
+    { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && note="$note (timed out)"
     record "$name rc=$rc $(($(date +%s) - start))s (limit ${limit}s)$note"
     tail -n 6 "$OUT/$name.log"
 }
@@ -112,10 +116,13 @@ done
 needs_build=""
 for s in build cuda_tests other_tests memcheck racecheck gemm e2e; do wanted "$s" && needs_build=1; done
 BUILD_PID=""
+left=$((T0 + BUDGET_S - $(date +%s)))
+[ "$left" -le 0 ] && [ -n "$needs_build" ] && [ -z "$BUILD_WHY" ] && BUILD_WHY="the ${BUDGET_S}s budget is spent"
+[ "$left" -lt "$L_BUILD" ] && [ "$left" -gt 0 ] && L_BUILD=$left
 if [ -n "$needs_build" ] && [ -z "$BUILD_WHY" ]; then
     BUILD_T0=$(date +%s)
     (
-        timeout -k 5 "$L_BUILD" "$PY" -c "from quantkern.kernels.cuda import build; ok, why = build.load_extension(); \
+        timeout -k 2 "$L_BUILD" "$PY" -c "from quantkern.kernels.cuda import build; ok, why = build.load_extension(); \
 print('cuda extension:', 'ok' if ok else why); raise SystemExit(0 if ok else 1)" >"$OUT/build.log" 2>&1
         echo $? >"$OUT/build.rc"
     ) &

@@ -116,6 +116,20 @@ def test_hung_build_is_bounded_its_lock_removed_and_dependants_skip(tmp_path):
     assert wall < 60
 
 
+def test_nothing_starts_once_the_budget_is_spent(tmp_path):
+    """SESSION_T0 in the past: the budget is gone before the first step, so only the probe runs."""
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE_PY)  # its build would hang for 60 s if it were started
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    p, wall, summary = _run(tmp_path, 540, PY=str(fake), SANITIZER="", SESSION_T0=str(int(time.time()) - 600))
+    assert p.returncode == 0, p.stdout + p.stderr
+    steps = _steps(summary)
+    assert list(steps) == STEPS and steps["probe"]["rc"] == 0, summary
+    for name in STEPS[1:]:
+        assert steps[name]["skipped"] == "the 540s budget is spent", summary
+    assert wall < 20
+
+
 def test_build_disabled_by_env_is_reported(monkeypatch):
     from quantkern.kernels.cuda import build
 
