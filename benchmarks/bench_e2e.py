@@ -21,13 +21,14 @@ at a time) on ``--nsamples`` x ``--seq-len`` random calibration tokens; wall tim
     python benchmarks/bench_e2e.py --tiny --device cpu --compile none --batch 1 2 --tokens 4   # script check
 
 Writes ``benchmarks/results/e2e_<gpu>.csv`` (GPU name, torch / triton / transformers versions on
-every row) and ``e2e_<gpu>.png`` (tokens per second per batch size; needs matplotlib).
+every row; rows are appended and flushed as they are measured, so a time limit keeps what was done) and ``e2e_<gpu>.png`` (tokens per second per batch size; needs matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import re
 import tempfile
@@ -110,7 +111,7 @@ def decode_tokens_per_second(model, batch: int, prompt: int, tokens: int, compil
     return batch * tokens / (time.perf_counter() - t0)
 
 
-def run_decode(a, device, meta) -> list[dict]:
+def run_decode(a, device, meta, emit) -> list[dict]:
     import quantkern as qk
 
     shape = TINY if a.tiny else LLAMA3_8B
@@ -136,12 +137,13 @@ def run_decode(a, device, meta) -> list[dict]:
                              prompt=a.prompt, tokens=a.tokens, nsamples="", seq_len="", compile=a.compile,
                              tokens_per_s=round(tps, 2),
                              ratio_vs_bf16=round(ratio, 3), wall_s="", peak_gpu_gib=round(mem, 2), **meta))
+            emit(rows[-1])
         if device.type == "cuda":
             torch._dynamo.reset()  # new module types: compile afresh
     return rows
 
 
-def run_gptq(a, device, meta) -> list[dict]:
+def run_gptq(a, device, meta, emit) -> list[dict]:
     from quantkern import GPTQConfig
     from quantkern.offload import quantize_streaming
 
@@ -172,22 +174,41 @@ def run_gptq(a, device, meta) -> list[dict]:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-    return [dict(kind="gptq", model="llama3-8b-shape" if not a.tiny else "tiny", scheme="GPTQ W4 g128 act-order",
-                 batch="", prompt="", tokens="", nsamples=a.nsamples, seq_len=a.seq_len, compile="", tokens_per_s="",
-                 ratio_vs_bf16="",
-                 wall_s=round(wall, 1), peak_gpu_gib=round(mem, 2), **meta)]
+    row = dict(kind="gptq", model="llama3-8b-shape" if not a.tiny else "tiny", scheme="GPTQ W4 g128 act-order",
+               batch="", prompt="", tokens="", nsamples=a.nsamples, seq_len=a.seq_len, compile="", tokens_per_s="",
+               ratio_vs_bf16="",
+               wall_s=round(wall, 1), peak_gpu_gib=round(mem, 2), **meta)
+    emit(row)
+    return [row]
 
 
-def write(rows: list[dict], meta: dict, out_dir: Path, tag: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def csv_path(meta: dict, out_dir: Path, tag: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9]+", "_", meta["gpu"]).strip("_").lower() + (f"_{tag}" if tag else "")
-    path = out_dir / f"e2e_{name}.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    return out_dir / f"e2e_{name}.csv"
+
+
+class CsvRows:
+    """Appends rows to a CSV as they are measured (a header if the file is new, each row flushed), so a
+    run killed by a time limit keeps every measurement it finished."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.rows = path, []
+
+    def __call__(self, row: dict) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+
+
+def write(rows: list[dict], meta: dict, path: Path) -> Path:
+    """The PNG next to the CSV (which :class:`CsvRows` wrote row by row)."""
     dec = [r for r in rows if r["kind"] == "decode"]
     try:
         import matplotlib
@@ -235,8 +256,9 @@ def main(argv=None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_e2e: no CUDA GPU here (use --tiny --device cpu --compile none to check the script)")
     meta = versions(device)
-    rows = run_gptq(a, device, meta) if a.gptq else run_decode(a, device, meta)
-    print(f"wrote {write(rows, meta, a.out, a.tag if not a.tiny else (a.tag or 'tiny'))}")
+    sink = CsvRows(csv_path(meta, a.out, a.tag if not a.tiny else (a.tag or "tiny")))
+    rows = run_gptq(a, device, meta, sink) if a.gptq else run_decode(a, device, meta, sink)
+    print(f"wrote {write(rows, meta, sink.path)}")
 
 
 if __name__ == "__main__":

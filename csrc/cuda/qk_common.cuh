@@ -66,6 +66,13 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// (a & mask) | magic in one LOP3 (nvcc emits two LOP3 for the C expression when both are immediates).
+template <uint32_t MASK, uint32_t MAGIC> __device__ __forceinline__ uint32_t and_or(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "n"(MASK), "n"(MAGIC));
+  return r;
+}
+
 // ---- exact dequantization of two codes held at bit offsets (POS*BITS, 16 + POS*BITS) of a word ----
 //
 // The result is (q - z) * s rounded once to T, which is what the reference computes ((q - z) * s in
@@ -84,7 +91,7 @@ template <int BITS> struct Dequant<half, BITS> {
     return __half2half2(__hadd(z, __float2half_rn(1024.f)));
   }
   template <int POS> __device__ __forceinline__ static half2 pair(uint32_t w, half2 zoff, half2 scale) {
-    const uint32_t t = ((w >> (POS * BITS)) & kMask) | 0x64006400u;
+    const uint32_t t = and_or<kMask, 0x64006400u>(w >> (POS * BITS));
     return __hmul2(__hsub2(from_u32<half2>(t), zoff), scale);
   }
 };
@@ -95,7 +102,7 @@ template <> struct Dequant<__nv_bfloat16, 4> {
   }
   template <int POS>
   __device__ __forceinline__ static __nv_bfloat162 pair(uint32_t w, __nv_bfloat162 zoff, __nv_bfloat162 scale) {
-    const uint32_t t = ((w >> (POS * 4)) & 0x000F000Fu) | 0x43004300u;
+    const uint32_t t = and_or<0x000F000Fu, 0x43004300u>(w >> (POS * 4));
     return __hmul2(__hsub2(from_u32<__nv_bfloat162>(t), zoff), scale);
   }
 };

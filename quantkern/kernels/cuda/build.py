@@ -4,7 +4,8 @@ Two ways in, tried in this order by :func:`load_extension`:
 
 1. a prebuilt ``quantkern._cuda_kernels`` library, put in the wheel by ``QUANTKERN_BUILD_EXT=1 pip
    install .`` (``setup.py`` calls :func:`setuptools_extension`);
-2. a JIT build with ``torch.utils.cpp_extension.load`` and ninja, for the GPUs of this machine.
+2. a JIT build with ``torch.utils.cpp_extension.load`` and ninja, for the GPUs of this machine
+   (``QUANTKERN_CUDA_JIT=0`` turns it off: the extension is then only loaded if prebuilt).
 
 Every failure is recorded with its cause (an ABI mismatch of the prebuilt library, a missing nvcc or
 ninja, a compiler error) and returned by :func:`extension_status`; backends turn it into their
@@ -108,6 +109,9 @@ def _load_prebuilt() -> tuple[bool, str | None]:
 
 
 def _jit_build() -> tuple[bool, str | None]:
+    if os.environ.get("QUANTKERN_CUDA_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
+        # benchmarks/gpu_session.sh: the build has its own step; nothing else may start (or wait on) one
+        return False, "JIT build disabled (QUANTKERN_CUDA_JIT=0)"
     problem = toolchain_problem()
     if problem:
         return False, f"cannot JIT-build: {problem}"
