@@ -19,7 +19,6 @@ quantkern is installed.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -27,6 +26,8 @@ import os
 import platform
 import threading
 from pathlib import Path
+
+from .._jit_lock import build_lock
 
 logger = logging.getLogger(__name__)
 
@@ -84,29 +85,6 @@ def cache_dir() -> Path:
     base = os.environ.get("QUANTKERN_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "quantkern")
     return Path(base)
-
-
-@contextlib.contextmanager
-def build_lock(build_dir: Path):
-    """Hold an exclusive ``flock`` on ``build_dir`` while torch builds there. torch's own guard is a
-    ``lock`` file that a killed build leaves behind, after which every later build waits for it
-    forever; the kernel drops a ``flock`` with its holder, so a ``lock`` file found while holding it
-    was left by a dead build and is removed."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): torch's file lock alone
-        yield
-        return
-    with open(build_dir / "quantkern.flock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            stale = build_dir / "lock"
-            if stale.exists():
-                logger.warning("quantkern: removing %s, left by a build that was killed", stale)
-                stale.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def jit_build(name: str, srcs: list[Path], build_root: Path | None = None, verbose: bool = False) -> Path:

@@ -25,6 +25,8 @@ import shutil
 import threading
 from pathlib import Path
 
+from .._jit_lock import build_lock
+
 EXT_MODULE = "quantkern._cuda_kernels"
 JIT_NAME = "quantkern_cuda_kernels"
 SOURCES = ("csrc/cuda/qk_binding.cpp", "csrc/cuda/gemm_wna16.cu", "csrc/cuda/gemv_wna16.cu")
@@ -124,15 +126,19 @@ def _jit_build() -> tuple[bool, str | None]:
         return False, ("cannot JIT-build: csrc/cuda sources are not part of this install; reinstall from a "
                        "source checkout or with QUANTKERN_BUILD_EXT=1")
     try:
-        cpp_extension.load(
-            name=JIT_NAME,
-            sources=[str(root / s) for s in SOURCES],
-            extra_include_paths=[str(root / "csrc" / "cuda")],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=list(NVCC_FLAGS),
-            is_python_module=False,
-            verbose=os.environ.get("QUANTKERN_VERBOSE_BUILD", "0") == "1",
-        )
+        # torch's own default directory, named here so that the build runs under build_lock
+        build_dir = Path(cpp_extension._get_build_directory(JIT_NAME, verbose=False))
+        with build_lock(build_dir):
+            cpp_extension.load(
+                name=JIT_NAME,
+                build_directory=str(build_dir),
+                sources=[str(root / s) for s in SOURCES],
+                extra_include_paths=[str(root / "csrc" / "cuda")],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=list(NVCC_FLAGS),
+                is_python_module=False,
+                verbose=os.environ.get("QUANTKERN_VERBOSE_BUILD", "0") == "1",
+            )
     except Exception as e:  # noqa: BLE001 - any build / load failure becomes the recorded reason
         msg = str(e).strip()
         if len(msg) > 3000:
