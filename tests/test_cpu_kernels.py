@@ -15,7 +15,9 @@ above the fp32 term for the K used here (K <= 224: sqrt(K) * eps_fp32 ~ 2e-6 * S
 
 from __future__ import annotations
 
+import os
 import platform
+import time
 from pathlib import Path
 
 import pytest
@@ -423,6 +425,21 @@ def test_a_killed_builds_lock_file_does_not_block_the_next_build(tmp_path, monke
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     srcs = build.sources()
     build_dir = build.jit_build("quantkern_cpu_ext", srcs, build_root=tmp_path)
-    (build_dir / "lock").touch()  # what a build killed half-way leaves
+    lock = build_dir / "lock"
+    lock.touch()  # what a build killed half-way leaves
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
     assert build.jit_build("quantkern_cpu_ext", srcs, build_root=tmp_path) == build_dir
-    assert seen == [False, False] and not (build_dir / "lock").exists()
+    assert seen == [False, False] and not lock.exists()
+
+
+def test_a_young_lock_file_is_waited_for_then_cleared(tmp_path):
+    """A lock younger than the limit may belong to a live build that takes no flock: wait for it."""
+    from quantkern.kernels._jit_lock import build_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    t = time.perf_counter()
+    with build_lock(tmp_path, stale_after=0.5):
+        assert not lock.exists()
+    assert time.perf_counter() - t >= 0.4
