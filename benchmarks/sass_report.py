@@ -308,26 +308,9 @@ def triton_variants():
 
 
 def compile_triton(fn, const, cfg, arch: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from quantkern.triton_kernels.aot import compile_ahead
 
-    dt = TRITON_CASE["dtype"]
-    types = dict(qw_ptr="*i32", z_ptr="*u8", g_ptr="*i32", p_ptr="*fp32")
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):  # pointers and strides divisible by 16, as at a real launch
-        if name in const:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = types.get(name, "*" + dt)
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            if name != "M":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return compile_ahead(fn, const, TRITON_CASE["dtype"], arch, cfg["num_warps"], cfg["num_stages"])
 
 
 def triton_rows(archs, pattern, out: Path) -> list[dict]:

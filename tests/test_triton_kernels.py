@@ -418,10 +418,10 @@ from quantkern.triton_kernels.gemm_wna16 import GROUP_M, _gemm_wna16_kernel
 from quantkern.triton_kernels.gemv_wna16 import _gemv_wna16_kernel, _splitk_reduce_kernel
 from quantkern.triton_kernels._checks import group_mode
 from quantkern.triton_kernels._tuning import GEMM_CONFIGS, GEMV_CONFIGS
+from quantkern.triton_kernels.aot import compile_ahead
 
 arch = int(sys.argv[1])
 smem_limit = {80: 166912, 90: 232448}[arch]
-types = dict(qw_ptr="*i32", z_ptr="*u8", g_ptr="*i32", p_ptr="*fp32")
 variants = [(4, 128, -1, "fp16"), (3, 64, 4, "bf16"), (2, 32, -1, "fp16"), (8, -1, 128, "bf16"), (4, 0, -1, "fp16")]
 bad = []
 for fn, configs in ((_gemm_wna16_kernel, GEMM_CONFIGS), (_gemv_wna16_kernel, GEMV_CONFIGS)):
@@ -432,21 +432,8 @@ for fn, configs in ((_gemm_wna16_kernel, GEMM_CONFIGS), (_gemv_wna16_kernel, GEM
             const = dict(BITS=bits, GROUP_MODE=mode, GROUP_SIZE=gs if mode == 1 else 1, ZERO_POINT=zp,
                          HAS_BIAS=True, DOT_FP32=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk)
             const.update(GROUP_M=GROUP_M) if fn is _gemm_wna16_kernel else const.update(SPLIT_K=cfg["SPLIT_K"])
-            sig, attrs = {}, {}
-            for i, name in enumerate(fn.arg_names):
-                if name in const:
-                    sig[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    sig[name] = types.get(name, "*" + dt)
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-                else:
-                    sig[name] = "i32"
-                    if name not in ("M",):
-                        attrs[(i,)] = [["tt.divisibility", 16]]
             try:
-                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                                   target=GPUTarget("cuda", arch, 32),
-                                   options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                k = compile_ahead(fn, const, dt, arch, cfg["num_warps"], cfg["num_stages"])
             except Exception as e:
                 bad.append(f"{fn.__name__} {cfg} W{bits} g{gs} {dt}: {type(e).__name__} {str(e)[-300:]}")
                 continue
