@@ -14,11 +14,13 @@ from ..core import WeightScheme, naming_layer
 from ..devices import block_device
 from ..kernels.reference import dequantize_gptq
 from ..kernels.registry import warn_once
+from ..arch.moe import linear_weight
 from ..nn import QuantLinear
+from ..nn.quant_experts import QuantExperts
 from .base import BaseQuantizer
 from .config import GPTQConfig, RTNConfig
 from .registry import register_quantizer
-from .targets import plan_targets
+from .targets import ExpertsSite, plan_targets
 
 logger = logging.getLogger("quantkern")
 
@@ -27,6 +29,21 @@ def _warn_if_no_gpu(use_triton: bool) -> None:
     if use_triton and not torch.cuda.is_available():
         warn_once("quantkern: use_triton=True but no CUDA GPU is available; QuantLinear layers will run on "
                   "the best CPU path (the pure-PyTorch reference where no CPU kernel fits)")
+
+
+def rtn_experts(site: ExpertsSite, name: str, scheme: WeightScheme, scale_dtype, mse: bool = False,
+                experts=None) -> tuple[list, list]:
+    """RTN of every expert of ``site`` (or of the expert indices in ``experts``): ``(gate_up, down)``
+    lists of :class:`~quantkern.core.QuantizedWeight` (None where not asked)."""
+    e_all = range(site.num_experts) if experts is None else experts
+    gate_up, down = [None] * site.num_experts, [None] * site.num_experts
+    scheme = WeightScheme(scheme.bits, scheme.group_size, scheme.sym)
+    for e in e_all:
+        for out, pname, label in ((gate_up, site.layout.gate_up, "gate_up_proj"), (down, site.layout.down, "down_proj")):
+            with naming_layer(f"{name}.{e}.{label}"):
+                out[e] = quantize_rtn(linear_weight(getattr(site.module, pname), e, site.layout), scheme, scale_dtype,
+                                      mse=mse)
+    return gate_up, down
 
 
 class GPTQBlockDriver:
@@ -153,7 +170,7 @@ class RTNQuantizer(BaseQuantizer):
 
     def _prepare(self) -> None:
         c = self.config
-        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size)
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, experts=True)
         _warn_if_no_gpu(self.use_triton)
 
     def _convert(self) -> None:
@@ -162,6 +179,10 @@ class RTNQuantizer(BaseQuantizer):
             with naming_layer(name):
                 qw = quantize_rtn(lin.weight, scheme, self.config.torch_scale_dtype, mse=self.config.mse)
             self.replace_module(name, self.make_quant_linear(lin, qw, name))
+        for name, site in self.plan.experts.items():
+            gate_up, down = rtn_experts(site, name, scheme, self.config.torch_scale_dtype, self.config.mse)
+            self.replace_module(name, QuantExperts.from_quantized(site.module, site.layout, gate_up, down,
+                                                                  dtype=self.config.torch_scale_dtype, name=name))
 
 
 @register_quantizer(GPTQConfig)
