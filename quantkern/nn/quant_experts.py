@@ -81,6 +81,15 @@ def gating_owner(experts: nn.Module) -> nn.Module:
     return c
 
 
+def apply_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """The gating of a fused experts module on its gate/up output: its own ``_apply_gate`` (set by
+    transformers' ``use_experts_implementation``; gpt-oss has its own), else ``act_fn(gate) * up``."""
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
 class QuantExperts(nn.Module):
     """Weight-only quantized fused MoE experts (see the module docstring)."""
 
@@ -110,17 +119,19 @@ class QuantExperts(nn.Module):
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, experts: nn.Module, layout, gate_up: list[QuantizedWeight], down: list[QuantizedWeight],
-                       dtype: torch.dtype | None = None, name: str = "") -> "QuantExperts":
+                       dtype: torch.dtype | None = None, name: str = "", scheme: WeightScheme | None = None
+                       ) -> "QuantExperts":
         """Build from the replaced fused experts module (for its activation and biases) and each expert's
         canonical quantized weights (``gate_up[e]``: ``[2I, H]`` in the module's row order; ``down[e]``:
-        ``[H, I]``). Raises :class:`~quantkern.core.ScaleOverflowError` naming the expert for scales
+        ``[H, I]``). ``scheme``: the module's (default: expert 0's; an expert quantized with RTN where the
+        others used act-order has a plain ``g_idx``, which the act-order layout holds too). Raises :class:`~quantkern.core.ScaleOverflowError` naming the expert for scales
         that are not finite or overflow ``dtype``."""
         from ..arch.moe import experts_shape
 
         e, h, i = experts_shape(experts, layout)
         if len(gate_up) != e or len(down) != e:
             raise ValueError(f"{name}: {len(gate_up)} / {len(down)} quantized experts for {e} experts")
-        s = gate_up[0].scheme
+        s = scheme or gate_up[0].scheme
         dtype = dtype or gate_up[0].scales.dtype
         bias = layout.gate_up_bias is not None
         mod = cls(e, h, i, s.bits, s.group_size, s.sym, s.act_order, layout=layout, gate_owner=gating_owner(experts),
@@ -183,12 +194,9 @@ class QuantExperts(nn.Module):
     # --- execution ------------------------------------------------------------------------------
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__.get("_gate_owner")
-        if owner is not None and hasattr(owner, "_apply_gate"):
-            return owner._apply_gate(gate_up)
-        if owner is None or not hasattr(owner, "act_fn"):
+        if owner is None or not (hasattr(owner, "_apply_gate") or hasattr(owner, "act_fn")):
             raise RuntimeError(f"{self.describe()}: no activation known (built without the replaced module)")
-        gate, up = gate_up.chunk(2, dim=-1)
-        return owner.act_fn(gate) * up
+        return apply_gate(owner, gate_up)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``x [M, H]`` (no routing weight)."""
