@@ -137,3 +137,193 @@ def test_unpackable_expert_shapes_are_refused_naming_the_site():
         qk.RTNQuantizer(model, bits=4, group_size=32).quantize()
     with pytest.raises(ValueError, match=r"down 32->64 per expert: group_size=64 > in_features=32"):
         qk.RTNQuantizer(tiny_moe(), bits=4, group_size=64).quantize()
+
+
+def calib(n=16, L=32, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (L,), generator=g) for _ in range(n)]
+
+
+def logits_error(model, ref_logits, x):
+    with torch.no_grad():
+        return float(((model(x).logits - ref_logits) ** 2).mean())
+
+
+@pytest.mark.parametrize("opts", [{}, {"actorder": True}, {"actorder": True, "static_groups": True}],
+                         ids=["plain", "actorder", "actorder-static"])
+def test_gptq_beats_rtn_on_held_apart_tokens(opts):
+    """Only the experts are quantized (attention skipped), so the whole error is theirs. The token
+    embeddings are made correlated (rank 8 plus noise), as trained ones are: on isotropic inputs GPTQ has
+    nothing to exploit."""
+    dense = tiny_moe()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        emb = dense.model.embed_tokens.weight
+        emb.copy_(torch.randn(256, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.05 * torch.randn(256, 64, generator=g))
+    held = ids(4, 32, seed=99)
+    with torch.no_grad():
+        want = dense(held).logits
+    skip = ["lm_head", "self_attn"]
+    rtn = copy.deepcopy(dense)
+    qk.RTNQuantizer(rtn, bits=3, group_size=32, verbose=False, skip_layers=skip).quantize()
+    gptq = copy.deepcopy(dense)
+    q = qk.GPTQQuantizer(gptq, bits=3, group_size=32, verbose=False, use_triton=False, skip_layers=skip, **opts)
+    q.quantize(calib())
+    assert n_experts_modules(gptq) == 2
+    tokens = q.report["expert_tokens"]
+    assert set(tokens) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert all(sum(t) == 16 * 32 * 2 for t in tokens.values())  # top-2 of every calibration token
+    assert q.report["expert_fallbacks"] == {}
+    assert any(k.startswith("model.layers.0.mlp.experts.3.") for k in q.report["gptq_losses"])
+    e_rtn, e_gptq = logits_error(rtn, want, held), logits_error(gptq, want, held)
+    print(f"\nlogits MSE vs dense on held-apart tokens, W3 g32 {opts}: RTN {e_rtn:.3e}, GPTQ {e_gptq:.3e}")
+    assert e_gptq < 0.5 * e_rtn
+
+
+def starve_expert(model, e=3):
+    """A router that never picks expert ``e`` (its logit forced to -inf before the top-k)."""
+    def hook(router, args, out):
+        logits = out[0].clone()
+        logits[:, e] = float("-inf")
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        top, idx = torch.topk(probs, router.top_k, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        return logits, top.to(out[1].dtype), idx
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(hook)
+    return model
+
+
+def test_starved_expert_falls_back_to_rtn_and_is_named():
+    model = starve_expert(tiny_moe())
+    q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False, actorder=True)
+    q.quantize(calib(8))
+    assert q.report["expert_tokens"]["model.layers.0.mlp.experts"][3] == 0
+    fb = q.report["expert_fallbacks"]
+    assert set(fb) == {f"model.layers.{i}.mlp.experts.3.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")}
+    assert fb["model.layers.0.mlp.experts.3.gate_up_proj"].startswith("RTN: 0 calibration token(s) routed to expert 3")
+    for m in model.modules():
+        if isinstance(m, QuantExperts):
+            for proj in (m.gate_up_proj, m.down_proj):
+                assert torch.isfinite(proj.scales).all() and (proj.scales > 0).all()
+    with torch.no_grad():
+        assert torch.isfinite(model(ids()).logits).all()
+    # a threshold: experts under it are named too (and 0 keeps GPTQ wherever a token came)
+    model = tiny_moe()
+    q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False, min_expert_tokens=10**6)
+    q.quantize(calib(4))
+    assert len(q.report["expert_fallbacks"]) == 2 * 4 * 2
+    with pytest.raises(ValueError, match="min_expert_tokens"):
+        qk.GPTQConfig(min_expert_tokens=-1)
+
+
+def test_expert_calibration_excludes_padding():
+    model = tiny_moe()
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 20:] = 0
+    q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False, min_expert_tokens=0)
+    q.prepare()
+    with torch.no_grad():
+        model(input_ids=x, attention_mask=mask)
+    q.convert()
+    assert all(sum(t) == (32 + 20) * 2 for t in q.report["expert_tokens"].values())
+
+
+SAVABLE = [f for f in PRESENT if f != "gpt_oss"]
+
+
+@pytest.mark.parametrize("family", SAVABLE)
+def test_gptq_checkpoint_per_expert_names_round_trip(family, tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_moe(family)
+    qk.GPTQQuantizer(model, bits=4, group_size=32, actorder=True, verbose=False, use_triton=False).quantize(calib(8))
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    out = qk.save_quantized(model, tmp_path / "ckpt")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    last = 1  # the last block is an MoE block in every family here
+    moe = "block_sparse_moe" if family in ("mixtral", "phimoe") else "mlp"
+    names = ("w1", "w3", "w2") if family in ("mixtral", "phimoe") else ("gate_proj", "up_proj", "down_proj")
+    for e in range(4):
+        for proj in names:
+            for part in ("qweight", "qzeros", "scales", "g_idx"):
+                assert f"model.layers.{last}.{moe}.experts.{e}.{proj}.{part}" in keys
+    assert not any("gate_up_proj" in k for k in keys)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor(f"model.layers.{last}.{moe}.experts.0.{names[0]}.qweight").shape) == (64 * 4 // 32, 32)
+        assert tuple(f.get_tensor(f"model.layers.{last}.{moe}.experts.0.{names[2]}.qweight").shape) == (32 * 4 // 32, 64)
+    from quantkern.io.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(out)
+    assert info["consistent"], info["problems"]
+    assert info["experts"][f"model.layers.{last}.{moe}.experts"] == 4
+    loaded = qk.load_quantized(out)
+    assert n_experts_modules(loaded) == n_experts_modules(model)
+    with torch.no_grad():
+        got = loaded(x).logits
+    assert torch.equal(got, want)
+
+
+def test_experts_refused_by_other_formats_and_families_without_names(tmp_path):
+    model = tiny_moe()
+    qk.RTNQuantizer(model, bits=4, group_size=32, verbose=False).quantize()
+    for fmt in ("awq", "compressed-tensors", "gguf"):
+        with pytest.raises(ValueError, match=r"QuantExperts: format .* cannot store it \(quantized MoE experts are "
+                                             r"saved in format='gptq' only"):
+            qk.save_quantized(model, tmp_path / fmt, format=fmt)
+    with pytest.raises(ValueError, match="cannot store"):  # before calibration
+        qk.GPTQQuantizer(tiny_moe(), bits=4, group_size=32, use_triton=False).prepare(export_format="awq")
+    oss = tiny_moe("gpt_oss") if "gpt_oss" in PRESENT else None
+    if oss is not None:
+        qk.RTNQuantizer(oss, bits=4, group_size=32, verbose=False).quantize()
+        with pytest.raises(ValueError, match="no per-expert tensor names"):
+            qk.save_quantized(oss, tmp_path / "oss")
+
+
+@pytest.mark.parametrize("skip", [["lm_head", "self_attn", "shared_expert"], ["lm_head", "experts"]],
+                         ids=["experts-only", "experts-dense"])
+def test_checkpoint_with_only_experts_or_dense_experts_round_trips(skip, tmp_path):
+    model = tiny_moe("qwen2_moe")
+    qk.RTNQuantizer(model, bits=4, group_size=32, sym=False, skip_layers=skip, verbose=False).quantize()
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    loaded = qk.load_quantized(qk.save_quantized(model, tmp_path / "c"))
+    assert n_experts_modules(loaded) == n_experts_modules(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, want)
+
+
+def test_gptq_moe_both_doors_identical_and_failure_restores():
+    from quantkern.calibration import group_batches, normalize_calibration_data
+
+    data = calib(8)
+    a = tiny_moe()
+    b = copy.deepcopy(a)
+    before = {k: t.clone() for k, t in a.state_dict().items()}
+    cfg = qk.GPTQConfig(bits=4, group_size=32, actorder=True, batch_size=4)
+    qk.GPTQQuantizer(a, cfg, verbose=False, use_triton=False).quantize(data)
+    b = qk.prepare(b, cfg)
+    for batch in group_batches(normalize_calibration_data(data), 4):
+        assert b(input_ids=batch.input_ids, attention_mask=batch.attention_mask) is None
+    b = qk.convert(b, cfg)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert isinstance(a.model.layers[1].mlp.experts, QuantExperts)
+    # a failure inside the experts' GPTQ puts the model back as it was (fused experts, dense weights)
+    c = tiny_moe()
+    q = qk.GPTQQuantizer(c, cfg, verbose=False, use_triton=False)
+    orig = QuantExperts.from_quantized
+    try:
+        QuantExperts.from_quantized = classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            q.quantize(data)
+    finally:
+        QuantExperts.from_quantized = orig
+    assert n_experts_modules(c) == 0
+    sc = c.state_dict()
+    assert sc.keys() == before.keys() and all(torch.equal(sc[k], before[k]) for k in sc)

@@ -161,8 +161,8 @@ def model_layer_plans(model: nn.Module) -> dict[str, LayerPlan]:
     """The plans of the quantized layers ``model`` holds (every module type from ``quantkern.nn``)."""
     out = {}
     for name, m in model.named_modules():
-        if not type(m).__module__.startswith("quantkern.nn"):
-            continue
+        if not type(m).__module__.startswith("quantkern.nn") or type(m).__name__ == "StackedGPTQ":
+            continue  # (StackedGPTQ: the tensors of a QuantExperts, planned with it)
         k, n = getattr(m, "in_features", 0), getattr(m, "out_features", 0)
         if type(m).__name__ == "QuantExperts":
             permuted = False
