@@ -87,10 +87,11 @@ def experts_to_checkpoint(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict
     return out
 
 
-def experts_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], cfg, checkpoint_format: str,
-                            dtype, backend) -> tuple[dict, set[str]]:
+def experts_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], cfg, checkpoint_format, dtype,
+                            backend) -> tuple[dict, set[str]]:
     """Rebuild the fused experts modules of skeleton ``model`` whose per-expert GPTQ tensors ``tensors``
-    holds. Returns ``({experts module name: (QuantExperts, its state-dict tensors)}, checkpoint keys
+    holds (``checkpoint_format``: "gptq" / "gptq_v2", or a callable giving it, called only if needed; the
+    format must be stated by the config: expert zeros are not used as evidence yet). Returns ``({experts module name: (QuantExperts, its state-dict tensors)}, checkpoint keys
     used)``, ready for :func:`~quantkern.io.load.assemble`. Raises
     :class:`~quantkern.io.validate.CheckpointTensorError` naming the tensor for a missing expert, a
     scheme that differs between the experts of one module, or gate / up with different ``g_idx``."""
@@ -125,6 +126,8 @@ def experts_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], 
                                                 f"of {p}; quantkern holds one scheme per experts module")
                 if f"{lname}.bias" in tensors:
                     raise CheckpointTensorError(f"{lname}.bias: biases of quantized experts are not supported")
+                if callable(checkpoint_format):  # resolved only for a checkpoint that has quantized experts
+                    checkpoint_format = checkpoint_format()
                 v2 = validate_gptq_layer(lname, tensors, scheme, k, n, checkpoint_format)
                 used |= {f"{lname}.{part}" for part in ("qweight", "qzeros", "scales", "g_idx")}
                 per[role].append((lname, v2))

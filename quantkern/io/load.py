@@ -212,8 +212,8 @@ def _load(path: Path, device, dtype, backend) -> nn.Module:
     if cfg.quant_method == "gptq":  # per-expert tensors of fused experts modules, under the HF checkpoint names
         from .experts import checkpoint_renames, experts_from_checkpoint, rename
 
-        fmt0, _ = resolve_gptq_format(path, qc, [])
-        experts, expert_keys = experts_from_checkpoint(model, tensors, cfg, fmt0, dtype, backend)
+        experts, expert_keys = experts_from_checkpoint(model, tensors, cfg, lambda: resolve_gptq_format(path, qc, [])[0],
+                                                       dtype, backend)
         if experts:
             renames = checkpoint_renames(model)
             tensors = {rename(k, renames, reverse=True): t for k, t in tensors.items() if k not in expert_keys}
