@@ -345,3 +345,14 @@ def test_gptq_every_family_computes_its_dequantized_weights(family):
         got, want = model(x).logits, ref(x).logits
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_expert_weights_are_named_before_calibration():
+    model = tiny_moe()
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.2\.down_proj \(1 inf/NaN\)"):
+        qk.GPTQQuantizer(model, bits=4, group_size=32, use_triton=False).quantize(calib(2))
+    q = qk.RTNQuantizer(tiny_moe("qwen2_moe"), bits=4, group_size=32, verbose=False)
+    q.prepare()
+    assert dict(q.plan.skipped)["model.layers.0.mlp.shared_expert_gate"] == "MoE router (Linear), kept dense"
