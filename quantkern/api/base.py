@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import check_token_ids, group_batches, normalize_calibration_data
 from ..devices import check_devices, check_not_offloaded, is_dispatched
-from ..io.export_rules import LayerPlan, check_exportable
+from ..io.export_rules import LayerPlan, check_exportable, experts_export_problem
 from ..nn import QuantLinear
 from .config import BaseConfig
 from .registry import quantizer_for
@@ -265,6 +265,11 @@ class BaseQuantizer:
         if self.plan is None:
             raise RuntimeError("check_export() needs the layer plan: call prepare() first")
         plans = {name: self.layer_plan(name, lin) for name, lin in self.plan.quantize.items()}
+        for name, site in self.plan.experts.items():
+            s = self.config.scheme()
+            plans[name] = LayerPlan("QuantExperts", site.hidden_size, site.intermediate_size, s,
+                                    permuted_groups=s.act_order and not getattr(self.config, "static_groups", False),
+                                    problem=experts_export_problem(site.layout))
         check_exportable(export_format, plans, self.model)
 
     @torch.no_grad()

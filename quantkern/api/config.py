@@ -118,7 +118,10 @@ class GPTQConfig(WeightOnlyConfig):
     ``true_sequential``: within a block, quantize Linears stage by stage, each calibrated on the outputs
     of the stages already quantized; ``mse``: clipping search for each group's range;
     ``nsamples`` / ``seq_len``: size of the calibration set built from text (ignored for token data);
-    ``batch_size``: calibration rows per forward."""
+    ``batch_size``: calibration rows per forward; ``min_expert_tokens``: an MoE expert projection
+    calibrated on fewer routed (non-padding) tokens than this (None: fewer than its in_features, which
+    leaves its Hessian rank-deficient) is quantized with RTN instead, and named in
+    ``report["expert_fallbacks"]`` (``report["expert_tokens"]`` gives every expert's token count)."""
 
     method: ClassVar[str] = "gptq"
     actorder: bool = False
@@ -130,10 +133,14 @@ class GPTQConfig(WeightOnlyConfig):
     nsamples: int = 128
     seq_len: int = 512
     batch_size: int = 8
+    min_expert_tokens: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
         validate_damp_percent(self.damp_percent)
+        v = self.min_expert_tokens
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"min_expert_tokens must be None (in_features) or an int >= 0, got {v!r}")
         for name in ("blocksize", "nsamples", "seq_len", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

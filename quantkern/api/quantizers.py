@@ -9,16 +9,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
-from ..calibration import BlockInput, InputCatcher, check_finite_inputs, find_decoder_blocks, run_block
+from ..calibration import (BlockInput, InputCatcher, StopForward, check_finite_inputs, find_decoder_blocks,
+                           run_block)
 from ..core import WeightScheme, naming_layer
 from ..devices import block_device
 from ..kernels.reference import dequantize_gptq
 from ..kernels.registry import warn_once
+from ..arch.moe import linear_weight
 from ..nn import QuantLinear
+from ..nn.quant_experts import QuantExperts, apply_gate
 from .base import BaseQuantizer
 from .config import GPTQConfig, RTNConfig
 from .registry import register_quantizer
-from .targets import plan_targets
+from .targets import ExpertsSite, plan_targets
 
 logger = logging.getLogger("quantkern")
 
@@ -27,6 +30,21 @@ def _warn_if_no_gpu(use_triton: bool) -> None:
     if use_triton and not torch.cuda.is_available():
         warn_once("quantkern: use_triton=True but no CUDA GPU is available; QuantLinear layers will run on "
                   "the best CPU path (the pure-PyTorch reference where no CPU kernel fits)")
+
+
+def rtn_experts(site: ExpertsSite, name: str, scheme: WeightScheme, scale_dtype, mse: bool = False,
+                experts=None) -> tuple[list, list]:
+    """RTN of every expert of ``site`` (or of the expert indices in ``experts``): ``(gate_up, down)``
+    lists of :class:`~quantkern.core.QuantizedWeight` (None where not asked)."""
+    e_all = range(site.num_experts) if experts is None else experts
+    gate_up, down = [None] * site.num_experts, [None] * site.num_experts
+    scheme = WeightScheme(scheme.bits, scheme.group_size, scheme.sym)
+    for e in e_all:
+        for out, pname, label in ((gate_up, site.layout.gate_up, "gate_up_proj"), (down, site.layout.down, "down_proj")):
+            with naming_layer(f"{name}.{e}.{label}"):
+                out[e] = quantize_rtn(linear_weight(getattr(site.module, pname), e, site.layout), scheme, scale_dtype,
+                                      mse=mse)
+    return gate_up, down
 
 
 class GPTQBlockDriver:
@@ -56,11 +74,15 @@ class GPTQBlockDriver:
         device = block_device(block, device)  # a block placed by an accelerate device map runs where it is
         prefix = f"{self.blocks_name}.{i}."
         targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
+        experts = {n[len(prefix):]: s for n, s in self.plan.experts.items() if n.startswith(prefix)}
         done: dict[str, QuantLinear] = {}
-        if targets:
+        if targets or experts:
             check_finite_inputs(inputs, prefix[:-1], f"{self.blocks_name}.{i - 1}" if i else None)
+        if targets:
             for stage, shared_input in self._stages(block, targets, inputs[0]):
                 losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done, shared_input))
+        for name, site in experts.items():  # after the block's Linears: calibrated on their quantized outputs
+            losses.update(self._quantize_experts(block, prefix + name, site, inputs, device, done))
         outputs = run_block(block, inputs, device)
         return [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)], done
 
@@ -93,6 +115,104 @@ class GPTQBlockDriver:
             if bias is not None:
                 mod.bias.data = bias.to(mod.bias.dtype)
             done[prefix + name] = q
+        return losses
+
+    # MoE experts ---------------------------------------------------------------------------------
+    def _quantize_experts(self, block, name: str, site: ExpertsSite, inputs, device, done: dict) -> dict[str, float]:
+        """GPTQ of every expert of a fused experts module, each calibrated on the tokens routed to it.
+
+        A pre-hook on the experts module reads its routing (``top_k_index``) and, for each expert, adds
+        the rows routed there (padding excluded) to that expert's Hessian, then stops the forward: no
+        expert's inputs are kept, only one ``H x H`` (gate/up) Hessian per expert, then one ``I x I``
+        (down). Gate/up are quantized first (one fused ``[2I, H]`` GPTQ per expert: the rows share the
+        input), then the down projections on the gated outputs of the quantized gate/up. Meanwhile the
+        module runs with exactly the dequantized weights; the :class:`QuantExperts` goes into ``done``.
+        A projection whose expert got fewer tokens than ``min_expert_tokens`` (default: its
+        in_features) is quantized with RTN, named in ``report["expert_fallbacks"]``."""
+        c = self.config
+        mod, lay = site.module, site.layout
+        n_exp = site.num_experts
+        tokens = [0] * n_exp
+        mask_now: list = [None]
+        losses: dict[str, float] = {}
+        fallbacks = self.report.setdefault("expert_fallbacks", {})
+
+        def routed(args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            x2, idx2 = x.reshape(-1, x.shape[-1]), idx.reshape(x.reshape(-1, x.shape[-1]).shape[0], -1)
+            m = mask_now[0]
+            keep = m.reshape(-1).to(x2.device) if m is not None and m.numel() == x2.shape[0] else None
+            for e in torch.unique(idx2).tolist():
+                if 0 <= e < n_exp:
+                    sel = (idx2 == e).any(-1)
+                    if keep is not None:
+                        sel &= keep
+                    if bool(sel.any()):
+                        yield e, x2[sel]
+
+        def collect(gptqs, rows_fn, count: bool):
+            def hook(m, args, kwargs):
+                for e, xe in routed(args, kwargs):
+                    if count:
+                        tokens[e] += xe.shape[0]
+                    gptqs[e].add_batch(rows_fn(e, xe))
+                raise StopForward
+            h = mod.register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                run_block(block, inputs, device, keep_outputs=False, on_batch=lambda inp: mask_now.__setitem__(
+                    0, inp.token_mask))
+            finally:
+                h.remove()
+
+        def sweep(pname: str, label: str, k: int) -> list:
+            param = getattr(mod, pname)
+            gptqs = [GPTQ(linear_weight(param, e, lay), f"{name}.{e}.{label}") for e in range(n_exp)]
+            return param, gptqs
+
+        def quantize_all(param, gptqs, label: str, k: int) -> list:
+            need = max(1, k if c.min_expert_tokens is None else c.min_expert_tokens)
+            out, dense = [], []
+            for e, g in enumerate(gptqs):
+                site_name = f"{name}.{e}.{label}"
+                with naming_layer(site_name):
+                    if tokens[e] < need:
+                        fallbacks[site_name] = (f"RTN: {tokens[e]} calibration token(s) routed to expert {e}, fewer "
+                                                f"than {need} ({'in_features' if c.min_expert_tokens is None else 'min_expert_tokens'})")
+                        logger.warning("quantkern: %s: %s", site_name, fallbacks[site_name])
+                        qw = quantize_rtn(linear_weight(param, e, lay), WeightScheme(c.bits, c.group_size, c.sym),
+                                          c.torch_scale_dtype, mse=c.mse)
+                    else:
+                        qw, loss = g.quantize(c.scheme(), c.damp_percent, c.blocksize, c.static_groups, c.mse,
+                                              c.torch_scale_dtype)
+                        losses[site_name] = loss
+                g.free()
+                out.append(qw)
+                w = qw.dequantize(param.dtype)  # [out, in]: what the QuantExperts computes with
+                dense.append(w.t() if lay.transposed else w)
+            param.data = torch.stack(dense).to(param.device).contiguous()  # runs dequantized from here on
+            return out
+
+        # gate/up on the routed hidden states
+        param, gptqs = sweep(lay.gate_up, "gate_up_proj", site.hidden_size)
+        collect(gptqs, lambda e, xe: xe, count=True)
+        gate_up = quantize_all(param, gptqs, "gate_up_proj", site.hidden_size)
+        del gptqs
+
+        # down on the gated outputs of the quantized gate/up
+        def gated(e, xe):
+            w = linear_weight(getattr(mod, lay.gate_up), e, lay)
+            y = xe @ w.t().to(xe.dtype)
+            if lay.gate_up_bias:
+                y = y + getattr(mod, lay.gate_up_bias)[e].to(y.dtype)
+            return apply_gate(mod, y)
+
+        param, gptqs = sweep(lay.down, "down_proj", site.intermediate_size)
+        collect(gptqs, gated, count=False)
+        down = quantize_all(param, gptqs, "down_proj", site.intermediate_size)
+        self.report.setdefault("expert_tokens", {})[name] = list(tokens)
+        done[name] = QuantExperts.from_quantized(mod, lay, gate_up, down, dtype=c.torch_scale_dtype, name=name,
+                                                 scheme=c.scheme())
         return losses
 
     def _quantize_layer(self, g: GPTQ, mod: nn.Linear, name: str):
@@ -153,7 +273,7 @@ class RTNQuantizer(BaseQuantizer):
 
     def _prepare(self) -> None:
         c = self.config
-        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size)
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, experts=True)
         _warn_if_no_gpu(self.use_triton)
 
     def _convert(self) -> None:
@@ -162,6 +282,10 @@ class RTNQuantizer(BaseQuantizer):
             with naming_layer(name):
                 qw = quantize_rtn(lin.weight, scheme, self.config.torch_scale_dtype, mse=self.config.mse)
             self.replace_module(name, self.make_quant_linear(lin, qw, name))
+        for name, site in self.plan.experts.items():
+            gate_up, down = rtn_experts(site, name, scheme, self.config.torch_scale_dtype, self.config.mse)
+            self.replace_module(name, QuantExperts.from_quantized(site.module, site.layout, gate_up, down,
+                                                                  dtype=self.config.torch_scale_dtype, name=name))
 
 
 @register_quantizer(GPTQConfig)
@@ -190,7 +314,8 @@ class GPTQQuantizer(GPTQBlockDriver, BaseQuantizer):
         needed: works on a model whose parameters are on the meta device)."""
         c = self.config
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
-        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name,
+                                 experts=True)
 
     def _convert(self) -> None:
         self.report["gptq_losses"] = self.run_gptq_blocks(self.take_inputs())

@@ -27,6 +27,7 @@ UNACCOUNTED_SHARE = 0.01
 class TargetPlan:
     quantize: dict[str, nn.Linear] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    experts: dict[str, "ExpertsSite"] = field(default_factory=dict)  # fused MoE experts modules
     block_params: int = 0  # floating-point parameters of >= 2 dims in the decoder blocks
     quantized_params: int = 0  # of those, the ones quantized
 
@@ -42,7 +43,9 @@ class TargetPlan:
             key = (re.sub(r"\.\d+\.", ".*.", name), reason)
             counts[key] = counts.get(key, 0) + 1
         share = self.quantized_share
+        n_exp = sum(x.num_experts for x in self.experts.values())
         lines = [f"quantized {len(self.quantize)} Linear layers"
+                 + (f" and {n_exp} experts in {len(self.experts)} MoE experts modules" if self.experts else "")
                  + (f" ({share:.1%} of the decoder blocks' weights)" if share is not None else "")
                  + f"; skipped {len(self.skipped)} modules:"]
         for (name, reason), c in counts.items():
@@ -50,13 +53,30 @@ class TargetPlan:
         return "\n".join(lines)
 
 
+@dataclass
+class ExpertsSite:
+    """A fused 3-D MoE experts module (transformers 5) to quantize: every expert's fused gate/up
+    projection (``[2I, H]`` as a Linear weight) and down projection (``[H, I]``) is a weight site, named
+    ``{module}.{e}.gate_proj`` / ``.up_proj`` / ``.down_proj`` for patterns (``skip_layers``)."""
+
+    module: nn.Module
+    layout: object  # quantkern.arch.moe.ExpertsLayout
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+
+    def site_names(self, name: str) -> list[str]:
+        return [f"{name}.{e}.{p}" for e in range(self.num_experts) for p in ("gate_proj", "up_proj", "down_proj")]
+
+
 def _quantized_kinds() -> tuple[type, ...]:
     """Every module type quantkern puts in place of a Linear."""
     from ..nn.fp4_linear import FP4Linear
     from ..nn.fp8_linear import FP8Linear
+    from ..nn.quant_experts import QuantExperts
     from ..nn.w8a8_linear import W8A8Linear, ZeroQuantLinear
 
-    return (QuantLinear, W8A8Linear, ZeroQuantLinear, FP8Linear, FP4Linear)
+    return (QuantLinear, W8A8Linear, ZeroQuantLinear, FP8Linear, FP4Linear, QuantExperts)
 
 
 def _collapse(names) -> str:
@@ -108,17 +128,66 @@ def check_finite_weights(modules: dict[str, nn.Module]) -> None:
                          "precision with skip_layers=[...]")
 
 
-def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, within: str | None = None) -> TargetPlan:
+def _plan_experts(plan: TargetPlan, name: str, mod: nn.Module, layout, skip_layers, bits: int, group_size: int,
+                  bad: list[str]) -> None:
+    """Plan one fused experts module: all its experts quantized, or (every site matching ``skip_layers``)
+    none; a pattern that names only some of its sites is refused (one scheme per experts module)."""
+    from ..arch.moe import experts_shape
+
+    e, h, i = experts_shape(mod, layout)
+    site = ExpertsSite(mod, layout, e, h, i)
+    sites = site.site_names(name)
+    hits = [s for s in sites if any(matches(c, skip_layers) for c in _chain(s))]
+    if len(hits) == len(sites):
+        return  # kept dense knowingly: the accounting lists its tensors as "matches skip_layers"
+    if hits:
+        raise ValueError(f"skip_layers={list(skip_layers)} matches {len(hits)} of the {len(sites)} expert weights of "
+                         f"{name} (e.g. {hits[0]}); the experts of one module are quantized all together or not "
+                         f"at all: skip {name!r} as a whole, or none of its experts")
+    reasons = []
+    for k, n, label in ((h, i, "gate/up"), (i, h, "down")):
+        r = packable(k, n, bits)
+        if group_size != -1 and group_size > k:
+            r = (r + "; " if r else "") + f"group_size={group_size} > in_features={k}"
+        if r:
+            reasons.append(f"{label} {k}->{n} per expert: {r}")
+    if reasons:
+        bad.append(f"{name} ({type(mod).__name__}, {e} experts): " + "; ".join(reasons))
+        return
+    plan.experts[name] = site
+
+
+def _chain(name: str) -> list[str]:
+    """``a.b.c`` -> ``[a.b.c, a.b, a]``."""
+    return [name.rsplit(".", i)[0] for i in range(name.count(".") + 1)]
+
+
+def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, within: str | None = None,
+                 experts: bool = False) -> TargetPlan:
     """Choose the Linears to quantize (inside ``within`` if given) and validate their shapes now,
-    listing every offending layer, so that no calibration time is spent on a model that cannot be served."""
+    listing every offending layer, so that no calibration time is spent on a model that cannot be served.
+
+    ``experts``: the quantizer also quantizes fused 3-D MoE experts modules (``plan.experts``); without
+    it they are refused by the accounting, as every tensor no rule covers. MoE routers stay dense."""
+    from ..arch.moe import experts_layout, is_router_name
+
     check_not_quantized(model)
     plan = TargetPlan()
     bad: list[str] = []
     conv1d: list[str] = []
-    for name, mod in model.named_modules():
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    modules = dict(model.named_modules())
+    for name, mod in modules.items():
         if not name:
             continue
-        if is_conv1d(mod):
+        parent, _, leaf = name.rpartition(".")
+        layout = experts_layout(mod, model_type) if experts else None
+        if layout is not None:
+            if within is None or name.startswith(within + "."):
+                _plan_experts(plan, name, mod, layout, skip_layers, bits, group_size, bad)
+        elif isinstance(mod, nn.Linear) and is_router_name(leaf, modules[parent] if parent else model):
+            plan.skipped.append((name, "MoE router (Linear), kept dense"))
+        elif is_conv1d(mod):
             if matches(name, skip_layers):
                 plan.skipped.append((name, "matches skip_layers"))
             elif within is not None and not (name == within or name.startswith(within + ".")):
@@ -157,22 +226,39 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
     if bad:
         raise ValueError(f"{len(bad)} layer(s) cannot be quantized with bits={bits}, group_size={group_size} "
                          "(exclude them with skip_layers=[...] or change the settings):\n  " + "\n  ".join(bad))
-    if not plan.quantize:
+    if not plan.quantize and not plan.experts:
         n_skipped = sum(1 for _, r in plan.skipped if r == "matches skip_layers")
         raise ValueError("model has no nn.Linear layers to quantize" +
                          (f" (all matched skip_layers={list(skip_layers)}: {n_skipped} layers)" if n_skipped else ""))
     check_finite_weights(plan.quantize)
+    check_finite_experts(plan.experts)
     account_block_parameters(model, plan, skip_layers)
     return plan
 
 
+def check_finite_experts(experts: dict[str, ExpertsSite]) -> None:
+    """Raise ``ValueError`` naming every expert whose weights hold inf / NaN."""
+    bad = []
+    for name, site in experts.items():
+        for pname in (site.layout.gate_up, site.layout.down):
+            t = getattr(site.module, pname)
+            if t.device.type != "meta":
+                per = (~torch.isfinite(t.detach())).flatten(1).sum(1)
+                bad += [f"{name}.{e}.{pname} ({int(per[e])} inf/NaN)" for e in per.nonzero().flatten().tolist()]
+    if bad:
+        raise ValueError(f"non-finite expert weights in {len(bad)} tensor(s): " + ", ".join(bad) + "; repair the "
+                         "checkpoint, or keep the experts in full precision with skip_layers=['experts']")
+
+
 def _is_router(name: str, mod: nn.Module, model: nn.Module) -> bool:
     """An MoE router: ``Qwen3MoeTopKRouter``, DeepSeek's ``MoEGate``, or a ``gate`` beside ``experts``."""
+    from ..arch.moe import is_router_name
+
     kind = type(mod).__name__
     if "Router" in kind or kind.endswith("Gate"):
         return True
     parent, _, leaf = name.rpartition(".")
-    return leaf in ("gate", "router") and hasattr(model.get_submodule(parent) if parent else model, "experts")
+    return is_router_name(leaf, model.get_submodule(parent) if parent else model)
 
 
 def account_block_parameters(model: nn.Module, plan: TargetPlan, skip_layers) -> None:
@@ -197,7 +283,11 @@ def account_block_parameters(model: nn.Module, plan: TargetPlan, skip_layers) ->
             continue
         total += p.numel()
         owner, _, leaf = pname.rpartition(".")
-        if owner in plan.quantize and leaf == "weight":
+        site = plan.experts.get(owner)
+        if site is not None and leaf in (site.layout.gate_up_bias, site.layout.down_bias):
+            total -= p.numel()  # per-expert biases: kept in full precision with the experts, as Linear biases are
+            continue
+        if (owner in plan.quantize and leaf == "weight") or site is not None:
             quantized += p.numel()
             continue
         chain = [owner.rsplit(".", i)[0] for i in range(owner.count(".") + 1)]  # owner and its parents
@@ -225,8 +315,8 @@ def account_block_parameters(model: nn.Module, plan: TargetPlan, skip_layers) ->
     if lost:
         raise ValueError(
             f"{len(lost)} weight tensor(s) inside the decoder blocks would be left in full precision without any "
-            "rule saying so: " + "; ".join(lost) + ". quantkern quantizes nn.Linear layers; these are not "
-            "(3-D fused MoE expert parameters are not supported by this version). Keep them dense knowingly "
+            "rule saying so: " + "; ".join(lost) + ". This quantizer quantizes nn.Linear layers; these are not "
+            "(3-D fused MoE experts are quantized by RTNQuantizer and GPTQQuantizer only). Keep them dense knowingly "
             "with skip_layers=[...] (e.g. 'experts') or quantize another layout of the model")
 
 

@@ -117,13 +117,15 @@ def block_output(out) -> torch.Tensor:
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device | None = None,
               collect: dict[str, nn.Module] | None = None, on_input=None, keep_outputs: bool = True,
-              stop_after: set[str] | None = None) -> list[torch.Tensor]:
+              stop_after: set[str] | None = None, on_batch=None) -> list[torch.Tensor]:
     """Run ``block`` over every calibration batch.
 
     ``collect`` maps names to sub-modules whose inputs are passed to ``on_input(name, x2d)`` with
     padding rows removed. ``stop_after``: names of modules after which the forward may stop (their
     inputs are all that is needed), which saves compute when only early Linears are calibrated.
-    Returns the block outputs (on the inputs' device) when ``keep_outputs``.
+    Returns the block outputs (on the inputs' device) when ``keep_outputs``. ``on_batch(inp)`` is
+    called with each :class:`BlockInput` before its forward (hooks of the caller's own read its
+    ``token_mask``); a :class:`StopForward` raised by such a hook ends that batch's forward.
     """
     hooks = []
     seen: set[str] = set()
@@ -146,6 +148,8 @@ def run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device |
         for inp in inputs:
             current_mask[:] = [inp.token_mask]
             seen.clear()
+            if on_batch is not None:
+                on_batch(inp)
             dev = device or inp.hidden.device
             try:
                 out = block(inp.hidden.to(dev), **_to(inp.kwargs, dev))

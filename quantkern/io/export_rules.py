@@ -26,7 +26,7 @@ from .gguf_export import gguf_model_problem
 
 #: the quantkern module types each format describes; any other quantkern layer is refused
 FORMAT_KINDS = {
-    "gptq": ("QuantLinear",),
+    "gptq": ("QuantLinear", "QuantExperts"),
     "awq": ("QuantLinear",),
     "gguf": ("QuantLinear",),
     "compressed-tensors": ("QuantLinear", "W8A8Linear", "FP8Linear"),
@@ -46,6 +46,16 @@ class LayerPlan:
     scheme: WeightScheme | None = None
     permuted_groups: bool = False
     released: bool = False  # QuantLinear.release_canonical() dropped the tensors a checkpoint holds
+    problem: str | None = None  # why no format can store it (QuantExperts of a family without per-expert names)
+
+
+def experts_export_problem(layout) -> str | None:
+    """Why the experts of ``layout`` (:class:`quantkern.arch.moe.ExpertsLayout`) cannot be saved, or None."""
+    if layout.checkpoint_names is None:
+        return ("holds experts of a family whose checkpoints have no per-expert tensor names (gpt-oss ships fused "
+                "experts): no quantized checkpoint layout for them yet; keep them dense (skip_layers=['experts']) "
+                "to save")
+    return None
 
 
 def _ragged(p: LayerPlan) -> bool:
@@ -57,11 +67,15 @@ def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
     kinds = FORMAT_KINDS[fmt]
     if p.kind not in kinds:
         hint = "; save with format='compressed-tensors'" if p.kind in FORMAT_KINDS["compressed-tensors"] else ""
+        if p.kind == "QuantExperts":
+            hint = " (quantized MoE experts are saved in format='gptq' only, for now)"
         return f"is a {p.kind}: format {fmt!r} cannot store it{hint}"
     if p.released:
         return ("had its canonical weights released for inference (release_canonical); load the checkpoint "
                 "again to save it")
-    if p.kind != "QuantLinear":
+    if p.problem:
+        return p.problem
+    if p.kind not in ("QuantLinear", "QuantExperts"):
         return None
     s, k, n = p.scheme, p.in_features, p.out_features
     reasons = []
@@ -72,7 +86,7 @@ def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
         if p.permuted_groups:
             reasons.append("AWQ GEMM has no g_idx: act-order with a permuted g_idx cannot be stored (quantize "
                            "with static_groups=True, which keeps groups in column order)")
-    elif fmt == "compressed-tensors":
+    elif fmt == "compressed-tensors":  # (QuantExperts never reach here: not one of its kinds)
         if _ragged(p):
             reasons.append(f"group_size={s.group_size} does not divide in_features={k}")
         if p.permuted_groups:
@@ -147,10 +161,18 @@ def model_layer_plans(model: nn.Module) -> dict[str, LayerPlan]:
     """The plans of the quantized layers ``model`` holds (every module type from ``quantkern.nn``)."""
     out = {}
     for name, m in model.named_modules():
-        if not type(m).__module__.startswith("quantkern.nn"):
-            continue
+        if not type(m).__module__.startswith("quantkern.nn") or type(m).__name__ == "StackedGPTQ":
+            continue  # (StackedGPTQ: the tensors of a QuantExperts, planned with it)
         k, n = getattr(m, "in_features", 0), getattr(m, "out_features", 0)
-        if isinstance(m, QuantLinear) and m.released:
+        if type(m).__name__ == "QuantExperts":
+            permuted = False
+            for proj in (m.gate_up_proj, m.down_proj):
+                gs = m.group_size if m.group_size != -1 else proj.in_features
+                plain = torch.arange(proj.in_features, dtype=torch.int32, device=proj.g_idx.device) // gs
+                permuted |= not bool((proj.g_idx.to(torch.int32) == plain).all())
+            out[name] = LayerPlan("QuantExperts", m.hidden_size, m.intermediate_size, m.scheme, permuted,
+                                  problem=experts_export_problem(m.layout))
+        elif isinstance(m, QuantLinear) and m.released:
             out[name] = LayerPlan("QuantLinear", k, n, m.scheme, released=True)
         elif isinstance(m, QuantLinear):
             s = m.scheme

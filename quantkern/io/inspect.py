@@ -157,6 +157,14 @@ def _inspect_dir(path: Path) -> dict:
         info["problems"].append(str(e))
     model = _skeleton(cfg, headers, info["problems"])
     modules = dict(model.named_modules()) if model is not None else None
+    fused_quantized, renames = set(), ()
+    if modules is not None and method == "gptq":  # per-expert Linears of fused MoE experts (HF checkpoint names)
+        from .experts import expert_linears
+
+        per_expert, fused_quantized, renames, counts = expert_linears(model, headers)
+        modules.update(per_expert)
+        if counts:
+            info["experts"] = counts
     layers, qbytes, quantized = [], 0, set()
     suffix = ".weight_packed" if method == "compressed-tensors" else ".qweight"
     keys = [k for k in headers if k.endswith(suffix)]
@@ -231,7 +239,10 @@ def _inspect_dir(path: Path) -> dict:
         except (CheckpointConfigError, CheckpointFileError) as e:
             info["problems"].append(str(e))
     if model is not None:
-        missing = sorted(_expected_dense(model, quantized) - set(headers))
+        from .experts import rename
+
+        missing = sorted({rename(n, renames) for n in _expected_dense(model, quantized)
+                          if n.rpartition(".")[0] not in fused_quantized} - set(headers))
         if missing:
             info["problems"].append(f"{len(missing)} tensor(s) the model config expects are in no shard: "
                                     f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -208,6 +208,15 @@ def _load(path: Path, device, dtype, backend) -> nn.Module:
 
         quant, dense = compressed_to_gptq(qc, tensors, model, dtype, backend)
         return assemble(model, quant, dense, device, dtype, backend)
+    experts, expert_keys = {}, set()
+    if cfg.quant_method == "gptq":  # per-expert tensors of fused experts modules, under the HF checkpoint names
+        from .experts import checkpoint_renames, experts_from_checkpoint, rename
+
+        experts, expert_keys = experts_from_checkpoint(model, tensors, cfg, lambda: resolve_gptq_format(path, qc, [])[0],
+                                                       dtype, backend)
+        if experts:
+            renames = checkpoint_renames(model)
+            tensors = {rename(k, renames, reverse=True): t for k, t in tensors.items() if k not in expert_keys}
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     layers = {}
     for name in names:
@@ -236,4 +245,5 @@ def _load(path: Path, device, dtype, backend) -> nn.Module:
             used |= {f"{name}.{p}" for p in ("qweight", "qzeros", "scales", "g_idx", "bias")}
         quant[name] = (scheme, tensors_v2)
     dense = {k: t for k, t in tensors.items() if k not in used}
+    quant.update(experts)
     return assemble(model, quant, dense, device, dtype, backend)

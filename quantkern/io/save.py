@@ -24,6 +24,8 @@ from .._version import __version__
 from ..formats.bitpack import unpack_cols
 from ..formats.gptq import zeros_v2_to_v1
 from ..nn import QuantLinear
+from .experts import (checkpoint_renames, experts_dynamic_pattern, experts_to_checkpoint, expert_modules,
+                      quant_experts, rename)
 from .export_rules import FORMAT_KINDS, check_exportable, model_layer_plans
 from .files import GGUF_DIR_NAME, atomic_directory, check_destination, write_safetensors
 
@@ -35,9 +37,9 @@ _INFO_DEFAULTS = {"damp_percent": 0.01, "static_groups": False, "true_sequential
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    """``{module name: QuantLinear}``; raises ``ValueError`` if the model has none."""
+    """``{module name: QuantLinear}``; raises ``ValueError`` if the model has none (and no QuantExperts)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
+    if not layers and not quant_experts(model):
         raise ValueError("the model has no QuantLinear layers: quantize it before saving")
     return layers
 
@@ -113,16 +115,24 @@ def write_side_files(model: nn.Module, tmp: Path, tokenizer, config_dict: dict, 
 def gptq_quantization_config(model: nn.Module, layers: dict[str, QuantLinear], checkpoint_format: str) -> dict:
     """The ``quantization_config`` dict for GPTQ: the most common scheme is the base; layers with
     another scheme get GPTQModel ``dynamic`` overrides, dense Linears a ``-:`` exclusion."""
-    base = Counter(_scheme_key(m) for m in layers.values()).most_common(1)[0][0]
+    experts = quant_experts(model)
+    renames = checkpoint_renames(model) if experts else ()
+    keys = [_scheme_key(m) for m in layers.values()] + [k for n, m in experts.items() for _, k in expert_modules(n, m)]
+    base = Counter(keys).most_common(1)[0][0]
     bits, group_size, sym, desc_act = base
     dynamic = {}
     for name, m in layers.items():
         if _scheme_key(m) != base:
-            dynamic[f"+:^{re.escape(name)}$"] = dict(zip(("bits", "group_size", "sym", "desc_act"), _scheme_key(m)))
+            dynamic[f"+:^{re.escape(rename(name, renames))}$"] = dict(zip(("bits", "group_size", "sym", "desc_act"),
+                                                                          _scheme_key(m)))
+    for name, m in experts.items():
+        key = (m.bits, m.group_size, m.sym, m.desc_act)
+        if key != base:
+            dynamic[f"+:{experts_dynamic_pattern(name, m)}"] = dict(zip(("bits", "group_size", "sym", "desc_act"), key))
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, m in model.named_modules():
         if type(m) is nn.Linear and m is not out_emb:
-            dynamic[f"-:^{re.escape(name)}$"] = {}
+            dynamic[f"-:^{re.escape(rename(name, renames))}$"] = {}
     qk = dict(getattr(model, "quantkern_config", None) or {})
     info = {k: qk.get(k, v) for k, v in _INFO_DEFAULTS.items()}
     d = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
@@ -147,19 +157,32 @@ def gptq_tensors(model: nn.Module, checkpoint_format: str | None) -> tuple[dict[
     if checkpoint_format not in (None, "gptq", "gptq_v2"):
         raise ValueError(f"checkpoint_format must be None, 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
     layers = quant_layers(model)
+    experts = quant_experts(model)
     if checkpoint_format is None:
         bad = next((n for n, m in layers.items() if _min_zero(m) < 1), None)
+        bad = bad or next((n for n, m in experts.items() if any(
+            int(unpack_cols(p.qzeros.cpu().flatten(0, 1), m.bits, p.out_features).min()) < 1 for p in (m.gate_up_proj, m.down_proj))),
+            None)
         checkpoint_format = "gptq" if bad is None else "gptq_v2"
         if bad is not None:
             log.info("writing checkpoint_format='gptq_v2': layer %s has a zero point of 0, which GPTQ v1 "
                      "(zero - 1) cannot store", bad)
     sd = dense_state_dict(model)
+    renames = checkpoint_renames(model) if experts else ()
+    sd = experts_to_checkpoint(model, sd)  # per-expert tensors under the HF names (v2 zeros)
     if checkpoint_format == "gptq":
         for name, m in layers.items():
             try:
-                sd[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features)
+                sd[rename(f"{name}.qzeros", renames)] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features)
             except ValueError as e:
                 raise ValueError(f"{name}.qzeros: {e}") from None
+        for name, m in experts.items():
+            for lname, _ in expert_modules(name, m):
+                n_out = m.hidden_size if lname.endswith("." + m.layout.checkpoint_names[2]) else m.intermediate_size
+                try:
+                    sd[f"{lname}.qzeros"] = zeros_v2_to_v1(sd[f"{lname}.qzeros"], m.bits, n_out)
+                except ValueError as e:
+                    raise ValueError(f"{lname}.qzeros: {e}") from None
     return sd, checkpoint_format
 
 

@@ -168,6 +168,10 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
          else RTNQuantizer(model, config, verbose=False))
     # RTN plans like GPTQ here (within the blocks): the output head is written dense either way
     GPTQQuantizer.plan_blocks(q)  # validates every Linear's shape on the skeleton, before any data is read
+    if q.plan.experts:
+        raise ValueError(f"streaming (offload) quantization does not handle MoE experts yet ({len(q.plan.experts)} "
+                         f"experts modules, e.g. {next(iter(q.plan.experts))}); load the model and quantize it in "
+                         "memory with GPTQQuantizer / RTNQuantizer")
     blocks, bname, n_blocks = q.blocks, q.blocks_name, len(q.blocks)
 
     # which tensors go where: the dense rest first, then one shard per block (final names from the start)

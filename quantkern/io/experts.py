@@ -1,0 +1,191 @@
+"""Quantized MoE experts in GPTQ checkpoints: per-expert tensors under the names of the model's
+original Hugging Face checkpoints (``mlp.experts.{e}.gate_proj.qweight`` ..., Mixtral
+``block_sparse_moe.experts.{e}.w1.qweight`` ...; see :mod:`quantkern.arch.moe`), the fused gate/up
+projection split back into gate and up. That is what vLLM's GPTQ / Marlin MoE path and GPTQModel read.
+
+In memory a :class:`~quantkern.nn.quant_experts.QuantExperts` holds every expert stacked; at save each
+expert becomes three ordinary GPTQ Linears' tensors, at load they are validated one by one as any GPTQ
+Linear (:func:`~quantkern.io.validate.validate_gptq_layer`) and stacked again.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..arch.moe import EXPERTS_LAYOUTS, experts_layout, experts_shape, fuse_gate_up, split_gate_up
+from ..formats.bitpack import pack_cols, unpack_cols
+
+
+def rename(key: str, renames, reverse: bool = False) -> str:
+    """Apply a family's ``checkpoint_renames`` to ``key`` (module tree -> checkpoint, or back)."""
+    pairs = [(b, a) for a, b in reversed(renames)] if reverse else renames
+    for a, b in pairs:
+        key = key.replace(a, b)
+    return key
+
+
+def quant_experts(model: nn.Module) -> dict:
+    from ..nn.quant_experts import QuantExperts
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts)}
+
+
+def expert_prefix(name: str, layout) -> str:
+    """The checkpoint name of the experts module ``name`` (e.g. Mixtral's ``block_sparse_moe.experts``)."""
+    return rename("." + name, layout.checkpoint_renames)[1:]
+
+
+def expert_modules(name: str, m) -> list[tuple[str, tuple]]:
+    """``[(checkpoint module name, scheme key)]`` of every per-expert Linear of QuantExperts ``m``."""
+    p = expert_prefix(name, m.layout)
+    key = (m.bits, m.group_size, m.sym, m.desc_act)
+    return [(f"{p}.{e}.{proj}", key) for e in range(m.num_experts) for proj in m.layout.checkpoint_names]
+
+
+def experts_dynamic_pattern(name: str, m) -> str:
+    """One GPTQModel ``dynamic`` regex for all the per-expert Linears of ``m``."""
+    names = "|".join(re.escape(n) for n in m.layout.checkpoint_names)
+    return rf"^{re.escape(expert_prefix(name, m.layout))}\.\d+\.({names})$"
+
+
+def experts_to_checkpoint(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace the stacked QuantExperts tensors in state dict ``sd`` by per-expert GPTQ tensors (v2
+    zeros) under the checkpoint names, and apply the family's key renames to every key."""
+    experts = quant_experts(model)
+    if not experts:
+        return sd
+    renames = next(iter(experts.values())).layout.checkpoint_renames
+    out = {}
+    stacked = {f"{n}.{proj}.{part}" for n in experts for proj in ("gate_up_proj", "down_proj")
+               for part in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    for k, t in sd.items():
+        if k not in stacked:
+            out[rename(k, renames)] = t
+    for name, m in experts.items():
+        gate_n, up_n, down_n = m.layout.checkpoint_names
+        p = expert_prefix(name, m.layout)
+        b, i = m.bits, m.intermediate_size
+        gu, dn = m.gate_up_proj, m.down_proj
+        for e in range(m.num_experts):
+            qw = gu.qweight[e].cpu()
+            z = unpack_cols(gu.qzeros[e].cpu(), b, 2 * i)
+            s = gu.scales[e].cpu()
+            parts = zip((gate_n, up_n), split_gate_up(qw, m.layout, dim=1), split_gate_up(z, m.layout, dim=1),
+                        split_gate_up(s, m.layout, dim=1))
+            for proj, q_, z_, s_ in parts:
+                out[f"{p}.{e}.{proj}.qweight"] = q_.contiguous()
+                out[f"{p}.{e}.{proj}.qzeros"] = pack_cols(z_.contiguous(), b)
+                out[f"{p}.{e}.{proj}.scales"] = s_.contiguous()
+                out[f"{p}.{e}.{proj}.g_idx"] = gu.g_idx[e].cpu().clone()
+            out[f"{p}.{e}.{down_n}.qweight"] = dn.qweight[e].cpu().contiguous()
+            out[f"{p}.{e}.{down_n}.qzeros"] = dn.qzeros[e].cpu().contiguous()
+            out[f"{p}.{e}.{down_n}.scales"] = dn.scales[e].cpu().contiguous()
+            out[f"{p}.{e}.{down_n}.g_idx"] = dn.g_idx[e].cpu().clone()
+    return out
+
+
+def experts_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], cfg, checkpoint_format, dtype,
+                            backend) -> tuple[dict, set[str]]:
+    """Rebuild the fused experts modules of skeleton ``model`` whose per-expert GPTQ tensors ``tensors``
+    holds (``checkpoint_format``: "gptq" / "gptq_v2", or a callable giving it, called only if needed; the
+    format must be stated by the config: expert zeros are not used as evidence yet). Returns ``({experts module name: (QuantExperts, its state-dict tensors)}, checkpoint keys
+    used)``, ready for :func:`~quantkern.io.load.assemble`. Raises
+    :class:`~quantkern.io.validate.CheckpointTensorError` naming the tensor for a missing expert, a
+    scheme that differs between the experts of one module, or gate / up with different ``g_idx``."""
+    from ..nn.quant_experts import QuantExperts
+    from .validate import CheckpointTensorError, validate_gptq_layer
+
+    model_type = getattr(model.config, "model_type", None)
+    out, used = {}, set()
+    for name, mod in model.named_modules():
+        layout = experts_layout(mod, model_type)
+        if layout is None or layout.checkpoint_names is None:
+            continue
+        p = expert_prefix(name, layout)
+        if f"{p}.0.{layout.checkpoint_names[0]}.qweight" not in tensors:
+            continue  # kept dense (written fused, as the model holds it)
+        n_exp, h, i = experts_shape(mod, layout)
+        schemes = set()
+        per: dict[str, list] = {"gate": [], "up": [], "down": []}
+        for e in range(n_exp):
+            for role, proj, (k, n) in zip(("gate", "up", "down"), layout.checkpoint_names, ((h, i), (h, i), (i, h))):
+                lname = f"{p}.{e}.{proj}"
+                if f"{lname}.qweight" not in tensors:
+                    raise CheckpointTensorError(f"{lname}.qweight: missing; the checkpoint holds other experts of {p} "
+                                                f"({n_exp} experts expected)")
+                scheme = cfg.scheme_for(lname)
+                if scheme is None:
+                    raise CheckpointTensorError(f"{lname}.qweight: the config excludes {lname!r} from quantization, "
+                                                "yet the file holds packed weights for it")
+                schemes.add(scheme)
+                if len(schemes) > 1:
+                    raise CheckpointTensorError(f"{lname}: scheme {scheme.describe()} differs from the other experts "
+                                                f"of {p}; quantkern holds one scheme per experts module")
+                if f"{lname}.bias" in tensors:
+                    raise CheckpointTensorError(f"{lname}.bias: biases of quantized experts are not supported")
+                if callable(checkpoint_format):  # resolved only for a checkpoint that has quantized experts
+                    checkpoint_format = checkpoint_format()
+                v2 = validate_gptq_layer(lname, tensors, scheme, k, n, checkpoint_format)
+                used |= {f"{lname}.{part}" for part in ("qweight", "qzeros", "scales", "g_idx")}
+                per[role].append((lname, v2))
+        scheme = schemes.pop()
+        q = QuantExperts(n_exp, h, i, scheme.bits, scheme.group_size, scheme.sym, scheme.act_order, layout=layout,
+                         gate_owner=None, dtype=dtype or per["gate"][0][1][f"{per['gate'][0][0]}.scales"].dtype,
+                         device="meta", name=name)
+        from ..nn.quant_experts import gating_owner
+
+        q.__dict__["_gate_owner"] = gating_owner(mod)
+        state = {}
+        cols = {"qweight": [], "qzeros": [], "scales": [], "g_idx": []}
+        for (gn, g), (un, u) in zip(per["gate"], per["up"]):
+            if not torch.equal(g[f"{gn}.g_idx"], u[f"{un}.g_idx"]):
+                raise CheckpointTensorError(f"{un}.g_idx: differs from {gn}.g_idx; quantkern fuses gate and up and needs "
+                                            "one g_idx for both (quantize them from the same inputs)")
+            cols["qweight"].append(fuse_gate_up(g[f"{gn}.qweight"], u[f"{un}.qweight"], layout, dim=1))
+            zg, zu = (unpack_cols(t, scheme.bits, i) for t in (g[f"{gn}.qzeros"], u[f"{un}.qzeros"]))
+            cols["qzeros"].append(pack_cols(fuse_gate_up(zg, zu, layout, dim=1).contiguous(), scheme.bits))
+            cols["scales"].append(fuse_gate_up(g[f"{gn}.scales"], u[f"{un}.scales"], layout, dim=1))
+            cols["g_idx"].append(g[f"{gn}.g_idx"])
+        for part, ts in cols.items():
+            state[f"{name}.gate_up_proj.{part}"] = torch.stack(ts).contiguous()
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            state[f"{name}.down_proj.{part}"] = torch.stack([d[f"{dn}.{part}"] for dn, d in per["down"]]).contiguous()
+        for part in ("scales",):
+            for proj in ("gate_up_proj", "down_proj"):
+                k = f"{name}.{proj}.{part}"
+                state[k] = state[k].to(q.gate_up_proj.scales.dtype)
+        out[name] = (q, state)
+    return out, used
+
+
+def checkpoint_renames(model: nn.Module):
+    """The key renames of ``model``'s family (empty for most)."""
+    layout = EXPERTS_LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return layout.checkpoint_renames if layout is not None else ()
+
+
+def expert_linears(model: nn.Module, headers) -> tuple[dict, set[str], tuple, dict]:
+    """For ``quantkern inspect``: ``({checkpoint per-expert Linear name: stand-in with in_features /
+    out_features}, fused experts modules quantized in the file, the family's key renames, {checkpoint
+    experts module: number of experts})`` of skeleton ``model`` and safetensors ``headers``."""
+    from types import SimpleNamespace
+
+    model_type = getattr(model.config, "model_type", None)
+    per, fused, counts = {}, set(), {}
+    for name, mod in model.named_modules():
+        layout = experts_layout(mod, model_type)
+        if layout is None or layout.checkpoint_names is None:
+            continue
+        p = expert_prefix(name, layout)
+        if f"{p}.0.{layout.checkpoint_names[0]}.qweight" not in headers:
+            continue
+        n_exp, h, i = experts_shape(mod, layout)
+        fused.add(name)
+        counts[p] = n_exp
+        for e in range(n_exp):
+            for proj, (k, n) in zip(layout.checkpoint_names, ((h, i), (h, i), (i, h))):
+                per[f"{p}.{e}.{proj}"] = SimpleNamespace(in_features=k, out_features=n)
+    return per, fused, checkpoint_renames(model) if fused else (), counts
