@@ -234,7 +234,7 @@ class FastDecoder:
     """
 
     def __init__(self, model, max_len: int = 1024, batch_size: int = 1, compile=True, fuse: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, cpp_wrapper: bool = True, skip_guards: bool = True):
         why = unsupported_reason(model)
         if why:
             raise ValueError(f"FastDecoder cannot run this model: {why}")
@@ -287,9 +287,16 @@ class FastDecoder:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
         else:
             mode = compile if isinstance(compile, str) else None
+        self._skip_guards = bool(compile) and skip_guards
+        self.small_t = 1  # query lengths up to this use _attend, longer ones SDPA
         self.compiled = bool(compile)
+        self._steps_run = 0
         if self.compiled:
-            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            # inductor's C++ wrapper on CPU: the compiled step calls its ~10 kernels per layer from C++,
+            # not from a generated Python function (that would be per-token Python work per layer)
+            opts = {"cpp_wrapper": True} if self.device.type == "cpu" and cpp_wrapper else None
+            self._step = torch.compile(self._decode_step, mode=mode if opts is None else None, fullgraph=True,
+                                       dynamic=False, options=opts)
             self._prefill = torch.compile(self._prefill_step, fullgraph=True, dynamic=False)
         else:
             self._step, self._prefill = self._decode_step, self._prefill_step
@@ -314,6 +321,18 @@ class FastDecoder:
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
 
+    def _attend(self, q, kc, vc, mask):
+        """Attention for a few query positions (decode): the query heads sharing a KV head form one
+        ``[r*T, D] x [D, S]`` product with it (no repeated K / V), softmax in fp32; inductor fuses the
+        scaling, masking and softmax around two batched matmuls."""
+        b, h, t, d = q.shape
+        r = h // self.n_kv
+        qg = q.reshape(b, self.n_kv, r * t, d)
+        s = torch.matmul(qg, kc.transpose(-1, -2)).float() * self.scaling  # [B, Hkv, r*T, S]
+        m = mask.expand(b, r, t, mask.shape[-1]).reshape(b, 1, r * t, mask.shape[-1])
+        p = s.masked_fill(~m, float("-inf")).softmax(-1).to(vc.dtype)
+        return torch.matmul(p, vc).reshape(b, h, t, d)
+
     def _forward(self, ids, slots, pos_ids, key_valid, all_logits: bool):
         """ids [B, T]; slots [T] (cache positions written); pos_ids [B, T] (RoPE positions);
         key_valid [B, S] (cache positions a row may attend to, before causality)."""
@@ -337,8 +356,8 @@ class FastDecoder:
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
-            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=self.n_kv != self.n_heads)
+            a = self._attend(q, kc, vc, mask) if t <= self.small_t else F.scaled_dot_product_attention(
+                q, kc, vc, attn_mask=mask, scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
             x = x + blk.o(a.transpose(1, 2).reshape(b, t, self.q_dim))
             h = self._rms(x, blk.ln2)
             if blk.gate_up is not None:
@@ -387,7 +406,16 @@ class FastDecoder:
         s = self._t
         self.key_valid[:, s] = True
         self._pos = self._pos + 1
-        out = self._step(tok.view(-1, 1), self.slots[s:s + 1], self._pos.view(-1, 1), self.key_valid)
+        args = (tok.view(-1, 1), self.slots[s:s + 1], self._pos.view(-1, 1), self.key_valid)
+        if self._skip_guards and self._steps_run >= 2:
+            # the decode graph has one cache entry, always called with tensors of the same shapes: its
+            # guards (hundreds of weight tensors) cost more than a layer's kernels, so they are
+            # checked for the first calls only
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                out = self._step(*args)
+        else:
+            out = self._step(*args)
+        self._steps_run += 1
         self._t = s + 1
         return out
 

@@ -126,6 +126,7 @@ def test_fallback_says_why_once(caplog):
     assert torch.equal(out, _hf(m, ids, 5))
 
 
+@pytest.mark.slow  # ~25-35 s: inductor compiles C++ on CPU
 def test_compiled_matches_transformers_dense_and_quantized():
     """The compiled graph (inductor on CPU) with QuantLinear kernels inside: token-identical."""
     torch._dynamo.reset()
