@@ -271,6 +271,7 @@ class FastDecoder:
             if isinstance(mod, QuantLinear):
                 mod.kernel_for(torch.zeros(1, mod.in_features, device=self.device, dtype=self.dtype))
         self.q_dim, self.kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.gqa = bool(self.n_kv != self.n_heads)
         with torch.no_grad():  # RoPE table from the model's own module: the numbers transformers uses
             pos = torch.arange(self.max_len, device=self.device)[None]
             dummy = torch.zeros(1, device=self.device, dtype=self.dtype)
@@ -297,7 +298,8 @@ class FastDecoder:
             opts = {"cpp_wrapper": True} if self.device.type == "cpu" and cpp_wrapper else None
             self._step = torch.compile(self._decode_step, mode=mode if opts is None else None, fullgraph=True,
                                        dynamic=False, options=opts)
-            self._prefill = torch.compile(self._prefill_step, fullgraph=True, dynamic=False)
+            # one prefill graph for every prompt length (dynamic shapes), not one compile per length
+            self._prefill = torch.compile(self._prefill_step, fullgraph=True, dynamic=True)
         else:
             self._step, self._prefill = self._decode_step, self._prefill_step
 
@@ -357,7 +359,7 @@ class FastDecoder:
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             a = self._attend(q, kc, vc, mask) if t <= self.small_t else F.scaled_dot_product_attention(
-                q, kc, vc, attn_mask=mask, scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+                q, kc, vc, attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa)
             x = x + blk.o(a.transpose(1, 2).reshape(b, t, self.q_dim))
             h = self._rms(x, blk.ln2)
             if blk.gate_up is not None:
