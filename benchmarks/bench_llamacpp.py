@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,8 +140,6 @@ def hf_decode_tps(model, vocab: int, depth: int, tokens: int) -> float:
     ids = torch.randint(0, vocab, (1, depth), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
-        out = {}
-
         def timed(n):
             t = time.perf_counter()
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
