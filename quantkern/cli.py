@@ -169,19 +169,38 @@ def cmd_eval(a) -> int:
 
 
 def _add_generate(sub):
-    p = sub.add_parser("generate", help="greedy generation from a model or checkpoint")
+    p = sub.add_parser("generate", help="generation from a model or checkpoint (greedy unless --sample)")
     p.add_argument("model")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--device", default="cpu")
     p.add_argument("--device-map", default=None, help="auto, balanced, sequential or a JSON {module: device}")
+    p.add_argument("--decode", choices=["fast", "eager", "transformers"], default="fast",
+                   help="fast (default): static KV cache, the step under torch.compile (compiles first); eager: "
+                        "the same code uncompiled; transformers: model.generate. A model the fast path cannot run "
+                        "uses transformers, with a message saying why")
+    p.add_argument("--quantize-head", choices=["none", "w8", "w4"], default="none",
+                   help="quantize a dense lm_head (RTN g32 sym; tied embeddings stay tied) before generating")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
 
 
 def cmd_generate(a) -> int:
     from .eval import generate
+    from .generation import DecodeStats, quantize_output
 
     model, tok = _load_any(a.model, a.device, _device_map(a))
-    print(generate(model, tok, a.prompt, a.max_new_tokens))
+    if a.quantize_head != "none":
+        quantize_output(model, bits=int(a.quantize_head[1:]), group_size=32)
+    stats = DecodeStats()
+    print(generate(model, tok, a.prompt, a.max_new_tokens, decode=a.decode, do_sample=a.sample,
+                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stats=stats))
+    if a.decode != "transformers" and stats.new_tokens:
+        print(f"[{a.decode} decode: prefill {stats.prompt_tokens} tokens {stats.prefill_s:.2f} s, "
+              f"{stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 

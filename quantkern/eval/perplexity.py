@@ -42,8 +42,19 @@ def perplexity(model, token_ids: torch.Tensor, seq_len: int = 512, batch_size: i
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = True) -> str:
-    """Greedy continuation of ``prompt`` (through the chat template when the tokenizer has one)."""
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = True, decode: str = "transformers",
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stats=None) -> str:
+    """Continuation of ``prompt`` (through the chat template when the tokenizer has one); greedy unless
+    ``do_sample``.
+
+    ``decode``: ``"transformers"`` (``model.generate``), ``"fast"`` (:mod:`quantkern.generation`:
+    static KV cache, the step under ``torch.compile``; compiling takes a while, then each token is
+    cheap) or ``"eager"`` (the same static-cache code uncompiled). A model the fast path cannot run
+    falls back to transformers with one logged message saying why. ``stats``: a
+    :class:`quantkern.generation.DecodeStats` filled with timings (fast / eager)."""
+    if decode not in ("transformers", "fast", "eager"):
+        raise ValueError(f"decode must be 'transformers', 'fast' or 'eager', got {decode!r}")
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -51,6 +62,21 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool
         text = prompt
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
     device = next(model.parameters()).device
-    out = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else \
+        dict(do_sample=False)
+    if seed is not None:
+        torch.manual_seed(seed)
+    if decode == "transformers":
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             **sampling)
+    else:
+        from ..generation import generate_ids
+
+        out = generate_ids(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                           compile=decode == "fast", eos_token_id=eos, pad_token_id=pad, stats=stats, **sampling)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
