@@ -29,6 +29,10 @@ their ``model_type`` (Gemma's ``1 + w`` norms and sandwich norms, parallel block
 mean and bias, fused qkv...). The result is an ordinary dense model of the same architecture:
 checkpoints of it, quantized or not, are standard. ``model.config.quantkern_rotation`` records what was
 done (it lands in ``config.json``).
+
+Measured on SmolLM2-135M (README, quality section): with GPTQ act-order the rotation helps at 3 bits
+(W3 g64 asym 25.89 -> 22.86); with plain RTN it is much worse (the model's massive residual activation
+gets spread over every channel), so pair it with GPTQ.
 """
 
 from __future__ import annotations
