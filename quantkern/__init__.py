@@ -24,6 +24,14 @@ from .kernels import Backend
 from .nn import QuantLinear, release_canonical
 
 
+def rotate(model, seed=0, heads=True):
+    """Fold norms and Hadamard rotations into a dense Llama-like model before quantizing it (see
+    :func:`quantkern.transforms.rotate`); returns the same, equivalent model."""
+    from .transforms import rotate as _rotate
+
+    return _rotate(model, seed=seed, heads=heads)
+
+
 def save_quantized(model, path, tokenizer=None, **kwargs):
     """Write ``model`` as a checkpoint serving engines load (see :func:`quantkern.io.save_quantized`)."""
     from .io import save_quantized as _save
@@ -41,7 +49,7 @@ def load_quantized(path, device="cpu", **kwargs):
 __all__ = [
     "__version__", "BaseConfig", "BaseQuantizer", "GPTQConfig", "RTNConfig", "GPTQQuantizer", "RTNQuantizer",
     "prepare", "convert", "register_quantizer", "QuantizedWeight", "WeightScheme", "Backend", "QuantLinear",
-    "save_quantized", "load_quantized", "release_canonical",
+    "save_quantized", "load_quantized", "rotate", "release_canonical",
     "AWQConfig", "AWQQuantizer", "W8A8Config", "W8A8Quantizer", "SmoothQuantConfig", "SmoothQuantQuantizer",
     "W8A8Linear", "FP8Config", "FP8Quantizer", "FP8Linear",
     "PTQConfig", "PTQQuantizer", "ZeroQuantConfig", "ZeroQuantQuantizer",

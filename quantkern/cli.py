@@ -66,6 +66,9 @@ def _add_quantize(sub):
     p.add_argument("--device", default=None)
     p.add_argument("--device-map", default=None,
                    help="spread the blocks over devices: auto, balanced, sequential or a JSON {module: device}")
+    p.add_argument("--rotate", action="store_true",
+                   help="fold norms and random Hadamard rotations into the model before quantizing (Llama-like "
+                        "models; the checkpoint stays standard; see quantkern.transforms.rotation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (a .gguf file for --format gguf): new or empty")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
@@ -88,6 +91,8 @@ def cmd_quantize(a) -> int:
     fmt = a.format or ("gptq" if a.method in ("gptq", "rtn", "awq") else "compressed-tensors")
     device_map = _device_map(a)
     check_save_destination(a.out, fmt, a.overwrite)  # refused now, not after calibration
+    if getattr(a, "rotate", False) and getattr(a, "offload", "none") != "none":
+        raise ValueError("--rotate needs the whole model in memory; it does not combine with --offload")
     if getattr(a, "offload", "none") != "none":  # stream block by block from the files, resumable
         if a.method not in STREAMING_METHODS:
             raise ValueError(f"--offload streams {' and '.join(STREAMING_METHODS)}; --method {a.method} runs in "
@@ -100,6 +105,10 @@ def cmd_quantize(a) -> int:
         return run_streaming_from_args(a, config)
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model, device="cpu" if device_map is not None else (a.device or "cpu"))
+    if getattr(a, "rotate", False):
+        from .transforms import rotate
+
+        rotate(model, seed=a.seed)  # an unsupported family is refused here, before calibration
     if device_map is not None:
         from .devices import dispatch
 
