@@ -25,8 +25,6 @@ import shutil
 import threading
 from pathlib import Path
 
-from .._jit_lock import build_lock
-
 EXT_MODULE = "quantkern._cuda_kernels"
 JIT_NAME = "quantkern_cuda_kernels"
 SOURCES = ("csrc/cuda/qk_binding.cpp", "csrc/cuda/gemm_wna16.cu", "csrc/cuda/gemv_wna16.cu")
@@ -118,6 +116,8 @@ def _jit_build() -> tuple[bool, str | None]:
     if problem:
         return False, f"cannot JIT-build: {problem}"
     from torch.utils import cpp_extension
+
+    from .._jit_lock import build_lock  # here, not at the top: benchmarks/gpu_session.sh's probe loads this file alone
 
     if not cpp_extension.is_ninja_available():
         return False, "cannot JIT-build: ninja is not installed (pip install ninja)"
