@@ -26,6 +26,7 @@ from torch import nn
 from ..core import QuantizedWeight, ScaleOverflowError, WeightScheme, dtype_overflow
 from ..formats.gptq import GPTQTensors, gptq_shapes, pack_gptq, packable, unpack_gptq
 from ..kernels.reference import dequantize_gptq
+from ._scheme import SchemeAttributes
 
 
 class StackedGPTQ(nn.Module):
@@ -90,7 +91,7 @@ def apply_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     return experts.act_fn(gate) * up
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(SchemeAttributes, nn.Module):
     """Weight-only quantized fused MoE experts (see the module docstring)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int = 4,
@@ -153,21 +154,6 @@ class QuantExperts(nn.Module):
         return mod
 
     # --- properties -----------------------------------------------------------------------------
-    @property
-    def bits(self) -> int:
-        return self.scheme.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.scheme.group_size
-
-    @property
-    def sym(self) -> bool:
-        return self.scheme.sym
-
-    @property
-    def desc_act(self) -> bool:
-        return self.scheme.act_order
 
     @property
     def in_features(self) -> int:  # for the format rules (LayerPlan)

@@ -14,6 +14,7 @@ from torch import nn
 from ..core import QuantizedWeight, ScaleOverflowError, WeightScheme, dtype_overflow
 from ..formats.gptq import gptq_shapes, pack_gptq, packable, unpack_gptq
 from ..kernels import Backend, select_kernel
+from ._scheme import SchemeAttributes
 
 
 def _tensors_in(obj, depth: int = 3):
@@ -36,7 +37,7 @@ def _tensors_in(obj, depth: int = 3):
         yield from _tensors_in(v, depth - 1)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(SchemeAttributes, nn.Module):
     """Weight-only quantized Linear: ``y = x @ dequant(qweight).T + bias``.
 
     Shapes (K = in_features, N = out_features, G = groups, b = bits): ``qweight`` int32
@@ -136,21 +137,6 @@ class QuantLinear(nn.Module):
         return unpack_gptq(t, self.scheme, self.in_features, self.out_features)
 
     # --- properties -----------------------------------------------------------------------------
-    @property
-    def bits(self) -> int:
-        return self.scheme.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.scheme.group_size
-
-    @property
-    def sym(self) -> bool:
-        return self.scheme.sym
-
-    @property
-    def desc_act(self) -> bool:
-        return self.scheme.act_order
 
     def describe(self) -> str:
         return f"{self.name or 'QuantLinear'}[{self.in_features}->{self.out_features}, {self.scheme.describe()}]"
