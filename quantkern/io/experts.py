@@ -98,16 +98,8 @@ def experts_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], 
     from ..nn.quant_experts import QuantExperts
     from .validate import CheckpointTensorError, validate_gptq_layer
 
-    model_type = getattr(model.config, "model_type", None)
     out, used = {}, set()
-    for name, mod in model.named_modules():
-        layout = experts_layout(mod, model_type)
-        if layout is None or layout.checkpoint_names is None:
-            continue
-        p = expert_prefix(name, layout)
-        if f"{p}.0.{layout.checkpoint_names[0]}.qweight" not in tensors:
-            continue  # kept dense (written fused, as the model holds it)
-        n_exp, h, i = experts_shape(mod, layout)
+    for name, mod, layout, p, (n_exp, h, i) in _experts_in_file(model, tensors):
         schemes = set()
         per: dict[str, list] = {"gate": [], "up": [], "down": []}
         for e in range(n_exp):
@@ -173,19 +165,25 @@ def expert_linears(model: nn.Module, headers) -> tuple[dict, set[str], tuple, di
     experts module: number of experts})`` of skeleton ``model`` and safetensors ``headers``."""
     from types import SimpleNamespace
 
-    model_type = getattr(model.config, "model_type", None)
     per, fused, counts = {}, set(), {}
-    for name, mod in model.named_modules():
-        layout = experts_layout(mod, model_type)
-        if layout is None or layout.checkpoint_names is None:
-            continue
-        p = expert_prefix(name, layout)
-        if f"{p}.0.{layout.checkpoint_names[0]}.qweight" not in headers:
-            continue
-        n_exp, h, i = experts_shape(mod, layout)
+    for name, mod, layout, p, (n_exp, h, i) in _experts_in_file(model, headers):
         fused.add(name)
         counts[p] = n_exp
         for e in range(n_exp):
             for proj, (k, n) in zip(layout.checkpoint_names, ((h, i), (h, i), (i, h))):
                 per[f"{p}.{e}.{proj}"] = SimpleNamespace(in_features=k, out_features=n)
     return per, fused, checkpoint_renames(model) if fused else (), counts
+
+
+def _experts_in_file(model: nn.Module, keys):
+    """``(name, module, layout, checkpoint prefix, (E, H, I))`` of every fused experts module of ``model``
+    whose experts ``keys`` (tensor names of the checkpoint) hold quantized; experts kept dense are written
+    fused, as the model holds them, and are not listed."""
+    model_type = getattr(model.config, "model_type", None)
+    for name, mod in model.named_modules():
+        layout = experts_layout(mod, model_type)
+        if layout is None or layout.checkpoint_names is None:
+            continue
+        p = expert_prefix(name, layout)
+        if f"{p}.0.{layout.checkpoint_names[0]}.qweight" in keys:
+            yield name, mod, layout, p, experts_shape(mod, layout)
