@@ -135,12 +135,12 @@ def bench_shape(k: int, n: int, ms, gen, quick: bool, group: int = 128) -> list[
     q8 = random_layer(k, n, 8, -1, gen)
     lin4 = QuantLinear.from_quantized(q4, backend="cpu")
     lin8 = QuantLinear.from_quantized(q8, backend="cpu")
-    kern4, kern8 = CpuKernel(lin4), CpuKernel(lin8)
+    kern4, kern8 = CpuKernel(lin4.weight_tensors()), CpuKernel(lin8.weight_tensors())
     low = {}
     if not quick:
         for bits in (3, 2):
             lin = QuantLinear.from_quantized(random_layer(k, n, bits, group, gen), backend="cpu")
-            low[bits] = (lin, CpuKernel(lin))
+            low[bits] = (lin, CpuKernel(lin.weight_tensors()))
     w32 = q4.dequantize(torch.float32)  # [N, K]
     wbf = w32.to(torch.bfloat16)
     i4, i4_sz = torch_int4(q4)
@@ -161,9 +161,9 @@ def bench_shape(k: int, n: int, ms, gen, quick: bool, group: int = 128) -> list[
         x32 = torch.randn(m, k, generator=gen)
         xbf = x32.to(torch.bfloat16)
         # the baselines compute the same product as quantkern (checked here, not assumed)
-        y4 = kern4(lin4, x32)
+        y4 = kern4.apply(x32)
         y4t = torch.ops.aten._weight_int4pack_mm_for_cpu(x32, i4, gs, i4_sz[torch.float32])
-        y8 = kern8(lin8, x32)
+        y8 = kern8.apply(x32)
         y8t = torch.ops.aten._weight_int8pack_mm(x32, i8, i8_s)
         for a, b, what in ((y4, y4t, "int4"), (y8, y8t, "int8")):
             rel = ((a - b).norm() / b.norm()).item()
@@ -175,17 +175,17 @@ def bench_shape(k: int, n: int, ms, gen, quick: bool, group: int = 128) -> list[
             ("torch int4", "bf16"): lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xbf, i4, gs,
                                                                                        i4_sz[torch.bfloat16]),
             ("torch int8", "bf16"): lambda: torch.ops.aten._weight_int8pack_mm(xbf, i8, i8_s.bfloat16()),
-            (f"quantkern {g4}", "fp32"): lambda: kern4(lin4, x32),
-            (f"quantkern {g4}", "bf16"): lambda: kern4(lin4, xbf),
-            ("quantkern W8 per-channel", "fp32"): lambda: kern8(lin8, x32),
-            ("quantkern W8 per-channel", "bf16"): lambda: kern8(lin8, xbf),
+            (f"quantkern {g4}", "fp32"): lambda: kern4.apply(x32),
+            (f"quantkern {g4}", "bf16"): lambda: kern4.apply(xbf),
+            ("quantkern W8 per-channel", "fp32"): lambda: kern8.apply(x32),
+            ("quantkern W8 per-channel", "bf16"): lambda: kern8.apply(xbf),
         }
         if m == 1:  # torch's int4 / int8 kernels with fp32 activations are far off the pace: M = 1 only
             fns[("torch int4", "fp32")] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x32, i4, gs, i4_sz[torch.float32])
             fns[("torch int8", "fp32")] = lambda: torch.ops.aten._weight_int8pack_mm(x32, i8, i8_s)
             for bits, (lin, kern) in low.items():
-                fns[(f"quantkern W{bits} g{group}", "fp32")] = (lambda lin=lin, kern=kern: kern(lin, x32))
+                fns[(f"quantkern W{bits} g{group}", "fp32")] = (lambda lin=lin, kern=kern: kern.apply(x32))
         res = timeit({key: f for key, f in fns.items()})
         if m == 1 and not quick:  # the dequantize-every-call path is slow: a few runs only
             f = (lambda: gptq_gemm_reference(x32, lin4.qweight, lin4.qzeros, lin4.scales, lin4.g_idx, 4))  # noqa: E731

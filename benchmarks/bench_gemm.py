@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from quantkern.core import QuantizedWeight, WeightScheme  # noqa: E402
 from quantkern.kernels import dequantize_gptq, registered_kernels  # noqa: E402
+from quantkern.kernels.registry import CallShape, KernelDeclined, kernel_query  # noqa: E402
 from quantkern.nn import QuantLinear  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]
@@ -205,17 +206,24 @@ def run(args) -> list[dict]:
                     for cls in registered_kernels():
                         if args.methods and cls.backend.value not in args.methods:
                             continue
-                        ok, why = cls.can_implement(layer, x)
+                        ok, why = cls.can_implement(*kernel_query(layer, x))
                         if not ok:
                             if (cls.backend, why) not in declined:
                                 declined.add((cls.backend, why))
                                 print(f"#   {cls.backend.value} declines {layer.describe()} {dname}: {why}")
                             continue
                         if cls not in built:
-                            built[cls] = cls(layer)  # repacks once per layer, like QuantLinear does
+                            try:  # repacks once per layer, like QuantLinear does
+                                built[cls] = cls.prepare(layer.weight_tensors(), dtype)
+                            except KernelDeclined as e:
+                                built[cls] = e
                         kern = built[cls]
+                        if isinstance(kern, KernelDeclined) or not CallShape(m, n, k).fits(kern.max_m):
+                            print(f"#   {cls.backend.value} declines {layer.describe()} {dname} at M={m}: "
+                                  f"{kern if isinstance(kern, KernelDeclined) else f'its layout runs M <= {kern.max_m}'}")
+                            continue
                         methods.append((f"quantkern_{cls.backend.value}", cls.__name__,
-                                        lambda kern=kern, layer=layer, x=x: kern(layer, x), None, True))
+                                        lambda kern=kern, x=x: kern.apply(x), None, True))
                     if args.methods and "torch_int4" not in args.methods:
                         pass
                     elif callable(int4):

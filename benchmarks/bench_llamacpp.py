@@ -92,7 +92,7 @@ def step_bytes(model) -> int:
     total = 0
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
-            ks = list(mod._kernels.values())
+            ks = mod._kernels.prepared()
             total += ks[0].packed.nbytes() if ks and hasattr(ks[0], "packed") else \
                 sum(b.numel() * b.element_size() for b in (mod.qweight, mod.qzeros, mod.scales))
         elif isinstance(mod, torch.nn.Linear):
@@ -109,7 +109,7 @@ def decoder_bytes(dec) -> int:
     total = 0
     for mod in dec._linears():
         if isinstance(mod, QuantLinear):
-            total += next(iter(mod._kernels.values())).packed.nbytes()
+            total += mod._kernels.prepared()[0].packed.nbytes()
         else:
             total += mod.weight.numel() * mod.weight.element_size()
     return total

@@ -100,6 +100,7 @@ def backend_table(rows: int = 1) -> list[tuple[str, str, str, str, bool, str | N
     """``(backend, device, dtype, scheme, ok, reason)`` for every registered backend, device, activation
     dtype and probe scheme, with ``rows`` activation rows."""
     from .kernels import registered_kernels
+    from .kernels.registry import kernel_query
 
     out = []
     for dev in devices():
@@ -109,7 +110,7 @@ def backend_table(rows: int = 1) -> list[tuple[str, str, str, str, bool, str | N
                 x = torch.zeros(rows, PROBE_FEATURES, dtype=dtype, device=dev)
                 for k in registered_kernels():
                     try:
-                        ok, reason = k.can_implement(layer, x)
+                        ok, reason = k.can_implement(*kernel_query(layer, x))
                     except Exception as e:  # noqa: BLE001 - a crashing check is itself worth reporting
                         ok, reason = False, f"can_implement raised {type(e).__name__}: {e}"
                     out.append((k.backend.value, str(dev), str(dtype).replace("torch.", ""), label, ok, reason))

@@ -269,7 +269,7 @@ class FastDecoder:
 
         for mod in self._linears():  # choose and build (repack) the kernels now, outside any graph
             if isinstance(mod, QuantLinear):
-                mod.kernel_for(torch.zeros(1, mod.in_features, device=self.device, dtype=self.dtype))
+                mod.build_kernels(self.device, self.dtype, self.batch_size * self.max_len)
         self.q_dim, self.kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.gqa = bool(self.n_kv != self.n_heads)
         with torch.no_grad():  # RoPE table from the model's own module: the numbers transformers uses

@@ -25,6 +25,7 @@ import torch
 
 from quantkern.core import QuantizedWeight, WeightScheme, find_qparams, quantize
 from quantkern.kernels import Backend, NoKernelError, select_kernel
+from quantkern.kernels.registry import kernel_query
 from quantkern.kernels.cpu import build, layout, ops
 from quantkern.kernels.cpu.backend import CpuKernel
 from quantkern.algorithms import quantize_rtn
@@ -176,14 +177,14 @@ def _grid_case(isas, bits, group, sym, act_order, all_ms_for_every_isa):
     xs = {m: torch.randn(m, k, generator=gen) for m in MS}
     oracle = _Oracle(qw)
     for isa in isas:
-        kern = CpuKernel(lin, isa=isa)
+        kern = CpuKernel(lin.weight_tensors(), isa=isa)
         # the best kernel (what AUTO runs) sees every M; the others (all of them in the slow sweep)
         # M = 1, 3, 17: every register tile and remainder of their row blocking
         ms = MS if all_ms_for_every_isa or isa == isas[-1] else (1, 3, 17)
         for m in ms:
             for dtype in (torch.float32, torch.bfloat16):
                 x = xs[m].to(dtype)
-                oracle.check(kern(lin, x), x, **_bf16_dot_error(isa, dtype, bits))
+                oracle.check(kern.apply(x), x, **_bf16_dot_error(isa, dtype, bits))
 
 
 GRID = pytest.mark.parametrize("bits,group,sym,act_order", [
@@ -211,19 +212,19 @@ def test_gemm_arbitrary_g_idx_bias_and_fp16(isas, isa_index):
     qw = _quantized(96, 40, 4, 14, False, True, g_idx=g_idx, scale_dtype=torch.bfloat16)  # 7 groups
     bias = torch.randn(40)
     lin = QuantLinear.from_quantized(qw, bias=bias, dtype=torch.bfloat16)
-    kern = CpuKernel(lin, isa=isas[isa_index])
+    kern = CpuKernel(lin.weight_tensors(), isa=isas[isa_index])
     oracle = _Oracle(qw, bias=lin.bias.float())
     for m in (1, 5, 9):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(m, 96).to(dtype)
-            oracle.check(kern(lin, x), x, **_bf16_dot_error(isas[isa_index], dtype, 4))
+            oracle.check(kern.apply(x), x, **_bf16_dot_error(isas[isa_index], dtype, 4))
 
 
 def test_quantlinear_auto_selects_cpu_and_matches(ext):
     qw = _quantized(200, 40, 4, 128, True, False, scale_dtype=torch.bfloat16)
     lin = QuantLinear.from_quantized(qw, dtype=torch.bfloat16)
     x = torch.randn(2, 3, 200, dtype=torch.bfloat16)
-    assert select_kernel(lin, x.reshape(-1, 200)) is CpuKernel
+    assert select_kernel(*kernel_query(lin, x.reshape(-1, 200))) is CpuKernel
     y = lin(x)
     assert y.shape == (2, 3, 40) and isinstance(lin.kernel_for(x.reshape(-1, 200)), CpuKernel)
     _check(y.reshape(-1, 40), x.reshape(-1, 200), qw, offset=128.0)  # bf16 activations: exact products
@@ -277,11 +278,11 @@ def test_op_rejects_bad_arguments(ext):
 
 def test_can_implement_reasons(ext):
     lin = QuantLinear.from_quantized(_quantized(64, 32, 4, 32, True, False))
-    ok, reason = CpuKernel.can_implement(lin, torch.empty(2, 64, device="meta"))
+    ok, reason = CpuKernel.can_implement(*kernel_query(lin, torch.empty(2, 64, device="meta")))
     assert not ok and "on meta" in reason
-    ok, reason = CpuKernel.can_implement(lin, torch.empty(2, 64, dtype=torch.float64))
+    ok, reason = CpuKernel.can_implement(*kernel_query(lin, torch.empty(2, 64, dtype=torch.float64)))
     assert not ok and "torch.float64" in reason
-    assert CpuKernel.can_implement(lin, torch.empty(2, 64)) == (True, None)
+    assert CpuKernel.can_implement(*kernel_query(lin, torch.empty(2, 64))) == (True, None)
 
 
 def test_recorded_build_failure_is_loud_when_explicit_and_a_reason_under_auto(ext, monkeypatch):
@@ -290,10 +291,10 @@ def test_recorded_build_failure_is_loud_when_explicit_and_a_reason_under_auto(ex
     lin = QuantLinear.from_quantized(_quantized(64, 32, 4, 32, True, False))
     x = torch.randn(1, 64)
     with pytest.raises(NoKernelError, match="cpu: the C.. CPU extension is unavailable: .*error: boom"):
-        select_kernel(lin, x, Backend.CPU)
+        select_kernel(*kernel_query(lin, x), Backend.CPU)
     with pytest.raises(build.ExtensionError, match="error: boom"):
-        CpuKernel(lin)
-    assert select_kernel(lin, x, Backend.AUTO).backend is Backend.REFERENCE
+        CpuKernel(lin.weight_tensors())
+    assert select_kernel(*kernel_query(lin, x), Backend.AUTO).backend is Backend.REFERENCE
 
 
 def test_jit_build_failure_raises_with_compiler_output(tmp_path):

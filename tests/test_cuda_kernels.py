@@ -17,6 +17,7 @@ import torch
 from quantkern.core import QuantizedWeight, WeightScheme
 from quantkern.formats.gptq import pack_gptq
 from quantkern.kernels import Backend, NoKernelError, select_kernel
+from quantkern.kernels.registry import kernel_query
 from quantkern.kernels.cuda import backend as cb
 from quantkern.kernels.cuda import build, emulate, layout as L, ops
 from quantkern.kernels.reference import dequantize_gptq, gptq_gemm_reference
@@ -199,11 +200,11 @@ def test_cuda_backend_rejects_cpu_input_with_reason():
     qw = make_qweight(256, 128, 4, 128, True, False, torch.float16)
     layer = QuantLinear.from_quantized(qw, backend="cuda")
     x = torch.randn(2, 256, dtype=torch.float16)
-    ok, reason = cb.CudaKernel.can_implement(layer, x)
+    ok, reason = cb.CudaKernel.can_implement(*kernel_query(layer, x))
     assert not ok
     assert ("has no CUDA support" in reason) if torch.version.cuda is None else ("not a CUDA device" in reason)
     with pytest.raises(NoKernelError, match="cuda: "):
-        select_kernel(layer, x, Backend.CUDA)
+        select_kernel(*kernel_query(layer, x), Backend.CUDA)
     with pytest.raises(NoKernelError, match="cuda: "):
         layer(x)
 
@@ -220,7 +221,7 @@ def test_cuda_backend_reason_chain(monkeypatch):
 
     def ask(layer, m=1, dtype=torch.float16):
         x = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(m, layer.in_features))
-        return cb.CudaKernel.can_implement(layer, x)
+        return cb.CudaKernel.can_implement(*kernel_query(layer, x))
 
     def layer(bits=4, gs=128, k=256, n=128, dtype=torch.float16, act=False):
         return QuantLinear.from_quantized(make_qweight(k, n, bits, gs, False, act, dtype))
@@ -231,7 +232,7 @@ def test_cuda_backend_reason_chain(monkeypatch):
     assert ask(layer(dtype=torch.bfloat16))[1] == ("scales are torch.bfloat16 but activations are torch.float16 "
                                                    "(they must match)")
     assert ask(layer(bits=3), m=9)[1] == ("the tensor-core GEMM takes 4 or 8 bits, got 3, and the GEMV handles "
-                                          "M <= 8, got M=9")
+                                          "M <= 8, got M up to 16")
     assert "multiple of 64, got 32" in ask(layer(gs=32), m=17)[1]
     assert ask(layer(bits=8, gs=-1, k=252), m=64)[1].startswith("the tensor-core GEMM needs in_features % 8 == 0")
     # scheme fits (GEMM for any M, GEMV for M <= 8): the extension's recorded failure is the answer

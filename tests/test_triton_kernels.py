@@ -37,6 +37,7 @@ else:
 from quantkern.core import QuantizedWeight, WeightScheme  # noqa: E402
 from quantkern.formats.bitpack import pack_rows  # noqa: E402
 from quantkern.kernels import Backend, NoKernelError, dequantize_gptq, gptq_gemm_reference  # noqa: E402
+from quantkern.kernels.registry import kernel_query  # noqa: E402
 from quantkern.kernels.triton_backend import TritonKernel  # noqa: E402
 from quantkern.nn import QuantLinear  # noqa: E402
 
@@ -290,7 +291,7 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         tk.gemm_wna16(*_args(), config=GEMM_CFG)
     layer = QuantLinear.from_quantized(make_qweight(16, 64, 4, 32, True, False))
-    ok, reason = TritonKernel.can_implement(layer, torch.randn(2, 64).half())
+    ok, reason = TritonKernel.can_implement(*kernel_query(layer, torch.randn(2, 64).half()))
     assert not ok and "TRITON_INTERPRET=1" in reason
 
 
@@ -481,3 +482,15 @@ def test_release_canonical_with_triton(bits):
     assert torch.equal(layer(x), ref)
     with pytest.raises(RuntimeError, match="released for inference on cpu / float16"):
         layer(x.float())
+
+
+# ---------------------------------------------------------------- the kernel protocol (see test_kernel_protocol.py)
+@pytest.mark.parametrize("act_order", [False, True], ids=["static", "actorder"])
+def test_triton_forward_is_one_custom_op_and_compiles_fullgraph(act_order):
+    from conformance import assert_compiles_fullgraph, single_op_of
+
+    layer = QuantLinear.from_quantized(make_qweight(64, 128, 4, 32, False, act_order), bias=torch.randn(64),
+                                       dtype=torch.float16, backend="triton")
+    for m in (1, 17):  # the decode kernel and the GEMM, inside the one op
+        assert single_op_of(layer, torch.randn(m, 128).half()) == "quantkern::wna16_linear_triton"
+    assert_compiles_fullgraph(layer, [torch.randn(1, 128).half(), torch.randn(3, 17, 128).half()])

@@ -1,11 +1,21 @@
 """Kernel backends and their selection (DESIGN.md §4).
 
-Each backend is a :class:`QuantKernel` subclass that declares what it can do through
-``can_implement(layer, x) -> (ok, reason)`` and, when built for a layer, repacks the layer's
-canonical GPTQ tensors once into whatever layout it wants. Selection walks the registered kernels in
-priority order. ``Backend.AUTO`` takes the first that fits and, if that is only the reference, says so
-once with every rejection reason; an explicitly requested backend that cannot run raises with its
-reason. There is no process-wide switch: the choice lives on each ``QuantLinear``.
+A backend is a :class:`QuantKernel` subclass. It never sees the ``nn.Module``: it answers
+
+- ``can_implement(spec, shape, device, dtype) -> (ok, reason)`` from what a weight *is*
+  (:class:`KernelSpec`: scheme, sizes, scale dtype, bias) and how it is *called*
+  (:class:`CallShape`: the largest M of the calls it would serve), before any tensor is touched;
+- ``prepare(tensors, dtype) -> kernel``: repack the canonical GPTQ tensors (:class:`WeightTensors`)
+  once into its own layout; it may still decline (:class:`KernelDeclined`) for what only the tensors
+  show (a hand-made ``g_idx``), and a prepared kernel may serve only up to ``max_m`` rows;
+- ``kernel.apply(x) -> y``: one registered ``torch.library`` op call (a fake implementation and the
+  alignment checks live in the op), so ``torch.compile(fullgraph=True)`` traces every backend.
+
+So a transformers or vLLM integration can call a kernel with tensors it holds. The choice is made per
+(device, activation dtype, M bucket) by :class:`KernelCache` (:data:`M_BUCKETS`): decode and prefill may
+run different kernels. ``Backend.AUTO`` takes the first registered kernel that fits and, if that is only
+the reference, says so once with every rejection reason; an explicitly requested backend that cannot
+run raises with its reason. There is no process-wide switch: the choice lives on each module.
 """
 
 from __future__ import annotations
@@ -13,12 +23,12 @@ from __future__ import annotations
 import enum
 import logging
 import warnings
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..nn.quant_linear import QuantLinear
+from ..core import WeightScheme
 
 logger = logging.getLogger("quantkern")
 
@@ -44,25 +54,111 @@ class NoKernelError(RuntimeError):
     """No backend can run a layer; the message lists every backend's reason."""
 
 
+class KernelDeclined(Exception):
+    """Raised by :meth:`QuantKernel.prepare` when the tensors show what the spec did not (e.g. a
+    ``g_idx`` that is not a permutation of contiguous groups); the message is the reason."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a kernel must know of one weight before it sees the tensors."""
+
+    scheme: WeightScheme
+    in_features: int  # K
+    out_features: int  # N
+    scale_dtype: torch.dtype = torch.float16
+    has_bias: bool = False
+
+    def describe(self) -> str:
+        return f"[{self.in_features}->{self.out_features}, {self.scheme.describe()}]"
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """The calls a kernel would serve: ``m_max`` is the largest number of rows (None: any), ``n`` and
+    ``k`` the weight's output and input features."""
+
+    m_max: int | None
+    n: int
+    k: int
+
+    def fits(self, limit: int | None) -> bool:
+        """True if every call of this shape has at most ``limit`` rows (None: no limit)."""
+        return limit is None or (self.m_max is not None and self.m_max <= limit)
+
+
+@dataclass(frozen=True)
+class WeightTensors:
+    """The canonical GPTQ tensors of one weight (zeros in the v2 convention; see
+    :mod:`quantkern.formats.gptq`), its bias and its spec: what :meth:`QuantKernel.prepare` takes."""
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bias: torch.Tensor | None
+    spec: KernelSpec
+    name: str = ""
+
+    @property
+    def bits(self) -> int:
+        return self.spec.scheme.bits
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+
+# Upper bounds of the M buckets a choice is cached for (the last bucket has no bound). A kernel's row
+# limits must be bucket bounds (the CUDA GEMV's 8, the Triton decode kernel's 16), so that one choice
+# holds for the whole bucket.
+M_BUCKETS = (1, 8, 16, 64, 256)
+
+
+def m_bucket(m: int) -> int | None:
+    """The bound of the bucket of ``m`` rows: the smallest of :data:`M_BUCKETS` >= m, else None."""
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return None
+
+
+def kernel_query(layer, x) -> tuple[KernelSpec, CallShape, torch.device, torch.dtype]:
+    """The ``can_implement`` / :func:`select_kernel` arguments for running ``layer`` (anything with a
+    ``kernel_spec()``, e.g. a :class:`~quantkern.nn.QuantLinear`) on activations like ``x`` (``[M, K]``;
+    only its shape, device and dtype are read)."""
+    spec = layer.kernel_spec()
+    return spec, CallShape(m_bucket(x.shape[0]), spec.out_features, spec.in_features), x.device, x.dtype
+
+
 class QuantKernel:
-    """A backend's implementation for one layer. Subclasses set ``backend`` and ``priority``."""
+    """A backend's prepared kernel for one weight. Subclasses set ``backend`` and ``priority`` and
+    implement :meth:`can_implement`, ``__init__(tensors, dtype)`` (or :meth:`prepare`) and :meth:`apply`."""
 
     backend: ClassVar[Backend]
     priority: ClassVar[int]  # lower runs first
-    #: True when ``__call__`` never reads the layer's canonical GPTQ buffers (qweight / qzeros /
-    #: scales / g_idx): the kernel holds everything it needs, so
-    #: :meth:`~quantkern.nn.QuantLinear.release_canonical` may drop them
+    #: True when :meth:`apply` never reads the canonical GPTQ tensors (qweight / qzeros / scales /
+    #: g_idx): the kernel holds everything it needs, so the module may release them
     owns_weights: ClassVar[bool] = False
+    #: the most rows this prepared kernel runs (None: any); set per instance where the layout decides
+    max_m: int | None = None
 
     @classmethod
-    def can_implement(cls, layer: "QuantLinear", x: torch.Tensor) -> tuple[bool, str | None]:
+    def can_implement(cls, spec: KernelSpec, shape: CallShape, device: torch.device,
+                      dtype: torch.dtype) -> tuple[bool, str | None]:
         raise NotImplementedError
 
-    def __init__(self, layer: "QuantLinear"):
-        self.layer_name = getattr(layer, "name", "")
+    @classmethod
+    def prepare(cls, tensors: WeightTensors, dtype: torch.dtype) -> "QuantKernel":
+        """Repack ``tensors`` once for activations of ``dtype``; raises :class:`KernelDeclined`."""
+        return cls(tensors, dtype)
 
-    def __call__(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
-        """``x`` is ``[M, K]``, contiguous, on the layer's device; returns ``[M, N]`` in ``x.dtype``."""
+    def __init__(self, tensors: WeightTensors, dtype: torch.dtype):
+        self.name = tensors.name
+        self.spec = tensors.spec
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` is ``[M, K]``, contiguous, on the weight's device; returns ``[M, N]`` in ``x.dtype``."""
         raise NotImplementedError
 
 
@@ -103,32 +199,101 @@ def registered_kernels() -> list[type[QuantKernel]]:
     return list(_KERNELS)
 
 
-def select_kernel(layer: "QuantLinear", x: torch.Tensor, backend: Backend = Backend.AUTO) -> type[QuantKernel]:
-    """Pick the kernel class for ``layer`` applied to activations like ``x``.
+def _candidates(backend: Backend) -> list[type[QuantKernel]]:
+    return [k for k in _KERNELS if backend is Backend.AUTO or k.backend is backend]
 
-    Raises :class:`NoKernelError` when an explicit ``backend`` cannot run, listing its reason, and
-    ``RuntimeError`` naming both devices when a buffer of ``layer`` is not on ``x``'s device.
-    """
-    check_same_device(layer, x, layer.named_buffers(recurse=False))
+
+def select_kernel(spec: KernelSpec, shape: CallShape, device: torch.device, dtype: torch.dtype,
+                  backend: Backend | str = Backend.AUTO, what: str = "") -> type[QuantKernel]:
+    """The first registered kernel class whose ``can_implement`` accepts these calls (static answer:
+    :meth:`KernelCache.get` also lets :meth:`~QuantKernel.prepare` decline). Raises
+    :class:`NoKernelError` listing every reason."""
     backend = Backend.parse(backend)
     reasons: list[str] = []
-    for k in _KERNELS:
-        if backend is not Backend.AUTO and k.backend is not backend:
-            continue
-        ok, reason = k.can_implement(layer, x)
+    for k in _candidates(backend):
+        ok, reason = k.can_implement(spec, shape, device, dtype)
         if ok:
-            if backend is Backend.AUTO and k.backend is Backend.REFERENCE and reasons:
-                key = (x.device.type, x.dtype, tuple(reasons))
-                if key not in _warned:
-                    _warned.add(key)
-                    logger.warning("quantkern: no fused kernel for %s on %s/%s, using the reference path "
-                                   "(dequantize + matmul). Reasons: %s", layer.describe(), x.device.type,
-                                   x.dtype, "; ".join(reasons))
             return k
         reasons.append(f"{k.backend.value}: {reason}")
+    raise _no_kernel(backend, reasons, what or spec.describe(), device, dtype)
+
+
+def _no_kernel(backend: Backend, reasons: list[str], what: str, device, dtype) -> NoKernelError:
     if backend is not Backend.AUTO and not reasons:
-        raise NoKernelError(f"backend {backend.value!r} is not available in this build of quantkern")
-    raise NoKernelError(f"no kernel can run {layer.describe()} for {x.device.type}/{x.dtype} input: " + "; ".join(reasons))
+        return NoKernelError(f"backend {backend.value!r} is not available in this build of quantkern")
+    return NoKernelError(f"no kernel can run {what} for {device.type}/{dtype} input: " + "; ".join(reasons))
+
+
+class KernelCache:
+    """The kernels of one weight: chosen per (device, dtype, M bucket), each kernel class prepared
+    (repacked) once per (device, dtype) and shared by the buckets that chose it.
+
+    ``tensors``: a callable returning the :class:`WeightTensors` to prepare from (called only when a
+    kernel must be prepared; it may raise, e.g. after the module released its canonical tensors)."""
+
+    def __init__(self):
+        self._by_bucket: dict[tuple, QuantKernel] = {}
+        self._prepared: dict[tuple, QuantKernel] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._prepared)
+
+    def clear(self) -> None:
+        self._by_bucket.clear()
+        self._prepared.clear()
+
+    def prepared(self) -> list[QuantKernel]:
+        """Every kernel prepared so far."""
+        return list(self._prepared.values())
+
+    def built_for(self) -> list[tuple[torch.device, torch.dtype]]:
+        """The (device, dtype) pairs some kernel was prepared for."""
+        return list(dict.fromkeys((d, t) for d, t, _ in self._prepared))
+
+    def lookup(self, x: torch.Tensor) -> QuantKernel | None:
+        """The kernel already chosen for ``x``'s device, dtype and M bucket, or None."""
+        return self._by_bucket.get((x.device, x.dtype, m_bucket(x.shape[0])))
+
+    def get(self, x: torch.Tensor, spec: KernelSpec, tensors, backend: Backend = Backend.AUTO,
+            what: str = "") -> QuantKernel:
+        """The kernel for ``x`` (``[M, K]``), chosen and prepared on first need."""
+        key = (x.device, x.dtype, m_bucket(x.shape[0]))
+        k = self._by_bucket.get(key)
+        if k is None:
+            k = self._choose(key, spec, tensors, Backend.parse(backend), what or spec.describe())
+            self._by_bucket[key] = k
+        return k
+
+    def _choose(self, key, spec: KernelSpec, tensors, backend: Backend, what: str) -> QuantKernel:
+        device, dtype, bucket = key
+        shape = CallShape(bucket, spec.out_features, spec.in_features)
+        reasons: list[str] = []
+        for cls in _candidates(backend):
+            ok, reason = cls.can_implement(spec, shape, device, dtype)
+            if not ok:
+                reasons.append(f"{cls.backend.value}: {reason}")
+                continue
+            pkey = (device, dtype, cls)
+            k = self._prepared.get(pkey)
+            if k is None:
+                try:
+                    k = cls.prepare(tensors(), dtype)
+                except KernelDeclined as e:
+                    reasons.append(f"{cls.backend.value}: {e}")
+                    continue
+                self._prepared[pkey] = k
+            if not shape.fits(k.max_m):
+                rows = f"up to {bucket}" if bucket is not None else f"above {M_BUCKETS[-1]}"
+                reasons.append(f"{cls.backend.value}: this weight's layout runs M <= {k.max_m}, got M {rows}")
+                continue
+            if backend is Backend.AUTO and cls.backend is Backend.REFERENCE and reasons:
+                wkey = (device.type, dtype, tuple(reasons))
+                if wkey not in _warned:
+                    _warned.add(wkey)
+                    logger.warning("quantkern: no fused kernel for %s on %s/%s, using the reference path "
+                                   "(dequantize + matmul). Reasons: %s", what, device.type, dtype, "; ".join(reasons))
+            return k
+        raise _no_kernel(backend, reasons, what, device, dtype)
 
 
 def warn_once(msg: str) -> None:

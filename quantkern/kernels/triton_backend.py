@@ -32,7 +32,8 @@ def _import_error() -> str | None:
 
 @register_kernel
 class TritonKernel(QuantKernel):
-    """Runs a ``QuantLinear`` through the Triton WnA16 kernels (decode kernel for M <= 16, GEMM above).
+    """Runs a weight through the Triton WnA16 kernels (decode kernel for M <= 16, GEMM above), one
+    ``quantkern::wna16_linear_triton`` op per call.
 
     ``config`` (a dict, default None = autotune) pins the launch config of both kernels for
     debugging; see :func:`quantkern.triton_kernels.wna16_matmul`.
@@ -42,28 +43,28 @@ class TritonKernel(QuantKernel):
     priority = 20
 
     @classmethod
-    def can_implement(cls, layer, x):
-        if x.dtype not in _ACT_DTYPES:
-            return False, f"activation dtype {x.dtype} is not fp16 / bf16"
-        if layer.scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return False, f"scales dtype {layer.scales.dtype} is not fp16 / bf16 / fp32"
-        if not 2 <= layer.bits <= 8:
-            return False, f"{layer.bits}-bit weights are not supported (2..8)"
-        if x.device.type == "cuda":
-            cap = torch.cuda.get_device_capability(x.device)
+    def can_implement(cls, spec, shape, device, dtype):
+        if dtype not in _ACT_DTYPES:
+            return False, f"activation dtype {dtype} is not fp16 / bf16"
+        if spec.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False, f"scales dtype {spec.scale_dtype} is not fp16 / bf16 / fp32"
+        if not 2 <= spec.scheme.bits <= 8:
+            return False, f"{spec.scheme.bits}-bit weights are not supported (2..8)"
+        if device.type == "cuda":
+            cap = torch.cuda.get_device_capability(device)
             if cap < (7, 0):
                 return False, f"compute capability {cap[0]}.{cap[1]} < 7.0"
-            if x.dtype == torch.bfloat16 and cap < (8, 0):
+            if dtype == torch.bfloat16 and cap < (8, 0):
                 return False, f"bf16 needs compute capability >= 8.0, device has {cap[0]}.{cap[1]}"
-        elif x.device.type == "cpu":
+        elif device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
                 return False, "CPU tensors run Triton only under TRITON_INTERPRET=1 (tests)"
         else:
-            return False, f"device {x.device.type!r} is not CUDA"
+            return False, f"device {device.type!r} is not CUDA"
         err = _import_error()
         if err:
             return False, err
-        if x.device.type == "cpu":
+        if device.type == "cpu":
             from quantkern.triton_kernels import kernels_interpreted
 
             if not kernels_interpreted():
@@ -72,15 +73,17 @@ class TritonKernel(QuantKernel):
 
     owns_weights = True  # self.weight (for 2 / 4 / 8 bits it shares the storage of qweight and scales)
 
-    def __init__(self, layer):
-        super().__init__(layer)
+    def __init__(self, tensors, dtype=None):
+        super().__init__(tensors, dtype)
         from quantkern.triton_kernels import from_gptq
 
-        self.weight = from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                                layer.in_features, group_size=layer.group_size)
+        t = tensors
+        self.weight = from_gptq(t.qweight, t.qzeros, t.scales, t.g_idx, t.bits, t.spec.in_features,
+                                group_size=t.spec.scheme.group_size)
+        self.bias = t.bias
         self.config: dict | None = None
 
-    def __call__(self, layer, x):
+    def apply(self, x):
         from quantkern.triton_kernels import wna16_matmul
 
-        return wna16_matmul(x, self.weight, layer.bias, config=self.config)
+        return wna16_matmul(x, self.weight, self.bias, config=self.config)

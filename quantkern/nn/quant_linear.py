@@ -1,9 +1,11 @@
 """``QuantLinear``: a drop-in replacement for ``nn.Linear`` holding GPTQ-layout packed weights.
 
 The module is thin: buffers in the canonical GPTQ layout (what checkpoints store, zeros in the v2
-"as-is" convention), the scheme, and a kernel chosen for the device / dtype it first runs on. A kernel
-may repack the buffers once into a private layout; that copy lives in the kernel object, never in the
-state dict, so saving always writes the standard format.
+"as-is" convention), the scheme, and the kernels chosen per (device, dtype, M bucket) it runs with
+(:class:`~quantkern.kernels.registry.KernelCache`): decode and prefill may run different kernels. A
+kernel never sees the module: it is prepared from the tensors (:meth:`QuantLinear.weight_tensors`) and
+may repack them once into a private layout; that copy lives in the kernel object, never in the state
+dict, so saving always writes the standard format.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from torch import nn
 
 from ..core import QuantizedWeight, ScaleOverflowError, WeightScheme, dtype_overflow
 from ..formats.gptq import gptq_shapes, pack_gptq, packable, unpack_gptq
-from ..kernels import Backend, select_kernel
+from ..kernels import Backend
+from ..kernels.registry import KernelCache, KernelSpec, WeightTensors, check_same_device
 from ._scheme import SchemeAttributes
 
 
@@ -85,7 +88,7 @@ class QuantLinear(SchemeAttributes, nn.Module):
         self.register_buffer("g_idx", g_idx // (group_size if group_size != -1 else in_features))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype or dtype, device=device) if bias
                              else None)
-        self._kernels: dict = {}
+        self._kernels = KernelCache()
         self._released: str | None = None  # why the canonical buffers are gone (see release_canonical)
 
     # --- construction ---------------------------------------------------------------------------
@@ -147,15 +150,40 @@ class QuantLinear(SchemeAttributes, nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend.value}")
 
     # --- execution ------------------------------------------------------------------------------
+    def kernel_spec(self) -> KernelSpec:
+        """What a kernel must know of this weight before seeing its tensors."""
+        return KernelSpec(self.scheme, self.in_features, self.out_features, self.scales.dtype, self.bias is not None)
+
+    def weight_tensors(self) -> WeightTensors:
+        """The canonical tensors (and bias) kernels are prepared from."""
+        self._check_canonical("preparing a kernel")
+        return WeightTensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, self.kernel_spec(),
+                             self.name)
+
     def kernel_for(self, x: torch.Tensor):
-        """The kernel that runs ``x``'s device / dtype; chosen and built (repacked) once per pair."""
-        key = (x.device, x.dtype)
-        k = self._kernels.get(key)
-        if k is None:
+        """The kernel that runs ``x`` (``[M, K]``): chosen once per (device, dtype, M bucket) and prepared
+        (repacked) once per (device, dtype, backend)."""
+        k = self._kernels.lookup(x)
+        if k is not None:
+            return k
+        check_same_device(self, x, self.named_buffers(recurse=False))
+        if self._released is not None and (x.device, x.dtype) not in self._kernels.built_for():
             self._check_canonical(f"running on {x.device} / {x.dtype} (no kernel was built for them)")
-            k = select_kernel(self, x, self.backend)(self)
-            self._kernels[key] = k
-        return k
+        return self._kernels.get(x, self.kernel_spec(), self.weight_tensors, self.backend, self.describe())
+
+    def build_kernels(self, device, dtype: torch.dtype, max_rows: int | None = None) -> None:
+        """Choose and prepare the kernels for every M bucket up to ``max_rows`` rows (None: all) on
+        ``device`` / ``dtype`` now, e.g. before ``torch.compile`` traces the model (a choice made inside
+        a traced graph would break it)."""
+        from ..kernels.registry import M_BUCKETS
+
+        rows = [b for b in M_BUCKETS if max_rows is None or b <= max_rows]
+        if max_rows is None or max_rows > M_BUCKETS[-1]:
+            rows.append(M_BUCKETS[-1] + 1)
+        elif max_rows not in rows:
+            rows.append(max_rows)
+        for m in rows:
+            self.kernel_for(torch.empty(m, self.in_features, device=device, dtype=dtype))
 
     def reset_kernels(self) -> None:
         """Forget chosen kernels (call after changing buffers in place)."""
@@ -223,18 +251,18 @@ class QuantLinear(SchemeAttributes, nn.Module):
         if not self._kernels:
             raise RuntimeError(f"{self.describe()}: no kernel built yet; run one forward with the inference "
                                "activations (device and dtype) before release_canonical()")
-        readers = sorted({type(k).__name__ for k in self._kernels.values() if not k.owns_weights})
+        readers = sorted({type(k).__name__ for k in self._kernels.prepared() if not k.owns_weights})
         if readers:
             raise RuntimeError(f"{self.describe()}: kernel(s) {readers} read the canonical buffers at every call; "
                                "nothing can be released")
-        kept = {t.untyped_storage().data_ptr() for k in self._kernels.values() for t in _tensors_in(k)}
+        kept = {t.untyped_storage().data_ptr() for k in self._kernels.prepared() for t in _tensors_in(k)}
         freed = 0
         for name in self._CANONICAL:
             buf = self._buffers[name]
             if buf.untyped_storage().data_ptr() not in kept:
                 freed += buf.numel() * buf.element_size()
             self._buffers[name] = buf.new_empty(0)
-        built = ", ".join(f"{d} / {str(t).replace('torch.', '')}" for d, t in self._kernels)
+        built = ", ".join(f"{d} / {str(t).replace('torch.', '')}" for d, t in self._kernels.built_for())
         self._released = f"its canonical weights were released for inference on {built}"
         return freed
 
@@ -249,7 +277,7 @@ class QuantLinear(SchemeAttributes, nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = self.kernel_for(x2)(self, x2)
+        y = self.kernel_for(x2).apply(x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

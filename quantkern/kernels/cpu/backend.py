@@ -3,8 +3,8 @@
 Every bit width 2..8, any group size (ragged last group included), symmetric or asymmetric,
 act-order; fp32 / fp16 activations are computed in fp32 (AVX-512, AVX2 or portable code, chosen at
 run time), bf16 activations with AVX-512 BF16 dot products where the CPU has them (exact products,
-fp32 accumulation) and like fp32 elsewhere. The output has the input's dtype. The layer is repacked
-once when the kernel is built (:mod:`.layout`); the extension is built or loaded lazily on first use
+fp32 accumulation) and like fp32 elsewhere. The output has the input's dtype. The weight is repacked
+once when the kernel is prepared (:mod:`.layout`); the extension is built or loaded lazily on first use
 (:mod:`.build`), and a failure to build is this backend's ``can_implement`` reason: AUTO then falls
 back to the reference and says why, an explicit ``backend="cpu"`` raises with the compiler's output.
 """
@@ -26,15 +26,13 @@ class CpuKernel(QuantKernel):
     priority = 50
 
     @classmethod
-    def can_implement(cls, layer, x):
-        if x.device.type != "cpu":
-            return False, f"input is on {x.device.type}, the C++ CPU kernels run on CPU tensors"
-        if layer.qweight.device.type != "cpu":
-            return False, f"the layer's weights are on {layer.qweight.device.type}, not the CPU"
-        if x.dtype not in _DTYPES:
-            return False, f"activation dtype {x.dtype} is not one of fp32 / bf16 / fp16"
-        if layer.bits not in CONTAINER_BITS:
-            return False, f"{layer.bits}-bit weights are not supported (bits {sorted(CONTAINER_BITS)})"
+    def can_implement(cls, spec, shape, device, dtype):
+        if device.type != "cpu":
+            return False, f"input is on {device.type}, the C++ CPU kernels run on CPU tensors"
+        if dtype not in _DTYPES:
+            return False, f"activation dtype {dtype} is not one of fp32 / bf16 / fp16"
+        if spec.scheme.bits not in CONTAINER_BITS:
+            return False, f"{spec.scheme.bits}-bit weights are not supported (bits {sorted(CONTAINER_BITS)})"
         err = build.load_error()
         if err is not None:
             return False, f"the C++ CPU extension is unavailable: {err}"
@@ -42,18 +40,19 @@ class CpuKernel(QuantKernel):
 
     owns_weights = True
 
-    def __init__(self, layer, isa: str | int | None = None):
-        """Repack ``layer`` once. ``isa`` forces a kernel variant (``portable``, ``avx2``, ``avx512``;
+    def __init__(self, tensors, dtype=None, isa: str | int | None = None):
+        """Repack ``tensors`` once. ``isa`` forces a kernel variant (``portable``, ``avx2``, ``avx512``;
         default: the best this CPU runs). Raises :class:`~.build.ExtensionError` if the extension
         cannot be built or loaded, ``ValueError`` for an unknown ``isa``."""
-        super().__init__(layer)
+        super().__init__(tensors, dtype)
         build.load()
         self.isa = ops.isa_level(isa)
-        self.packed = p = pack_cpu_from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                                             layer.in_features)
+        t = tensors
+        self.packed = p = pack_cpu_from_gptq(t.qweight, t.qzeros, t.scales, t.g_idx, t.bits, t.spec.in_features)
         # bound once: a decode step makes hundreds of small calls, so the Python side stays minimal
         self._op = torch.ops.quantkern_cpu.gemm.default
         self._args = (p.w, p.scales, p.zs, p.gptr, p.src, p.cb, p.out_features)
+        self._bias = t.bias
 
-    def __call__(self, layer, x):
-        return self._op(x, *self._args, layer.bias, self.isa)
+    def apply(self, x):
+        return self._op(x, *self._args, self._bias, self.isa)

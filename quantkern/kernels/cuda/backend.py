@@ -1,29 +1,24 @@
 """The CUDA backend: the tensor-core GEMM (4 / 8 bits) or the GEMV (2..8 bits, M <= 8) of csrc/cuda.
 
-At construction the kernel object repacks the layer once (``layout.py``): the GEMM layout when the
-scheme fits it (4 / 8 bits, group -1 or a multiple of 64, contiguous groups after the act-order sort),
-else the GEMV layout. Per call it permutes the activations' columns for act-order layers, picks the
-K-split, and calls the ``quantkern::cuda_*`` op. A GEMV-only layer (2/3/5/6/7 bits, small groups) that
-later sees more than 8 rows falls back to dequantize + matmul (cuBLAS), which is the better choice for
-large M anyway.
+When prepared, the kernel repacks the weight once (``layout.py``): the GEMM layout when the weight
+fits it (4 / 8 bits, group -1 or a multiple of 64, contiguous groups after the act-order sort), else
+the GEMV layout, which serves M <= 8 only (``max_m``): larger calls of such a weight go to the next
+backend (Triton, or the reference), chosen per M bucket. Each call is one ``quantkern::cuda_wna16_linear``
+op: inside it the activations' columns are permuted for act-order weights, copied when not 16-byte
+aligned (cp.async reads 16-byte chunks), the K-split is picked and the ``quantkern::cuda_*`` kernel op
+runs, then the bias is added, so ``torch.compile`` sees one op with a fake implementation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..reference import gptq_gemm_reference
+from ...formats.gptq import GPTQTensors, unpack_gptq
 from ..registry import Backend, QuantKernel, register_kernel
 from . import layout as L
 from .build import extension_status, require_extension
 
 _DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _plan(layer) -> tuple[str, str | None]:
-    """("gemm", None) or ("gemv", why not the GEMM)."""
-    why = L.gemm_unsupported(layer.in_features, layer.out_features, layer.bits, layer.group_size, layer.g_idx)
-    return ("gemm", None) if why is None else ("gemv", why)
 
 
 def gemm_splits(m: int, kp: int, np_: int, sms: int) -> int:
@@ -43,6 +38,37 @@ def gemv_splits(n: int, k: int, sms: int) -> int:
     return max(1, min(chunks // 8, -(-3 * sms // blocks)))
 
 
+@torch.library.custom_op("quantkern::cuda_wna16_linear", mutates_args=())
+def cuda_wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      g_idx: torch.Tensor | None, perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                      group_size: int, n: int, k: int, sms: int) -> torch.Tensor:
+    """A whole weight-only Linear on the CUDA kernels: the GEMM layout when ``g_idx`` is None, else the
+    GEMV's (M <= 8). ``n`` / ``k``: the layout's output features and (unpadded) input features."""
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, n)
+    xp = x if perm is None else x.index_select(1, perm)
+    if xp.data_ptr() % 16:  # cp.async reads 16-byte chunks
+        xp = xp.clone()
+    if g_idx is None:
+        y = torch.ops.quantkern.cuda_gemm_wna16(xp, qweight, scales, zeros, bits, group_size, n,
+                                                gemm_splits(m, L._ceil_to(k, L.GEMM_BK), scales.shape[1], sms))
+    else:
+        y = torch.ops.quantkern.cuda_gemv_wna16(xp, qweight, scales, zeros, g_idx, bits,
+                                                gemv_splits(qweight.shape[1], k, sms))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+@cuda_wna16_linear.register_fake
+def _(x, qweight, scales, zeros, g_idx, perm, bias, bits, group_size, n, k, sms):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
+    if g_idx is not None:
+        torch._check(x.shape[0] <= L.GEMV_MAX_M, lambda: f"the CUDA GEMV handles up to {L.GEMV_MAX_M} rows")
+    return x.new_empty(x.shape[0], n)
+
+
 @register_kernel
 class CudaKernel(QuantKernel):
     """fp16 / bf16 activations on sm_80+ CUDA devices; see the module docstring for the paths."""
@@ -51,61 +77,52 @@ class CudaKernel(QuantKernel):
     priority = 10
 
     @classmethod
-    def can_implement(cls, layer, x):
+    def can_implement(cls, spec, shape, device, dtype):
         if torch.version.cuda is None:
             return False, f"torch {torch.__version__} has no CUDA support"
-        if x.device.type != "cuda":
-            return False, f"input is on {x.device.type}, not a CUDA device"
-        cap = torch.cuda.get_device_capability(x.device)
+        if device.type != "cuda":
+            return False, f"input is on {device.type}, not a CUDA device"
+        cap = torch.cuda.get_device_capability(device)
         if cap < (8, 0):
             return False, f"compute capability {cap[0]}.{cap[1]} < 8.0 (mma.sync / cp.async need sm_80+)"
-        if x.dtype not in _DTYPES:
-            return False, f"activation dtype {x.dtype} is not fp16 / bf16"
-        if layer.scales.dtype != x.dtype:
-            return False, f"scales are {layer.scales.dtype} but activations are {x.dtype} (they must match)"
-        if layer.bits not in range(2, 9):
-            return False, f"bits={layer.bits} outside 2..8"
-        path, why = _plan(layer)
-        if path == "gemv" and x.shape[0] > L.GEMV_MAX_M:
-            return False, f"{why}, and the GEMV handles M <= {L.GEMV_MAX_M}, got M={x.shape[0]}"
+        if dtype not in _DTYPES:
+            return False, f"activation dtype {dtype} is not fp16 / bf16"
+        if spec.scale_dtype != dtype:
+            return False, f"scales are {spec.scale_dtype} but activations are {dtype} (they must match)"
+        s = spec.scheme
+        if s.bits not in range(2, 9):
+            return False, f"bits={s.bits} outside 2..8"
+        why = L.gemm_unsupported(spec.in_features, spec.out_features, s.bits, s.group_size)
+        if why is not None and not shape.fits(L.GEMV_MAX_M):
+            rows = f"up to {shape.m_max}" if shape.m_max is not None else "of any number"
+            return False, f"{why}, and the GEMV handles M <= {L.GEMV_MAX_M}, got M {rows}"
         ok, reason = extension_status(load=True)
         if not ok:
             return False, f"CUDA extension unavailable: {reason}"
         return True, None
 
-    def __init__(self, layer):
-        super().__init__(layer)
-        require_extension()
-        dev = layer.qweight.device
-        dtype = layer.scales.dtype
-        self.sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        self.path, _ = _plan(layer)
-        qw = layer.to_quantized()
-        if self.path == "gemm":
-            self.packed = L.pack_gemm(qw.codes, qw.scales, qw.zeros, qw.g_idx, layer.bits, layer.group_size, dtype)
-        else:
-            self.packed = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, layer.bits, dtype)
-        self.perm = None if self.packed.perm is None else self.packed.perm.to(dev)
-        # the GEMV path hands M > GEMV_MAX_M to the reference, which reads the canonical buffers
-        self.owns_weights = self.path == "gemm"
+    owns_weights = True
 
-    def __call__(self, layer, x):
-        m = x.shape[0]
-        if m == 0:
-            return x.new_empty(0, layer.out_features)
-        if self.path == "gemv" and m > L.GEMV_MAX_M:
-            return gptq_gemm_reference(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                                       layer.bias)
-        xp = x if self.perm is None else x.index_select(1, self.perm)
-        if xp.data_ptr() % 16:  # cp.async reads 16-byte chunks
-            xp = xp.clone()
-        p = self.packed
+    def __init__(self, tensors, dtype=None):
+        super().__init__(tensors, dtype)
+        require_extension()
+        t, spec = tensors, tensors.spec
+        s = spec.scheme
+        self.sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+        why = L.gemm_unsupported(spec.in_features, spec.out_features, s.bits, s.group_size, t.g_idx)
+        self.path = "gemm" if why is None else "gemv"
+        qw = unpack_gptq(GPTQTensors(t.qweight, t.qzeros, t.scales, t.g_idx), s, spec.in_features, spec.out_features)
         if self.path == "gemm":
-            y = torch.ops.quantkern.cuda_gemm_wna16(xp, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.n,
-                                                    gemm_splits(m, p.kp, p.np, self.sms))
+            self.packed = p = L.pack_gemm(qw.codes, qw.scales, qw.zeros, qw.g_idx, s.bits, s.group_size, t.scales.dtype)
+            self._args = (p.qweight, p.scales, p.zeros, None)
+            self._dims = (p.bits, p.group_size, p.n, p.k)
         else:
-            y = torch.ops.quantkern.cuda_gemv_wna16(xp, p.qweight, p.scales, p.zeros, p.g_idx, p.bits,
-                                                    gemv_splits(p.qweight.shape[1], p.k, self.sms))
-        if layer.bias is not None:
-            y = y + layer.bias.to(y.dtype)
-        return y
+            self.packed = p = L.pack_gemv(qw.codes, qw.scales, qw.zeros, qw.g_idx, s.bits, t.scales.dtype)
+            self.max_m = L.GEMV_MAX_M  # larger calls of this weight are another backend's
+            self._args = (p.qweight, p.scales, p.zeros, p.g_idx)
+            self._dims = (p.bits, 0, p.qweight.shape[1], p.k)
+        self.perm = None if p.perm is None else p.perm.to(t.device)
+        self.bias = t.bias
+
+    def apply(self, x):
+        return cuda_wna16_linear(x, *self._args, self.perm, self.bias, *self._dims, self.sms)

@@ -49,12 +49,13 @@ def act_order_perm(g_idx: torch.Tensor) -> torch.Tensor | None:
 
 
 def gemm_unsupported(in_features: int, out_features: int, bits: int, group_size: int,
-                     g_idx: torch.Tensor) -> str | None:
+                     g_idx: torch.Tensor | None = None) -> str | None:
     """Why the tensor-core GEMM cannot hold this weight, or None if it can.
 
     It needs 4 or 8 bits, ``in_features % 8 == 0`` (16-byte activation rows), an even
     ``out_features``, a group size of -1 or a multiple of 64, and groups that are contiguous runs of
     ``group_size`` columns once sorted (true of GPTQ act-order checkpoints; a hand-made ``g_idx`` may not be).
+    Without ``g_idx`` only what the scheme and shape decide is checked.
     """
     if bits not in GEMM_BITS:
         return f"the tensor-core GEMM takes {GEMM_BITS[0]} or {GEMM_BITS[1]} bits, got {bits}"
@@ -64,6 +65,8 @@ def gemm_unsupported(in_features: int, out_features: int, bits: int, group_size:
         return f"the tensor-core GEMM needs an even out_features, got {out_features}"
     if group_size != -1 and group_size % GEMM_BK:
         return f"the tensor-core GEMM needs group_size -1 or a multiple of {GEMM_BK}, got {group_size}"
+    if g_idx is None:
+        return None
     g = g_idx.long()
     perm = act_order_perm(g)
     gs = g if perm is None else g[perm]
