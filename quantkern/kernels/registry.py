@@ -29,25 +29,37 @@ from typing import ClassVar
 import torch
 
 from ..core import WeightScheme
+from ..core.spec import ActivationScheme, FloatWeightScheme
 
 logger = logging.getLogger("quantkern")
 
 
 class Backend(str, enum.Enum):
+    """One vocabulary for every quantized module: ``auto`` (the first registered kernel that fits),
+    ``cuda`` / ``triton`` / ``cpu`` (quantkern's own kernels), ``int_mm`` / ``scaled_mm`` (torch's
+    ``torch._int_mm`` / ``torch._scaled_mm`` paths) and ``reference`` (pure PyTorch; ``"emulated"``,
+    the fp8 name, means the same)."""
+
     AUTO = "auto"
     CUDA = "cuda"
     TRITON = "triton"
     CPU = "cpu"
+    INT_MM = "int_mm"
+    SCALED_MM = "scaled_mm"
     REFERENCE = "reference"
 
     @classmethod
     def parse(cls, value) -> "Backend":
         if isinstance(value, cls):
             return value
+        v = str(value).lower()
         try:
-            return cls(str(value).lower())
+            return cls(_ALIASES.get(v, v))
         except ValueError:
             raise ValueError(f"unknown backend {value!r}; choose one of {[b.value for b in cls]}") from None
+
+
+_ALIASES = {"emulated": "reference"}
 
 
 class NoKernelError(RuntimeError):
@@ -61,16 +73,22 @@ class KernelDeclined(Exception):
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """What a kernel must know of one weight before it sees the tensors."""
+    """What a kernel must know of one weight before it sees the tensors: the tensor ``layout`` the
+    module holds (``"gptq"``: :class:`~quantkern.nn.QuantLinear`; ``"w8a8"``, ``"fp8"``, ``"fp4"``,
+    ``"zeroquant"``: the other modules of the family), the weight scheme, the activation scheme (None:
+    weight-only), the sizes, the scales' dtype and whether there is a bias."""
 
-    scheme: WeightScheme
+    scheme: WeightScheme | FloatWeightScheme
     in_features: int  # K
     out_features: int  # N
     scale_dtype: torch.dtype = torch.float16
     has_bias: bool = False
+    layout: str = "gptq"
+    activation: ActivationScheme | None = None
 
     def describe(self) -> str:
-        return f"[{self.in_features}->{self.out_features}, {self.scheme.describe()}]"
+        a = f", A {self.activation.describe()}" if self.activation is not None else ""
+        return f"[{self.in_features}->{self.out_features}, {self.scheme.describe()}{a}]"
 
 
 @dataclass(frozen=True)
@@ -87,26 +105,30 @@ class CallShape:
         return limit is None or (self.m_max is not None and self.m_max <= limit)
 
 
-@dataclass(frozen=True)
 class WeightTensors:
-    """The canonical GPTQ tensors of one weight (zeros in the v2 convention; see
-    :mod:`quantkern.formats.gptq`), its bias and its spec: what :meth:`QuantKernel.prepare` takes."""
+    """The tensors of one weight as its module holds them (for the ``"gptq"`` layout the canonical
+    ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``, zeros in the v2 convention, see
+    :mod:`quantkern.formats.gptq`; other layouts name theirs), its ``bias`` (or None) and its spec:
+    what :meth:`QuantKernel.prepare` takes. Tensors are read as attributes (``t.qweight``)."""
 
-    qweight: torch.Tensor
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    g_idx: torch.Tensor
-    bias: torch.Tensor | None
-    spec: KernelSpec
-    name: str = ""
+    __slots__ = ("spec", "name", "_tensors")
+
+    def __init__(self, spec: KernelSpec, name: str = "", **tensors: torch.Tensor | None):
+        self.spec, self.name, self._tensors = spec, name, tensors
+
+    def __getattr__(self, key):
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise AttributeError(f"{self.spec.layout!r} weight tensors have no {key!r}: "
+                                 f"{sorted(self._tensors)}") from None
+
+    def items(self):
+        return self._tensors.items()
 
     @property
     def bits(self) -> int:
         return self.spec.scheme.bits
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
 
 
 # Upper bounds of the M buckets a choice is cached for (the last bucket has no bound). A kernel's row
@@ -142,6 +164,8 @@ class QuantKernel:
     owns_weights: ClassVar[bool] = False
     #: the most rows this prepared kernel runs (None: any); set per instance where the layout decides
     max_m: int | None = None
+    #: the module tensor layouts (:attr:`KernelSpec.layout`) this kernel runs
+    layouts: ClassVar[tuple[str, ...]] = ("gptq",)
 
     @classmethod
     def can_implement(cls, spec: KernelSpec, shape: CallShape, device: torch.device,
@@ -190,17 +214,20 @@ _warned: set[tuple] = set()
 
 
 def register_kernel(cls: type[QuantKernel]) -> type[QuantKernel]:
-    """Class decorator adding a backend to the selection order."""
-    _KERNELS[:] = sorted([k for k in _KERNELS if k.backend != cls.backend] + [cls], key=lambda k: k.priority)
+    """Class decorator adding a kernel to the selection order (replacing one registered for the same
+    backend and layouts)."""
+    _KERNELS[:] = sorted([k for k in _KERNELS if (k.backend, k.layouts) != (cls.backend, cls.layouts)] + [cls],
+                         key=lambda k: k.priority)
     return cls
 
 
-def registered_kernels() -> list[type[QuantKernel]]:
-    return list(_KERNELS)
+def registered_kernels(layout: str | None = None) -> list[type[QuantKernel]]:
+    """The registered kernels in selection order (those running ``layout`` only, if given)."""
+    return [k for k in _KERNELS if layout is None or layout in k.layouts]
 
 
-def _candidates(backend: Backend) -> list[type[QuantKernel]]:
-    return [k for k in _KERNELS if backend is Backend.AUTO or k.backend is backend]
+def _candidates(backend: Backend, layout: str) -> list[type[QuantKernel]]:
+    return [k for k in _KERNELS if layout in k.layouts and (backend is Backend.AUTO or k.backend is backend)]
 
 
 def select_kernel(spec: KernelSpec, shape: CallShape, device: torch.device, dtype: torch.dtype,
@@ -210,7 +237,7 @@ def select_kernel(spec: KernelSpec, shape: CallShape, device: torch.device, dtyp
     :class:`NoKernelError` listing every reason."""
     backend = Backend.parse(backend)
     reasons: list[str] = []
-    for k in _candidates(backend):
+    for k in _candidates(backend, spec.layout):
         ok, reason = k.can_implement(spec, shape, device, dtype)
         if ok:
             return k
@@ -220,7 +247,7 @@ def select_kernel(spec: KernelSpec, shape: CallShape, device: torch.device, dtyp
 
 def _no_kernel(backend: Backend, reasons: list[str], what: str, device, dtype) -> NoKernelError:
     if backend is not Backend.AUTO and not reasons:
-        return NoKernelError(f"backend {backend.value!r} is not available in this build of quantkern")
+        return NoKernelError(f"backend {backend.value!r} has no kernel for {what}")
     return NoKernelError(f"no kernel can run {what} for {device.type}/{dtype} input: " + "; ".join(reasons))
 
 
@@ -268,7 +295,7 @@ class KernelCache:
         device, dtype, bucket = key
         shape = CallShape(bucket, spec.out_features, spec.in_features)
         reasons: list[str] = []
-        for cls in _candidates(backend):
+        for cls in _candidates(backend, spec.layout):
             ok, reason = cls.can_implement(spec, shape, device, dtype)
             if not ok:
                 reasons.append(f"{cls.backend.value}: {reason}")

@@ -16,8 +16,9 @@ from torch import nn
 from ..core import QuantizedWeight, ScaleOverflowError, WeightScheme, dtype_overflow
 from ..formats.gptq import gptq_shapes, pack_gptq, packable, unpack_gptq
 from ..kernels import Backend
-from ..kernels.registry import KernelCache, KernelSpec, WeightTensors, check_same_device
+from ..kernels.registry import KernelSpec, WeightTensors
 from ._scheme import SchemeAttributes
+from .base import QuantModule
 
 
 def _tensors_in(obj, depth: int = 3):
@@ -40,7 +41,7 @@ def _tensors_in(obj, depth: int = 3):
         yield from _tensors_in(v, depth - 1)
 
 
-class QuantLinear(SchemeAttributes, nn.Module):
+class QuantLinear(SchemeAttributes, QuantModule):
     """Weight-only quantized Linear: ``y = x @ dequant(qweight).T + bias``.
 
     Shapes (K = in_features, N = out_features, G = groups, b = bits): ``qweight`` int32
@@ -69,7 +70,7 @@ class QuantLinear(SchemeAttributes, nn.Module):
         device=None,
         bias_dtype: torch.dtype | None = None,
     ):
-        super().__init__()
+        super().__init__(backend)
         self.scheme = WeightScheme(bits=bits, group_size=group_size, sym=sym, act_order=desc_act)
         reason = packable(in_features, out_features, bits)
         if reason:
@@ -78,8 +79,6 @@ class QuantLinear(SchemeAttributes, nn.Module):
             raise ValueError(f"group_size={group_size} is larger than in_features={in_features}")
         self.in_features = in_features
         self.out_features = out_features
-        self.backend = Backend.parse(backend)
-        self.name = ""
         shapes = gptq_shapes(in_features, out_features, bits, self.scheme.num_groups(in_features))
         self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
@@ -88,7 +87,6 @@ class QuantLinear(SchemeAttributes, nn.Module):
         self.register_buffer("g_idx", g_idx // (group_size if group_size != -1 else in_features))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype or dtype, device=device) if bias
                              else None)
-        self._kernels = KernelCache()
         self._released: str | None = None  # why the canonical buffers are gone (see release_canonical)
 
     # --- construction ---------------------------------------------------------------------------
@@ -157,19 +155,14 @@ class QuantLinear(SchemeAttributes, nn.Module):
     def weight_tensors(self) -> WeightTensors:
         """The canonical tensors (and bias) kernels are prepared from."""
         self._check_canonical("preparing a kernel")
-        return WeightTensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, self.kernel_spec(),
-                             self.name)
+        return WeightTensors(self.kernel_spec(), self.name, qweight=self.qweight, qzeros=self.qzeros,
+                             scales=self.scales, g_idx=self.g_idx, bias=self.bias)
 
     def kernel_for(self, x: torch.Tensor):
-        """The kernel that runs ``x`` (``[M, K]``): chosen once per (device, dtype, M bucket) and prepared
-        (repacked) once per (device, dtype, backend)."""
-        k = self._kernels.lookup(x)
-        if k is not None:
-            return k
-        check_same_device(self, x, self.named_buffers(recurse=False))
-        if self._released is not None and (x.device, x.dtype) not in self._kernels.built_for():
+        if self._released is not None and self._kernels.lookup(x) is None \
+                and (x.device, x.dtype) not in self._kernels.built_for():
             self._check_canonical(f"running on {x.device} / {x.dtype} (no kernel was built for them)")
-        return self._kernels.get(x, self.kernel_spec(), self.weight_tensors, self.backend, self.describe())
+        return super().kernel_for(x)
 
     def build_kernels(self, device, dtype: torch.dtype, max_rows: int | None = None) -> None:
         """Choose and prepare the kernels for every M bucket up to ``max_rows`` rows (None: all) on
@@ -188,11 +181,10 @@ class QuantLinear(SchemeAttributes, nn.Module):
     def reset_kernels(self) -> None:
         """Forget chosen kernels (call after changing buffers in place)."""
         self._check_canonical("reset_kernels()")
-        self._kernels.clear()
+        super().reset_kernels()
 
     def _apply(self, fn, *args, **kwargs):
         self._check_canonical("moving or casting the layer (.to / .cuda / .half)")
-        self._kernels.clear()  # buffers move or change dtype: repacked copies are stale
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -271,14 +263,9 @@ class QuantLinear(SchemeAttributes, nn.Module):
             raise RuntimeError(f"{self.describe()}: {what} needs the canonical GPTQ buffers, but {self._released} "
                                "(release_canonical); load the checkpoint again for that")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.describe()}: input has {x.shape[-1]} features, expected {self.in_features}")
-        x2 = x.reshape(-1, self.in_features)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = self.kernel_for(x2).apply(x2)
-        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def release_canonical(model: nn.Module) -> int:

@@ -108,7 +108,7 @@ class CudaKernel(QuantKernel):
         require_extension()
         t, spec = tensors, tensors.spec
         s = spec.scheme
-        self.sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+        self.sms = torch.cuda.get_device_properties(t.qweight.device).multi_processor_count
         why = L.gemm_unsupported(spec.in_features, spec.out_features, s.bits, s.group_size, t.g_idx)
         self.path = "gemm" if why is None else "gemv"
         qw = unpack_gptq(GPTQTensors(t.qweight, t.qzeros, t.scales, t.g_idx), s, spec.in_features, spec.out_features)
@@ -121,7 +121,7 @@ class CudaKernel(QuantKernel):
             self.max_m = L.GEMV_MAX_M  # larger calls of this weight are another backend's
             self._args = (p.qweight, p.scales, p.zeros, p.g_idx)
             self._dims = (p.bits, 0, p.qweight.shape[1], p.k)
-        self.perm = None if p.perm is None else p.perm.to(t.device)
+        self.perm = None if p.perm is None else p.perm.to(t.qweight.device)
         self.bias = t.bias
 
     def apply(self, x):

@@ -1,0 +1,95 @@
+"""``QuantModule``: what every quantized linear module of quantkern shares.
+
+The family: :class:`~quantkern.nn.QuantLinear` (weight-only int2..8, GPTQ layout),
+:class:`~quantkern.nn.W8A8Linear` (int8 x int8), :class:`~quantkern.nn.FP8Linear` (fp8 E4M3,
+weight-only or W8A8), :class:`~quantkern.nn.FP4Linear` (E2M1 weight-only) and
+:class:`~quantkern.nn.ZeroQuantLinear` (ZeroQuant-style int weights and activations). Each holds its
+tensors as buffers (what its checkpoint format stores) and answers :meth:`kernel_spec` (what it is) and
+:meth:`weight_tensors` (the tensors kernels are prepared from). The forward is the same for all: the
+kernel chosen per (device, dtype, M bucket) from the one registry (:mod:`quantkern.kernels.registry`),
+in the one backend vocabulary (:class:`~quantkern.kernels.Backend`), runs ``[M, K] -> [M, N]`` as one
+custom op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.registry import Backend, KernelCache, KernelSpec, QuantKernel, WeightTensors, check_same_device
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class QuantModule(nn.Module):
+    """Base of the quantized linear modules (see the module docstring). Subclasses set
+    ``in_features`` / ``out_features`` and implement :meth:`kernel_spec` and :meth:`weight_tensors`."""
+
+    def __init__(self, backend: Backend | str = Backend.AUTO):
+        super().__init__()
+        self._kernels = KernelCache()
+        self.name = ""
+        self.backend = backend
+
+    # --- what kernels see ---------------------------------------------------------------------------
+    def kernel_spec(self) -> KernelSpec:
+        raise NotImplementedError
+
+    def weight_tensors(self) -> WeightTensors:
+        raise NotImplementedError
+
+    @property
+    def backend(self) -> Backend:
+        """The backend this module runs on (``auto``: the first registered kernel that fits). Setting
+        it (a :class:`~quantkern.kernels.Backend` or its name) forgets the kernels chosen so far."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        self._backend = Backend.parse(value)
+        self._kernels.clear()
+
+    def describe(self) -> str:
+        return f"{self.name or type(self).__name__}{self.kernel_spec().describe()}"
+
+    # --- execution ------------------------------------------------------------------------------------
+    def kernel_for(self, x: torch.Tensor) -> QuantKernel:
+        """The kernel that runs ``x`` (``[M, K]``): chosen once per (device, dtype, M bucket) and prepared
+        (repacked) once per (device, dtype, backend)."""
+        k = self._kernels.lookup(x)
+        if k is None:
+            check_same_device(self, x, self.named_buffers(recurse=False))
+            k = self._kernels.get(x, self.kernel_spec(), self.weight_tensors, self._backend, self.describe())
+        return k
+
+    def reset_kernels(self) -> None:
+        """Forget the chosen kernels (call after changing buffers in place)."""
+        self._kernels.clear()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` for an input the module cannot take (before any kernel sees it)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.describe()}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{self.describe()}: activations must be fp32/fp16/bf16, got {x.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = self.kernel_for(x2).apply(x2)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    # --- the kernels follow the buffers ---------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        self._kernels.clear()  # buffers move or change dtype: prepared copies are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        n_err = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) == n_err:
+            self._kernels.clear()  # the buffers kernels were prepared from were replaced
