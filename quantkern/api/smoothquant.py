@@ -19,7 +19,9 @@ from ..algorithms.awq import fold_into_linear_outputs, fold_into_norm, scale_inp
 from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
 from ..calibration import find_decoder_blocks
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for
-from ..kernels.w8a8 import FP8_MAX, INT8_MAX, static_input_scale
+from ..core.fp8 import FP8_MAX
+from ..core.int8 import INT8_MAX
+from ..core.qparams import static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
 from .calibrated import ActivationObservers, BlockwiseQuantizer, check_no_quantized_modules
