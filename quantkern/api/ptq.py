@@ -16,7 +16,7 @@ from ..core.int8 import INT8_MAX
 from ..core.qparams import static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
-from .configs_more import PTQConfig
+from .configs import PTQConfig
 from .registry import register_quantizer
 from .smoothquant import W8A8Quantizer
 

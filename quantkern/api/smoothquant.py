@@ -25,7 +25,7 @@ from ..core.qparams import static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
 from .calibrated import ActivationObservers, BlockwiseQuantizer, check_no_quantized_modules
-from .configs_more import FP8Config, SmoothQuantConfig, W8A8Config
+from .configs import FP8Config, SmoothQuantConfig, W8A8Config
 from .quantizers import GPTQBlockDriver
 from .registry import register_quantizer
 from .targets import plan_targets
@@ -133,7 +133,7 @@ class SmoothQuantQuantizer(W8A8Quantizer):
 class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
     """``FP8Quantizer(model, act_dtype="float8_e4m3fn" | None, act_static=False, weight_method="rtn" |
     "gptq").quantize(data=None)``: FP8 E4M3 weight-only or W8A8 (see
-    :class:`~quantkern.api.configs_more.FP8Config`). ``weight_method="gptq"`` runs the GPTQ block
+    :class:`~quantkern.api.configs.FP8Config`). ``weight_method="gptq"`` runs the GPTQ block
     sweep (:class:`~quantkern.api.quantizers.GPTQBlockDriver`) on the fp8 grid."""
 
     produces = "FP8Linear"
