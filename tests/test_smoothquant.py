@@ -21,7 +21,8 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved_env
 
 import quantkern as qk
-from quantkern.algorithms.smoothquant import AbsMaxObserver, smoothing_factors
+from quantkern.algorithms.observers import AbsMaxObserver
+from quantkern.algorithms.smoothquant import smoothing_factors
 from quantkern.calibration import group_batches, normalize_calibration_data
 from quantkern.calibration.awq_specs import conv1d_to_linear
 from quantkern.core.int8 import quantize_int8_per_channel, quantize_int8_per_token

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..algorithms.awq import fold_into_linear_outputs, fold_into_norm, scale_input_channels
-from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
+from ..algorithms.observers import AbsMaxObserver
+from ..algorithms.smoothquant import smoothing_factors
 from ..calibration import find_decoder_blocks
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for
 from ..core.fp8 import FP8_MAX
