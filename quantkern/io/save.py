@@ -237,7 +237,7 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
 
         opts = dict(tokenizer=tokenizer, source_gguf=source_gguf, embedding_type=gguf_embedding_type)
         if path.suffix == ".gguf":
-            return save_gguf(model, path, **opts)
+            return save_gguf(model, path, **opts).path
         with atomic_directory(path) as tmp:  # a directory: replaced as a whole, like the other formats
             save_gguf(model, tmp / GGUF_DIR_NAME, **opts)
         return path / GGUF_DIR_NAME
