@@ -7,7 +7,8 @@ import torch
 
 import quantkern as qk
 from quantkern.algorithms.fp4 import quantize_fp4_groups
-from quantkern.nn.fp4_linear import E2M1_VALUES, FP4Linear, e2m1_table, encode_e2m1, pack_nibbles, unpack_nibbles
+from quantkern.core.fp4 import E2M1_VALUES, e2m1_table, encode_e2m1, pack_nibbles, unpack_nibbles
+from quantkern.nn.fp4_linear import FP4Linear
 
 EVAL = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(9))
 

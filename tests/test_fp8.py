@@ -7,8 +7,8 @@ import torch
 
 import quantkern as qk
 from quantkern.calibration import group_batches, normalize_calibration_data
-from quantkern.kernels.w8a8 import (FP8_DTYPE, FP8_MAX, cast_to_fp8, fp8_linear, fp8_linear_reference,
-                                    quantize_fp8_per_row)
+from quantkern.core.fp8 import FP8_DTYPE, FP8_MAX, cast_to_fp8, quantize_fp8_per_row
+from quantkern.kernels.w8a8 import fp8_linear, fp8_linear_reference
 from quantkern.nn.fp8_linear import FP8Linear
 
 EPS = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}

@@ -99,14 +99,14 @@ def test_mse_clipping_never_worse_than_minmax_for_rtn():
 
 # -- the fp8 grid -----------------------------------------------------------------------------------
 def _fp8_rtn(W):
-    from quantkern.kernels.w8a8 import quantize_fp8_per_row
+    from quantkern.core.fp8 import quantize_fp8_per_row
 
     return quantize_fp8_per_row(W)
 
 
 @pytest.mark.parametrize("actorder", [False, True])
 def test_gptq_fp8_beats_rtn_and_stores_exact_fp8(actorder):
-    from quantkern.kernels.w8a8 import FP8_DTYPE, FP8_MAX
+    from quantkern.core.fp8 import FP8_DTYPE, FP8_MAX
 
     W, X = _layer()
     g = GPTQ(W)

@@ -109,13 +109,14 @@ def test_transformers_loads_export(tmp_path, scheme, qtype, tol):
 def test_requantized_scheme_is_reported(tmp_path, caplog):
     model = quantize_linears(tiny_llama(tie=False), WeightScheme(3, 32, False, True))
     with caplog.at_level("WARNING"):
-        path = save_quantized(model, tmp_path / "out", format="gguf")
+        result = save_gguf(model, tmp_path / "out")
+    path = result.path
     assert path.name == "model.gguf"
     assert "14 layer(s) have no exact GGUF type" in caplog.text
     # one summary per (scheme, type), not one name per layer
     assert "W3 g32 asym act-order -> Q4_1: 14 layer(s) (model.layers.0.self_attn.q_proj, ...)" in caplog.text
     assert "model.layers.1.mlp.down_proj" not in caplog.text
-    assert set(save_gguf.last_report.values()) == {("Q4_1", "re-quantized")}
+    assert set(result.report.values()) == {("Q4_1", "re-quantized")}
     reader = gguf.GGUFReader(str(path))
     field = reader.fields["quantkern.requantized"]
     assert len(field.data) == 14
@@ -165,8 +166,9 @@ def test_smollm2_gguf_perplexity_within_one_percent(tmp_path, scheme):
             "water. Farmers moved their animals to higher ground while the town council met to decide whether "
             "the old stone bridge could still carry the weight of the supply trucks. ") * 3
     ids = tok(text, return_tensors="pt").input_ids[:, :160]
-    path = save_quantized(model, tmp_path / "smol.gguf", format="gguf", tokenizer=tok)
-    assert all(how == "exact" for _, how in save_gguf.last_report.values())
+    result = save_gguf(model, tmp_path / "smol.gguf", tokenizer=tok)
+    path = result.path
+    assert all(how == "exact" for _, how in result.report.values())
     ppl_ours = _perplexity(model, ids)
     ppl_gguf = _perplexity(_hf_gguf(path), ids)
     assert abs(ppl_gguf - ppl_ours) / ppl_ours < 0.01, (ppl_ours, ppl_gguf)
@@ -230,10 +232,10 @@ def smollm2_export(tmp_path_factory):
     src = _smollm2_path()
     model, tok = load_model()
     quantize_linears(model, WeightScheme(4, 32, True, False))
-    out = save_quantized(model, tmp_path_factory.mktemp("smol") / "smol.gguf", format="gguf", tokenizer=tok)
-    assert save_gguf.last_source == src  # found from config._name_or_path, not passed
-    assert set(save_gguf.last_report.values()) == {("Q4_0", "exact")}
-    return src, out, tok
+    result = save_gguf(model, tmp_path_factory.mktemp("smol") / "smol.gguf", tokenizer=tok)
+    assert result.source == src  # found from config._name_or_path, not passed
+    assert set(result.report.values()) == {("Q4_0", "exact")}
+    return src, result.path, tok
 
 
 @pytest.mark.model
@@ -281,8 +283,9 @@ def test_hf_tokenizer_metadata_is_derived_as_llama_cpp_does(tmp_path):
                       num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True, rope_theta=50000.0)
     torch.manual_seed(0)
     model = quantize_linears(AutoModelForCausalLM.from_config(cfg).eval(), WeightScheme(8, 32, True, False))
-    path = save_quantized(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok)
-    assert save_gguf.last_source is None
+    result = save_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    path = result.path
+    assert result.source is None
     src, out = _fields(src_path), _fields(path)
     for key in src:
         if key.startswith("tokenizer."):
@@ -376,7 +379,7 @@ def test_source_hyperparameters_the_config_changed_take_the_config(tmp_path, cap
     torch.manual_seed(0)
     model = quantize_linears(AutoModelForCausalLM.from_config(cfg).eval(), WeightScheme(4, 32, True, False))
     with caplog.at_level("WARNING"):
-        path = save_gguf(model, tmp_path / "m.gguf", source_gguf=src_path)
+        path = save_gguf(model, tmp_path / "m.gguf", source_gguf=src_path).path
     assert "llama.block_count is 30 in the source" in caplog.text
     src, out = _fields(src_path), _fields(path)
     assert out["llama.block_count"][1] == 2
@@ -392,7 +395,7 @@ def test_source_hyperparameters_the_config_changed_take_the_config(tmp_path, cap
 @pytest.mark.parametrize("tie", [True, False])
 def test_q8_0_embeddings_when_asked(tmp_path, tie):
     model = quantize_linears(tiny_llama(tie=tie), WeightScheme(4, 32, True, False))
-    path = save_gguf(model, tmp_path / "m.gguf", embedding_type="Q8_0")
+    path = save_gguf(model, tmp_path / "m.gguf", embedding_type="Q8_0").path
     reader = gguf.GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["token_embd.weight"] == "Q8_0"

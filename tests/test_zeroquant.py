@@ -7,7 +7,7 @@ import torch
 
 import quantkern as qk
 from quantkern.calibration import group_batches, normalize_calibration_data
-from quantkern.kernels.w8a8 import code_range, dequantize_codes, quantize_rows, quantize_weight_groups
+from quantkern.core.int8 import code_range, dequantize_codes, quantize_rows, quantize_weight_groups
 from quantkern.nn.w8a8_linear import ZeroQuantLinear
 
 EVAL = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(9))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.fp4_linear import E2M1_MAX, e2m1_table, encode_e2m1
+from ..core.fp4 import E2M1_MAX, e2m1_table, encode_e2m1
 
 
 def _store(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

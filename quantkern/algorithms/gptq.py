@@ -17,6 +17,7 @@ import math
 import torch
 
 from ..core import QuantizedWeight, WeightScheme, find_qparams, find_qparams_mse, quantize
+from ..core.fp8 import FP8_DTYPE, cast_to_fp8, quantize_fp8_per_row
 
 logger = logging.getLogger("quantkern")
 
@@ -111,8 +112,6 @@ class GPTQ:
         before the sweep; later columns that grow past it saturate at ±448). Returns ``(weight
         float8_e4m3fn [N, K], scale fp32 [N, 1], loss)``: the same tensors
         :class:`~quantkern.nn.fp8_linear.FP8Linear` holds."""
-        from ..kernels.w8a8 import FP8_DTYPE, cast_to_fp8, quantize_fp8_per_row
-
         _, scale = quantize_fp8_per_row(self.weight.detach().float())
         W, perm, Hinv = self._setup(act_order, damp_percent, max_damp_tries)
         q8 = torch.empty(W.shape, dtype=FP8_DTYPE, device=W.device)

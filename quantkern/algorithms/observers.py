@@ -10,6 +10,9 @@ that static scales are derived from. Symmetric formats use ``amax = max(-lo, hi)
 - ``mse``: keeps a fixed-seed reservoir of values and the running abs-max, then picks the clipping
   ``r·amax`` (``r`` on a geometric grid in [1e-3, 1]) minimising the mean squared error of fake-quantizing the
   reservoir with ``bits``-bit symmetric integer levels (or fp8 E4M3 values with ``fp8=True``).
+
+:class:`AbsMaxObserver` (not one of :data:`OBSERVERS`) keeps a per-channel running ``max|x|`` instead: the
+statistic SmoothQuant's smoothing factors are computed from.
 """
 
 from __future__ import annotations
@@ -150,3 +153,19 @@ def make_observer(kind: str, **kwargs) -> Observer:
     if kind not in classes:
         raise ValueError(f"observer must be one of {list(OBSERVERS)}, got {kind!r}")
     return classes[kind](**kwargs)
+
+
+class AbsMaxObserver:
+    """Running per-channel ``max|x|`` over the rows fed to :meth:`update` (any leading dims)."""
+
+    def __init__(self):
+        self.amax: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        if x2.shape[0] == 0:
+            return
+        m = x2.abs().amax(dim=0).float()
+        self.amax = m if self.amax is None else torch.maximum(self.amax, m.to(self.amax.device))
+        self.count += x2.shape[0]

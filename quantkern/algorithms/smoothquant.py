@@ -25,19 +25,3 @@ def smoothing_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float
     s = a.clamp(min=eps).pow(alpha) / w.clamp(min=eps).pow(1 - alpha)
     dead = (a <= 0) | (w <= 0) | ~torch.isfinite(s)
     return torch.where(dead, torch.ones_like(s), s.clamp(min=eps))
-
-
-class AbsMaxObserver:
-    """Running per-channel ``max|x|`` over the rows fed to :meth:`update` (any leading dims)."""
-
-    def __init__(self):
-        self.amax: torch.Tensor | None = None
-        self.count = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1])
-        if x2.shape[0] == 0:
-            return
-        m = x2.abs().amax(dim=0).float()
-        self.amax = m if self.amax is None else torch.maximum(self.amax, m.to(self.amax.device))
-        self.count += x2.shape[0]

@@ -4,13 +4,13 @@ from .base import BaseQuantizer, convert, prepare, weight_bytes
 from .config import BaseConfig, GPTQConfig, RTNConfig, WeightOnlyConfig
 from .quantizers import GPTQQuantizer, RTNQuantizer
 from .registry import quantizer_for, register_quantizer, registered_configs
-from .configs_more import (AWQConfig, FP4Config, FP8Config, PTQConfig, SmoothQuantConfig, W8A8Config,
-                           ZeroQuantConfig)
+from .configs import (AWQConfig, FP4Config, FP8Config, PTQConfig, SmoothQuantConfig, W8A8Config,
+                      ZeroQuantConfig)
 from .awq import AWQQuantizer
 from .smoothquant import FP8Quantizer, SmoothQuantQuantizer, W8A8Quantizer
 from .ptq import PTQQuantizer
 from .zeroquant import ZeroQuantQuantizer
-from .fp8 import FP4Quantizer
+from .fp4 import FP4Quantizer
 
 __all__ = [
     "BaseConfig", "WeightOnlyConfig", "RTNConfig", "GPTQConfig", "BaseQuantizer", "RTNQuantizer", "GPTQQuantizer",

@@ -24,7 +24,7 @@ from ..devices import block_device
 from ..formats.gptq import packable
 from ..kernels.reference import dequantize_gptq
 from .calibrated import BlockwiseQuantizer, check_no_quantized_modules
-from .configs_more import AWQConfig
+from .configs import AWQConfig
 from .registry import register_quantizer
 from .targets import plan_targets
 

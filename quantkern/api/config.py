@@ -1,7 +1,8 @@
 """Quantization configs: frozen dataclasses, validated on construction, dispatched by type.
 
 ``BaseConfig.from_dict`` rejects unknown keys. Each config class is paired with one quantizer class
-through :func:`quantkern.api.registry.register_quantizer`.
+through :func:`quantkern.api.registry.register_quantizer`. Here: the base config and the integer
+weight-only configs (RTN, GPTQ); the other families' configs are in :mod:`quantkern.api.configs`.
 """
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from ..algorithms.observers import make_observer
-from ..kernels.w8a8 import FP8_MAX, INT8_MAX, static_input_scale
+from ..core.fp8 import FP8_MAX
+from ..core.int8 import INT8_MAX
+from ..core.qparams import static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
-from .configs_more import PTQConfig
+from .configs import PTQConfig
 from .registry import register_quantizer
 from .smoothquant import W8A8Quantizer
 

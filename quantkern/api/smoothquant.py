@@ -16,14 +16,17 @@ import torch
 from torch import nn
 
 from ..algorithms.awq import fold_into_linear_outputs, fold_into_norm, scale_input_channels
-from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
+from ..algorithms.observers import AbsMaxObserver
+from ..algorithms.smoothquant import smoothing_factors
 from ..calibration import find_decoder_blocks
 from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for
-from ..kernels.w8a8 import FP8_MAX, INT8_MAX, static_input_scale
+from ..core.fp8 import FP8_MAX
+from ..core.int8 import INT8_MAX
+from ..core.qparams import static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
 from .calibrated import ActivationObservers, BlockwiseQuantizer, check_no_quantized_modules
-from .configs_more import FP8Config, SmoothQuantConfig, W8A8Config
+from .configs import FP8Config, SmoothQuantConfig, W8A8Config
 from .quantizers import GPTQBlockDriver
 from .registry import register_quantizer
 from .targets import plan_targets
@@ -131,7 +134,7 @@ class SmoothQuantQuantizer(W8A8Quantizer):
 class FP8Quantizer(GPTQBlockDriver, W8A8Quantizer):
     """``FP8Quantizer(model, act_dtype="float8_e4m3fn" | None, act_static=False, weight_method="rtn" |
     "gptq").quantize(data=None)``: FP8 E4M3 weight-only or W8A8 (see
-    :class:`~quantkern.api.configs_more.FP8Config`). ``weight_method="gptq"`` runs the GPTQ block
+    :class:`~quantkern.api.configs.FP8Config`). ``weight_method="gptq"`` runs the GPTQ block
     sweep (:class:`~quantkern.api.quantizers.GPTQBlockDriver`) on the fp8 grid."""
 
     produces = "FP8Linear"

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..algorithms.observers import MinMaxObserver
 from ..nn.w8a8_linear import ZeroQuantLinear
-from .configs_more import ZeroQuantConfig
+from .configs import ZeroQuantConfig
 from .registry import register_quantizer
 from .smoothquant import W8A8Quantizer
 

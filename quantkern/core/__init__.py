@@ -1,4 +1,7 @@
-"""Pure-torch quantization math: schemes, qparams, the canonical quantized form."""
+"""Pure-torch quantization math: schemes, qparams, the canonical quantized form, and the codecs in their own
+modules: :mod:`.int8` (int8 W8A8, ZeroQuant integer ranges), :mod:`.fp8` (E4M3), :mod:`.fp4` (E2M1 + nibble packing).
+
+Nothing here imports from the rest of quantkern."""
 
 from .qparams import (ScaleOverflowError, dequantize, dtype_overflow, fake_quantize, find_qparams, find_qparams_mse,
                       naming_layer, quantize)

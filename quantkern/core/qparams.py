@@ -4,6 +4,9 @@ Everything here works on a weight laid out as ``[out_features, in_features]`` (`
 layout) and on groups of its columns. Scales are rounded to ``scale_dtype`` (the dtype the checkpoint
 stores them in) *before* codes are computed, so dequantizing with the stored scales reproduces exactly
 what the quantizer optimised.
+
+:func:`static_input_scale` is the one activation qparam shared by int8 and fp8: a per-tensor scale from
+an observed abs-max.
 """
 
 from __future__ import annotations
@@ -126,3 +129,10 @@ def find_qparams_mse(
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def static_input_scale(amax, qmax: float) -> float:
+    """One per-tensor activation scale from an observed abs-max (a float, a tensor of any shape, or
+    None): ``max / qmax``, or 1.0 when nothing (or only zeros) was observed."""
+    m = 0.0 if amax is None else float(amax.max() if isinstance(amax, torch.Tensor) else amax)
+    return m / qmax if m > 0 else 1.0

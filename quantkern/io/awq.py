@@ -17,6 +17,7 @@ from .._version import __version__
 from ..core import WeightScheme
 from ..formats.awq import AWQTensors, awq_shapes, awq_unsupported, pack_awq, unpack_awq
 from ..formats.gptq import pack_gptq
+from .hf import dense_state_dict, quant_layers
 from .validate import FLOAT_DTYPES, CheckpointTensorError, check_bias, check_scales, check_tensor
 
 
@@ -25,8 +26,6 @@ def awq_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict]:
 
     What AWQ cannot hold is refused before this runs, by
     :func:`~quantkern.io.export_rules.check_exportable` in ``save_quantized``."""
-    from .save import dense_state_dict, quant_layers
-
     layers = quant_layers(model)
     sd = dense_state_dict(model)
     for name, m in layers.items():

@@ -27,6 +27,7 @@ from torch import nn
 from ..core import QuantizedWeight, WeightScheme
 from ..formats.gptq import pack_gptq
 from .config import CheckpointConfigError
+from .hf import dense_state_dict
 from .validate import (FLOAT_DTYPES, CheckpointTensorError, check_bias, check_g_idx, check_linear_scheme,
                        check_scales, check_tensor)
 
@@ -65,7 +66,6 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
     :func:`~quantkern.io.export_rules.check_exportable` in ``save_quantized``."""
     from ..nn import QuantLinear
     from .compressed_act import act_layers, act_scheme
-    from .save import dense_state_dict
 
     QuantizationArgs, QuantizationScheme, QuantizationConfig, pack_to_int32, _ = _ct()
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -175,16 +176,28 @@ def _summary(names: list[str], report: dict, sources: dict) -> str:
                      for (src, qtype), ns in by.items())
 
 
-def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None, embedding_type: str | None = None) -> Path:
+@dataclass(frozen=True)
+class GGUFExport:
+    """What :func:`save_gguf` wrote: ``path``, the file; ``report``, the per-layer types chosen
+    (``{hf module: (gguf type, "exact" | "re-quantized")}``); ``source``, the GGUF file whose metadata
+    was kept (None when derived)."""
+
+    path: Path
+    report: dict[str, tuple[str, str]]
+    source: Path | None
+
+
+def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None, embedding_type: str | None = None
+              ) -> GGUFExport:
     """Write ``model`` as one GGUF file at ``path`` (``<path>/model.gguf`` if ``path`` does not end in
-    ``.gguf``); atomic (temporary file, fsync, rename). Returns the file path; the per-layer types
-    chosen are in ``save_gguf.last_report`` (``{hf module: (gguf type, "exact" | "re-quantized")}``).
+    ``.gguf``); atomic (temporary file, fsync, rename). Returns a :class:`GGUFExport`: the file path
+    and the per-layer types chosen.
 
     Metadata (:mod:`.gguf_meta`): a model loaded from a GGUF file (``source_gguf``, or found from
     ``config._name_or_path``) keeps that file's tokenizer, ``general.*`` and hyperparameter keys;
     otherwise they are derived from ``tokenizer`` and the config as llama.cpp's converter does.
     ``general.file_type`` names the type holding most of the weights, ``general.quantization_version``
-    is 2. The source used is in ``save_gguf.last_source`` (None when derived).
+    is 2. The source used is ``GGUFExport.source`` (None when derived).
 
     ``embedding_type="Q8_0"``: the token embeddings and a dense (untied) output matrix are quantized to
     ``Q8_0`` by the gguf package (as llama.cpp's quantizer does for small models) instead of written
@@ -277,9 +290,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None, embeddin
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    save_gguf.last_report = report
-    save_gguf.last_source = source
-    return path
+    return GGUFExport(path, report, source)
 
 
 def _dense_type(data: np.ndarray):
@@ -294,7 +305,3 @@ def _n_weights(data: np.ndarray, raw) -> int:
     gguf = _gguf()
     block, nbytes = gguf.GGML_QUANT_SIZES[raw]
     return int(data.size // nbytes * block)
-
-
-save_gguf.last_report = {}
-save_gguf.last_source = None

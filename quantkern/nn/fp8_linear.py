@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.fp8 import FP8_DTYPE, quantize_fp8_per_row
 from ..kernels.registry import check_same_device
-from ..kernels.w8a8 import FP8_DTYPE, fp8_linear, fp8_scaled_mm_ok, quantize_fp8_per_row
+from ..kernels.w8a8 import fp8_linear, fp8_scaled_mm_ok
 
 ACT_MODES = ("none", "dynamic", "static")
 BACKENDS = ("auto", "scaled_mm", "emulated")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.int8 import (dequantize_codes, qparams_from_range, quantize_int8_per_channel, quantize_int8_per_token,
+                         quantize_int8_static, quantize_rows, quantize_weight_groups, quantize_with)
 from ..kernels.registry import check_same_device
-from ..kernels.w8a8 import (check_w8a8_args, dequantize_codes, qparams_from_range, quantize_int8_per_channel,
-                            quantize_int8_per_token, quantize_int8_static, quantize_rows, quantize_weight_groups,
-                            quantize_with, w8a8_linear, w8a8_linear_reference)
+from ..kernels.w8a8 import check_w8a8_args, w8a8_linear, w8a8_linear_reference
 
 
 class W8A8Linear(nn.Module):

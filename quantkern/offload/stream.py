@@ -32,7 +32,8 @@ from ..api.targets import set_module
 from ..calibration import BlockInput, InputCatcher, group_batches, normalize_calibration_data
 from ..io.files import SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_FILES, check_destination, parse_size
 from ..io.load import build_skeleton
-from ..io.save import dense_state_dict, gptq_quantization_config, gptq_tensors, hf_config_dict, write_side_files
+from ..io.hf import dense_state_dict, hf_config_dict, write_side_files
+from ..io.save import gptq_quantization_config, gptq_tensors
 from ..nn import QuantLinear
 from .source import SourceCheckpoint, resolve_model_dir
 from .state import RunState, StreamStateError

@@ -11,7 +11,7 @@ from ..algorithms.fp4 import quantize_fp4_groups
 from ..calibration import find_decoder_blocks
 from ..nn.fp4_linear import SCALE_DTYPES, FP4Linear
 from .base import BaseQuantizer
-from .configs_more import FP4Config
+from .configs import FP4Config
 from .registry import register_quantizer
 from .smoothquant import plan_unpacked
 
