@@ -184,7 +184,7 @@ def run(args) -> list[dict]:
     peak = args.peak_tbps or peak_bandwidth(info["gpu"])
     print(f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']} | CUDA {info['cuda']} | "
           f"peak {peak if peak else '?'} TB/s")
-    print(f"# registered backends: {[c.backend.value for c in registered_kernels()]}")
+    print(f"# registered backends: {[c.backend.value for c in registered_kernels('gptq')]}")
     timer = Timer(device, args.reps)
     rows, declined = [], set()
     sink = CsvRows(output_stem(info["gpu"], args) + ".csv")
@@ -203,7 +203,7 @@ def run(args) -> list[dict]:
                     x = torch.randn(m, k, device=device, dtype=dtype)
                     ref = x.float() @ w_ref
                     methods = [("cublas", "torch.matmul", lambda x=x: x @ dense, k * n * 2, None)]
-                    for cls in registered_kernels():
+                    for cls in registered_kernels("gptq"):
                         if args.methods and cls.backend.value not in args.methods:
                             continue
                         ok, why = cls.can_implement(*kernel_query(layer, x))

@@ -108,7 +108,7 @@ def backend_table(rows: int = 1) -> list[tuple[str, str, str, str, bool, str | N
             for label, bits, gs, sym, act in PROBE_SCHEMES:
                 layer = probe_layer(bits, gs, sym, act, dtype, dev)
                 x = torch.zeros(rows, PROBE_FEATURES, dtype=dtype, device=dev)
-                for k in registered_kernels():
+                for k in registered_kernels("gptq"):
                     try:
                         ok, reason = k.can_implement(*kernel_query(layer, x))
                     except Exception as e:  # noqa: BLE001 - a crashing check is itself worth reporting

@@ -14,7 +14,7 @@ from quantkern.kernels import registered_kernels
 
 def test_backend_table_covers_every_backend_device_dtype_and_scheme():
     table = env.backend_table()
-    backends = {k.backend.value for k in registered_kernels()}
+    backends = {k.backend.value for k in registered_kernels("gptq")}
     assert {r[0] for r in table} == backends
     assert {r[1] for r in table} == {str(d) for d in env.devices()}
     assert {r[3] for r in table} == {p[0] for p in env.PROBE_SCHEMES}
@@ -37,7 +37,7 @@ def test_probe_layer_act_order_is_shuffled():
 def test_report_text():
     text = env.report()
     assert f"torch        {torch.__version__}" in text
-    for k in registered_kernels():
+    for k in registered_kernels("gptq"):
         assert f"\n  {k.backend.value}\n" in text
     if not torch.cuda.is_available():
         assert "no CUDA devices" in text

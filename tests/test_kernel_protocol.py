@@ -119,7 +119,7 @@ def test_kernels_take_tensors_not_modules():
     layer = _layer()
     t = layer.weight_tensors()
     assert not isinstance(t, torch.nn.Module) and t.spec == layer.kernel_spec()
-    for cls in R.registered_kernels():
+    for cls in R.registered_kernels("gptq"):
         x = torch.randn(3, 96)
         ok, why = cls.can_implement(*R.kernel_query(layer, x))
         if not ok:
@@ -154,3 +154,58 @@ def test_fullgraph_compile_through_each_backend(backend):
     model = torch.nn.Sequential(_layer(n=64, backend=backend, seed=1), torch.nn.GELU(),
                                 _layer(k=64, n=96, bits=3, gs=-1, sym=True, backend=backend, seed=2))
     assert_compiles_fullgraph(model, [torch.randn(1, 96), torch.randn(2, 7, 96)])
+
+
+# ---------------------------------------------------------------- the rest of the module family
+def _family(kind: str, backend: str):
+    """A W8A8 / fp8 / fp4 / ZeroQuant layer of the family on ``backend``, from a random Linear."""
+    from quantkern import FP4Linear, FP8Linear, W8A8Linear
+    from quantkern.algorithms.fp4 import quantize_fp4_groups
+    from quantkern.nn.w8a8_linear import ZeroQuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    if kind == "w8a8":
+        mod = W8A8Linear.from_linear(lin)
+    elif kind == "w8a8-static":
+        mod = W8A8Linear.from_linear(lin, input_scale=0.02)
+    elif kind.startswith("fp8"):
+        act = kind.split("-")[1]
+        mod = FP8Linear.from_linear(lin, act=act, input_scale=0.01 if act == "static" else None)
+    elif kind == "fp4":
+        codes, scales = quantize_fp4_groups(lin.weight.detach(), 32)
+        mod = FP4Linear.from_codes(codes, scales, 32, bias=lin.bias)
+    else:
+        mod = ZeroQuantLinear.from_linear(lin, w_bits=4, group_size=32, w_has_zero=True, a_bits=8)
+    mod.backend = backend
+    return mod
+
+
+FAMILY = [("w8a8", "int_mm", "quantkern::w8a8_linear"), ("w8a8", "reference", "quantkern::w8a8_linear_ref"),
+          ("w8a8-static", "auto", "quantkern::w8a8_linear"),
+          ("fp8-dynamic", "auto", "quantkern::fp8_linear"), ("fp8-static", "emulated", "quantkern::fp8_linear"),
+          ("fp8-none", "scaled_mm", "quantkern::fp8_linear"),
+          ("fp4", "auto", "quantkern::fp4_linear_ref"), ("zeroquant", "auto", "quantkern::zeroquant_linear_ref")]
+
+
+@pytest.mark.parametrize("kind,backend,op", FAMILY, ids=[f"{k}-{b}" for k, b, _ in FAMILY])
+def test_family_forward_is_one_custom_op_and_compiles_fullgraph(kind, backend, op):
+    mod = _family(kind, backend)
+    assert single_op_of(mod, torch.randn(3, 64)) == op
+    if backend != "auto":
+        assert mod.kernel_for(torch.randn(3, 64)).backend is Backend.parse(backend)
+    assert_compiles_fullgraph(torch.nn.Sequential(mod, torch.nn.ReLU()), [torch.randn(1, 64), torch.randn(2, 5, 64)])
+
+
+def test_family_speaks_one_backend_vocabulary():
+    w8 = _family("w8a8", "auto")
+    assert w8.backend is Backend.AUTO and type(w8.kernel_for(torch.randn(2, 64))).__name__ == "Int8MMKernel"
+    fp8 = _family("fp8-dynamic", "emulated")
+    assert fp8.backend is Backend.REFERENCE  # the fp8 name of the reference
+    fp8.backend = "scaled_mm"
+    with pytest.raises(NoKernelError, match="scaled_mm: needs a CUDA GPU with compute capability >= 8.9"):
+        fp8(torch.randn(2, 64))
+    with pytest.raises(NoKernelError, match="backend 'cpu' has no kernel for"):
+        _family("fp4", "cpu")(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="unknown backend"):
+        w8.backend = "tpu"

@@ -367,3 +367,15 @@ def test_smoothing_linear_producers_keeps_function_and_helps(outlier_llama, toke
     qb.quantize(token_data)
     assert len(qb.report["smoothed"]) == len(qa.report["smoothed"]) + 2  # + up_proj in both blocks
     assert _err(b, ref) < _err(a, ref)
+
+
+def test_triton_w8a8_forward_is_one_custom_op(interpret):
+    why = _triton_usable()
+    if why:
+        pytest.skip(why)
+    from conformance import single_op_of
+
+    for scale in (None, 0.02):
+        q = W8A8Linear.from_linear(_layer(64, 32), input_scale=scale)
+        q.backend = "triton"
+        assert single_op_of(q, torch.randn(5, 64)) == "quantkern::w8a8_linear_triton"

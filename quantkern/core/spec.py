@@ -62,13 +62,15 @@ class FloatWeightScheme:
 
 @dataclass(frozen=True)
 class ActivationScheme:
-    """Quantized activations: ``int`` (``bits``, symmetric unless ``has_zero``) or ``fp8_e4m3``; per token
+    """Quantized activations: ``int`` (``bits``, symmetric unless ``has_zero``; unsigned codes with
+    ``unsign``) or ``fp8_e4m3``; per token
     and computed at run time (``static`` False) or one calibrated per-tensor scale (``static`` True)."""
 
     format: str = "int"
     bits: int = 8
     static: bool = False
     has_zero: bool = False
+    unsign: bool = False  # integer codes in [0, 2^bits) rather than signed
 
     def __post_init__(self):
         if self.format not in ACTIVATION_FORMATS:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from ..core.fp8 import cast_to_fp8, quantize_fp8_per_row
-from ..core.int8 import INT8_MAX, quantize_int8_per_token, quantize_int8_static
+from ..core.int8 import (INT8_MAX, dequantize_codes, quantize_int8_per_token, quantize_int8_static, quantize_rows,
+                         quantize_with)
 
 
 def int8_mm_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -167,4 +168,50 @@ def fp8_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 @fp8_linear.register_fake
 def _(x2d, weight, weight_scale, bias=None, input_scale=None, act="dynamic", use_scaled_mm=True):
+    return x2d.new_empty(x2d.shape[0], weight.shape[0])
+
+
+# -- whole layers as single ops, for the reference kernels of the module family -------------------------
+@torch.library.custom_op("quantkern::w8a8_linear_ref", mutates_args=())
+def w8a8_linear_ref_op(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`w8a8_linear_reference` (the fp64 oracle) returned in x's dtype on x's device."""
+    y = w8a8_linear_reference(x2d, weight, weight_scale, bias, input_scale)
+    return y.to(device=x2d.device, dtype=x2d.dtype)
+
+
+@w8a8_linear_ref_op.register_fake
+def _(x2d, weight, weight_scale, bias=None, input_scale=None):
+    return x2d.new_empty(x2d.shape[0], weight.shape[0])
+
+
+def zeroquant_weight(weight, weight_scale, weight_zero_point, g_idx) -> torch.Tensor:
+    """fp32 ``[N, K]`` from ZeroQuant codes (signed or unsigned), group scales and optional zero points."""
+    z = weight_zero_point.float()[:, g_idx] if weight_zero_point is not None else 0.0
+    return (weight.float() - z) * weight_scale[:, g_idx]
+
+
+@torch.library.custom_op("quantkern::zeroquant_linear_ref", mutates_args=())
+def zeroquant_linear_ref(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         weight_zero_point: torch.Tensor | None, g_idx: torch.Tensor, input_scale: torch.Tensor | None,
+                         input_zero_point: torch.Tensor | None, bias: torch.Tensor | None, a_bits: int,
+                         a_has_zero: bool, a_unsign: bool) -> torch.Tensor:
+    """A ZeroQuant Linear: fake-quantized activations (per token, or the static range) times the
+    dequantized weight, in fp32; the result in x's dtype."""
+    x = x2d.float()
+    if input_scale is None:
+        q, s, z = quantize_rows(x, a_bits, a_has_zero, a_unsign)
+    else:
+        s = input_scale.reshape(1, 1)
+        z = input_zero_point.reshape(1, 1) if input_zero_point is not None else torch.zeros_like(s)
+        q = quantize_with(x, s, z, a_bits, a_unsign)
+    y = dequantize_codes(q, s, z) @ zeroquant_weight(weight, weight_scale, weight_zero_point, g_idx).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2d.dtype)
+
+
+@zeroquant_linear_ref.register_fake
+def _(x2d, weight, weight_scale, weight_zero_point, g_idx, input_scale, input_zero_point, bias, a_bits, a_has_zero,
+      a_unsign):
     return x2d.new_empty(x2d.shape[0], weight.shape[0])

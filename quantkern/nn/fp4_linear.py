@@ -6,31 +6,34 @@ State dict: ``weight_packed`` uint8 ``[N, ceil(K/2)]``, ``weight_scale`` ``[N, G
 scales, G = ceil(K/group_size); fp16 / bf16 / fp32 / fp8 E4M3), ``bias`` ``[N]``.
 ``W[n, k] = e2m1(code[n, k]) · weight_scale[n, k // group_size]``.
 
-The forward is the pure-PyTorch reference (decode through a 16-entry table, then a dense GEMM in x's
-dtype); E2M1 is not a uniform grid, so the integer WnA16 kernels cannot run it as-is.
+The forward is the pure-PyTorch reference, one ``quantkern::fp4_linear_ref`` op (decode through a
+16-entry table, then a dense GEMM in x's dtype); E2M1 is not a uniform grid, so the integer WnA16
+kernels cannot run it as-is.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ..core.fp4 import e2m1_table, pack_nibbles, unpack_nibbles
+from ..core.fp4 import pack_nibbles
 from ..core.qparams import ScaleOverflowError
-from ..kernels.registry import check_same_device
+from ..core.spec import FloatWeightScheme
+from ..kernels.fp4 import fp4_weight
+from ..kernels.registry import KernelSpec, WeightTensors
+from .base import QuantModule
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                 "float8_e4m3fn": torch.float8_e4m3fn}
 
 
-class FP4Linear(nn.Module):
+class FP4Linear(QuantModule):
     def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
-                 scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
+                 scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float16, device=None,
+                 backend="auto"):
         if not (group_size == -1 or (isinstance(group_size, int) and group_size > 0)):
             raise ValueError(f"group_size must be -1 or a positive int, got {group_size!r}")
+        super().__init__(backend)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.name = ""
         gs = in_features if group_size == -1 else group_size
         self.register_buffer("weight_packed", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8,
                                                           device=device))
@@ -60,20 +63,16 @@ class FP4Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 ``[N, K]``."""
-        codes = unpack_nibbles(self.weight_packed, self.in_features).long()
-        gs = self.in_features if self.group_size == -1 else self.group_size
-        g_idx = torch.arange(self.in_features, device=codes.device) // gs
-        return e2m1_table(codes.device)[codes] * self.weight_scale.float()[:, g_idx]
+        return fp4_weight(self.weight_packed, self.weight_scale, self.in_features, self.group_size)
+
+    def kernel_spec(self) -> KernelSpec:
+        return KernelSpec(FloatWeightScheme("fp4_e2m1", self.group_size), self.in_features, self.out_features,
+                          self.weight_scale.dtype, self.bias is not None, "fp4")
+
+    def weight_tensors(self) -> WeightTensors:
+        return WeightTensors(self.kernel_spec(), self.name, weight_packed=self.weight_packed,
+                             weight_scale=self.weight_scale, bias=self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight=fp4 e2m1, "
                 f"group_size={self.group_size}, scale_dtype={self.weight_scale.dtype}, bias={self.bias is not None}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"FP4Linear: input has {x.shape[-1]} features, expected {self.in_features}")
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"FP4Linear: activations must be fp32/fp16/bf16, got {x.dtype}")
-        check_same_device(self, x, self._buffers.items())
-        w = self.dequantized_weight().to(x.dtype)
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

@@ -4,7 +4,8 @@
 State dict (compressed-tensors "float-quantized" style): ``weight`` float8_e4m3fn ``[N, K]``,
 ``weight_scale`` fp32 ``[N, 1]``, ``input_scale`` fp32 ``[1]`` (static only), ``bias`` ``[N]``.
 ``forward`` is one ``quantkern::fp8_linear`` op call: ``torch._scaled_mm`` on GPUs with fp8 tensor
-cores (sm89+, K and N multiples of 16), exact fp32 emulation elsewhere.
+cores (sm89+, K and N multiples of 16; backend ``scaled_mm``), exact fp32 emulation elsewhere (backend
+``reference``, also called ``emulated``).
 """
 
 from __future__ import annotations
@@ -13,21 +14,21 @@ import torch
 from torch import nn
 
 from ..core.fp8 import FP8_DTYPE, quantize_fp8_per_row
-from ..kernels.registry import check_same_device
-from ..kernels.w8a8 import fp8_linear, fp8_scaled_mm_ok
+from ..core.spec import ActivationScheme, FloatWeightScheme
+from ..kernels.registry import KernelSpec, WeightTensors
+from .base import QuantModule
 
 ACT_MODES = ("none", "dynamic", "static")
 BACKENDS = ("auto", "scaled_mm", "emulated")
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(QuantModule):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, act: str = "dynamic",
-                 dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
+                 dtype: torch.dtype = torch.float16, device=None, backend="auto"):
         if act not in ACT_MODES:
             raise ValueError(f"act must be one of {list(ACT_MODES)}, got {act!r}")
+        super().__init__(backend)
         self.in_features, self.out_features, self.act = in_features, out_features, act
-        self.name, self.backend = "", "auto"
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("input_scale",
@@ -70,17 +71,11 @@ class FP8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight=fp8_e4m3 per-channel, activations={self.act}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"FP8Linear: input has {x.shape[-1]} features, expected {self.in_features}")
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"FP8Linear: activations must be fp32/fp16/bf16, got {x.dtype}")
-        check_same_device(self, x, self._buffers.items())
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        if self.backend == "scaled_mm" and self.act != "none" and not fp8_scaled_mm_ok(x2, self.weight):
-            raise RuntimeError("backend='scaled_mm' needs a CUDA GPU with compute capability >= 8.9 and "
-                               f"in/out features multiples of 16 (got {self.in_features}->{self.out_features}, "
-                               f"device {x.device})")
-        y = fp8_linear(x2, self.weight, self.weight_scale, self.bias, self.input_scale, self.act,
-                       self.backend != "emulated")
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def kernel_spec(self) -> KernelSpec:
+        act = None if self.act == "none" else ActivationScheme("fp8_e4m3", 8, static=self.act == "static")
+        return KernelSpec(FloatWeightScheme("fp8_e4m3"), self.in_features, self.out_features, self.weight_scale.dtype,
+                          self.bias is not None, "fp8", act)
+
+    def weight_tensors(self) -> WeightTensors:
+        return WeightTensors(self.kernel_spec(), self.name, weight=self.weight, weight_scale=self.weight_scale,
+                             input_scale=self.input_scale, bias=self.bias)

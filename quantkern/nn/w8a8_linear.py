@@ -2,7 +2,9 @@
 
 State dict (self-describing, compressed-tensors style): ``weight`` int8 ``[N, K]``, ``weight_scale``
 fp32 ``[N, 1]``, ``input_scale`` fp32 ``[1]`` (static activations only), ``bias`` ``[N]`` (optional).
-``forward`` is one ``quantkern::w8a8_linear`` op call plus reshapes.
+``forward`` is one op call plus reshapes: ``quantkern::w8a8_linear`` (``torch._int_mm``, the ``auto``
+choice; backend ``int_mm``), ``quantkern::w8a8_linear_triton`` (``triton``) or the fp64 oracle
+``quantkern::w8a8_linear_ref`` (``reference``).
 """
 
 from __future__ import annotations
@@ -10,25 +12,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.int8 import (dequantize_codes, qparams_from_range, quantize_int8_per_channel, quantize_int8_per_token,
-                         quantize_int8_static, quantize_rows, quantize_weight_groups, quantize_with)
-from ..kernels.registry import check_same_device
-from ..kernels.w8a8 import check_w8a8_args, w8a8_linear, w8a8_linear_reference
+from ..core import WeightScheme
+from ..core.int8 import qparams_from_range, quantize_int8_per_channel, quantize_weight_groups
+from ..core.spec import ActivationScheme
+from ..kernels.registry import KernelSpec, WeightTensors
+from ..kernels.w8a8 import check_w8a8_args, zeroquant_weight
+from .base import QuantModule
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(QuantModule):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, static: bool = False,
-                 dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
+                 dtype: torch.dtype = torch.float16, device=None, backend="auto"):
+        super().__init__(backend)
         self.in_features, self.out_features = in_features, out_features
-        self.name = ""
-        # "auto" (torch._int_mm where it applies) | "int_mm" | "triton" (fused epilogue, CUDA or the
-        # interpreter) | "reference" (the fp64 oracle, for checks)
-        self.backend = "auto"
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    def kernel_spec(self) -> KernelSpec:
+        return KernelSpec(WeightScheme(8, -1, True), self.in_features, self.out_features, self.weight_scale.dtype,
+                          self.bias is not None, "w8a8", ActivationScheme("int", 8, static=self.input_scale is not None))
+
+    def weight_tensors(self) -> WeightTensors:
+        return WeightTensors(self.kernel_spec(), self.name, weight=self.weight, weight_scale=self.weight_scale,
+                             input_scale=self.input_scale, bias=self.bias)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_w8a8_args(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_scale: torch.Tensor | float | None = None) -> "W8A8Linear":
@@ -57,32 +68,8 @@ class W8A8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"activations=int8 {act}")
 
-    def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
-        from ..triton_kernels.w8a8_int8 import w8a8_int8_matmul_triton  # imports triton: only when asked
 
-        if self.input_scale is None:
-            xq, xs = quantize_int8_per_token(x2)
-        else:
-            xq, xs = quantize_int8_static(x2, self.input_scale), self.input_scale
-        return w8a8_int8_matmul_triton(xq, xs, self.weight, self.weight_scale, self.bias, x2.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        check_w8a8_args(x2, self.weight, self.weight_scale)
-        check_same_device(self, x, self._buffers.items())
-        if self.backend == "triton":
-            y = self._forward_triton(x2)
-        elif self.backend == "reference":
-            y = w8a8_linear_reference(x2, self.weight, self.weight_scale, self.bias, self.input_scale)
-            y = y.to(device=x.device, dtype=x.dtype)
-        else:
-            if self.backend == "int_mm" and not hasattr(torch, "_int_mm"):
-                raise RuntimeError("backend='int_mm' but this torch has no torch._int_mm")
-            y = w8a8_linear(x2.contiguous(), self.weight, self.weight_scale, self.bias, self.input_scale)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
-class ZeroQuantLinear(nn.Module):
+class ZeroQuantLinear(QuantModule):
     """ZeroQuant-style Linear: group-wise int weights and token-wise (or static per-tensor) int activations.
 
     State dict: ``weight`` int8 (signed codes) or uint8 (``w_unsign``) ``[N, K]``, ``weight_scale``
@@ -90,17 +77,16 @@ class ZeroQuantLinear(nn.Module):
     ``w_has_zero``), ``input_scale`` fp32 ``[1]`` and ``input_zero_point`` int32 ``[1]`` (static
     activations; the zero point only with ``a_has_zero``), ``bias``. The forward is the pure-PyTorch
     reference (fake-quantized activations times the dequantized weight in fp32); there is no fused
-    kernel for these layouts yet.
+    kernel for these layouts yet (the one op ``quantkern::zeroquant_linear_ref``).
     """
 
     def __init__(self, in_features, out_features, w_bits=8, group_size=64, w_has_zero=False, w_unsign=False,
                  a_bits=8, a_has_zero=False, a_unsign=False, static=False, bias=False, dtype=torch.float16,
-                 device=None):
-        super().__init__()
+                 device=None, backend="auto"):
+        super().__init__(backend)
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.group_size, self.w_has_zero, self.w_unsign = w_bits, group_size, w_has_zero, w_unsign
         self.a_bits, self.a_has_zero, self.a_unsign = a_bits, a_has_zero, a_unsign
-        self.name = ""
         gs = in_features if group_size == -1 else group_size
         g = -(-in_features // gs)
         wdt = torch.uint8 if w_unsign else torch.int8
@@ -136,27 +122,21 @@ class ZeroQuantLinear(nn.Module):
         return mod
 
     def dequantized_weight(self) -> torch.Tensor:
-        z = self.weight_zero_point.float()[:, self.g_idx] if self.w_has_zero else 0.0
-        return (self.weight.float() - z) * self.weight_scale[:, self.g_idx]
+        return zeroquant_weight(self.weight, self.weight_scale, self.weight_zero_point, self.g_idx)
+
+    def kernel_spec(self) -> KernelSpec:
+        act = ActivationScheme("int", self.a_bits, static=self.input_scale is not None, has_zero=self.a_has_zero,
+                               unsign=self.a_unsign)
+        return KernelSpec(WeightScheme(self.w_bits, self.group_size, not self.w_has_zero), self.in_features,
+                          self.out_features, self.weight_scale.dtype, self.bias is not None, "zeroquant", act)
+
+    def weight_tensors(self) -> WeightTensors:
+        return WeightTensors(self.kernel_spec(), self.name, weight=self.weight, weight_scale=self.weight_scale,
+                             weight_zero_point=self.weight_zero_point, g_idx=self.g_idx,
+                             input_scale=self.input_scale, input_zero_point=self.input_zero_point, bias=self.bias)
 
     def extra_repr(self) -> str:
         act = "static" if self.input_scale is not None else "per-token"
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
                 f"group_size={self.group_size}, w_has_zero={self.w_has_zero}, w_unsign={self.w_unsign}, "
                 f"a_bits={self.a_bits} {act}, a_has_zero={self.a_has_zero}, a_unsign={self.a_unsign}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"ZeroQuantLinear: input has {x.shape[-1]} features, expected {self.in_features}")
-        check_same_device(self, x, self._buffers.items())
-        x2 = x.reshape(-1, self.in_features).float()
-        if self.input_scale is None:
-            q, s, z = quantize_rows(x2, self.a_bits, self.a_has_zero, self.a_unsign)
-        else:
-            s = self.input_scale.reshape(1, 1)
-            z = self.input_zero_point.reshape(1, 1) if self.input_zero_point is not None else torch.zeros_like(s)
-            q = quantize_with(x2, s, z, self.a_bits, self.a_unsign)
-        y = dequantize_codes(q, s, z) @ self.dequantized_weight().t()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

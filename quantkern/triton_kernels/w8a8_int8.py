@@ -76,3 +76,22 @@ def w8a8_int8_matmul_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Ten
         0 if a_scale.numel() == 1 else a_scale.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64)
     return c
+
+
+@torch.library.custom_op("quantkern::w8a8_linear_triton", mutates_args=())
+def w8a8_linear_triton(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole W8A8 Linear as one op: x quantized to int8 per token (or with the static ``input_scale``),
+    then :func:`w8a8_int8_matmul_triton`; the result in x's dtype."""
+    from ..core.int8 import quantize_int8_per_token, quantize_int8_static
+
+    if input_scale is None:
+        xq, xs = quantize_int8_per_token(x2d)
+    else:
+        xq, xs = quantize_int8_static(x2d, input_scale), input_scale
+    return w8a8_int8_matmul_triton(xq, xs, weight, weight_scale, bias, x2d.dtype)
+
+
+@w8a8_linear_triton.register_fake
+def _(x2d, weight, weight_scale, bias=None, input_scale=None):
+    return x2d.new_empty(x2d.shape[0], weight.shape[0])
