@@ -17,13 +17,14 @@ def _config(a):
     from . import AWQConfig, FP8Config, GPTQConfig, RTNConfig, SmoothQuantConfig, W8A8Config
 
     skip = tuple(a.skip or ("lm_head",))
-    common = dict(bits=a.bits, group_size=a.group_size, sym=not a.asym, skip_layers=skip)
+    overrides = parse_overrides(getattr(a, "override", None) or ())
+    common = dict(bits=a.bits, group_size=a.group_size, sym=not a.asym, skip_layers=skip, overrides=overrides)
     if a.method == "rtn":
         return RTNConfig(mse=a.mse, **common)
     if a.method == "gptq":
         return GPTQConfig(actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
                           mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
-    calib = dict(skip_layers=skip, device=a.device)
+    calib = dict(skip_layers=skip, device=a.device, overrides=overrides)
     if a.method == "awq":
         return AWQConfig(bits=a.bits, group_size=a.group_size, zero_point=not a.sym, **calib)
     if a.method == "fp8":
@@ -33,6 +34,36 @@ def _config(a):
     if a.method == "w8a8":
         return W8A8Config(**calib)
     return SmoothQuantConfig(alpha=a.alpha, **calib)
+
+
+def parse_overrides(items) -> tuple:
+    """``--override PATTERN:KEY=VALUE[,KEY=VALUE...]`` (repeatable) -> the configs' ``overrides``
+    (``(pattern, {key: value})`` pairs, first match wins); values are ints, floats, true / false or
+    strings. Raises ``ValueError`` naming a malformed item."""
+    out = []
+    for item in items:
+        pattern, sep, rest = item.rpartition(":")
+        pairs = [p.strip() for p in rest.split(",") if p.strip()]
+        if not sep or not pattern or not pairs or any("=" not in p for p in pairs):
+            raise ValueError(f"--override {item!r}: expected PATTERN:KEY=VALUE[,KEY=VALUE...], "
+                             "e.g. '*.down_proj:bits=8' or '*.self_attn.*:bits=8,group_size=64'")
+        settings = {}
+        for p in pairs:
+            k, _, v = p.partition("=")
+            settings[k.strip()] = _value(v.strip())
+        out.append((pattern, settings))
+    return tuple(out)
+
+
+def _value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 _OVERWRITE_HELP = ("replace a previous checkpoint at --out (one holding only the files quantkern writes); "
@@ -56,6 +87,9 @@ def _add_quantize(sub):
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--calib-text", default="builtin", help="'builtin', a .txt file or hf:<dataset>[:<config>]")
     p.add_argument("--skip", action="append", default=None, help="module name pattern to keep dense (repeatable)")
+    p.add_argument("--override", action="append", default=None, metavar="PATTERN:KEY=VALUE[,...]",
+                   help="per-layer settings for the modules matching PATTERN (repeatable, first match wins), "
+                        "e.g. '*.down_proj:bits=8' or '*.self_attn.*:bits=8,group_size=64'")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
     p.add_argument("--weight-only", action="store_true", help="fp8: weight-only (activations stay in bf16/fp16)")
     p.add_argument("--fp8-gptq", action="store_true", help="fp8: round the weights with GPTQ (needs calibration)")

@@ -360,8 +360,8 @@ def test_skip_layers_items_and_sets():
     assert qk.RTNConfig(skip_layers={"b", "a"}).skip_layers == ("a", "b")
 
 
-@pytest.mark.parametrize("cls", [qk.AWQConfig, qk.W8A8Config, qk.FP8Config, qk.FP4Config, qk.PTQConfig,
-                                 qk.ZeroQuantConfig])
+@pytest.mark.parametrize("cls", [qk.RTNConfig, qk.GPTQConfig, qk.AWQConfig, qk.W8A8Config, qk.FP8Config,
+                                 qk.FP4Config, qk.PTQConfig, qk.ZeroQuantConfig])
 def test_overrides_type_checked(cls):
     with pytest.raises(ValueError, match=r"overrides must be a dict \{module-name pattern: \{setting: value\}\}.*"
                                          r"got 5 \(int\)"):

@@ -266,9 +266,10 @@ class BaseQuantizer:
             raise RuntimeError("check_export() needs the layer plan: call prepare() first")
         plans = {name: self.layer_plan(name, lin) for name, lin in self.plan.quantize.items()}
         for name, site in self.plan.experts.items():
-            s = self.config.scheme()
+            c = self.config.for_layer(name) if hasattr(self.config, "for_layer") else self.config
+            s = c.scheme()
             plans[name] = LayerPlan("QuantExperts", site.hidden_size, site.intermediate_size, s,
-                                    permuted_groups=s.act_order and not getattr(self.config, "static_groups", False),
+                                    permuted_groups=s.act_order and not getattr(c, "static_groups", False),
                                     problem=experts_export_problem(site.layout))
         check_exportable(export_format, plans, self.model)
 

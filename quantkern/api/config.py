@@ -15,6 +15,7 @@ import torch
 
 from ..core import WeightScheme, validate_bits, validate_group_size
 from ..kernels import Backend
+from .targets import matches
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -41,6 +42,57 @@ def validate_patterns(name: str, v) -> tuple[str, ...]:
         if not isinstance(p, str) or not p:
             raise ValueError(f"{name} must be non-empty strings (module-name patterns), got {p!r} in {list(v)!r}")
     return v
+
+
+class PerLayer:
+    """Per-layer overrides: ``overrides={"*.down_proj": {"bits": 8}, ...}`` (fnmatch patterns or dotted
+    suffixes, as ``skip_layers``; the first matching pattern wins). Only the keys in ``layer_keys`` may
+    be overridden; each override is validated on construction by building the layer's config."""
+
+    layer_keys: ClassVar[tuple[str, ...]] = ()
+
+    def _normalize_overrides(self) -> None:
+        raw = self.overrides
+        if raw is not None and not isinstance(raw, (dict, list, tuple)):
+            raise ValueError("overrides must be a dict {module-name pattern: {setting: value}} (or a list of "
+                             f"(pattern, settings) pairs), got {raw!r} ({type(raw).__name__})")
+        items = list(raw.items()) if isinstance(raw, dict) else list(raw or ())
+        norm = []
+        for entry in items:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]):
+                raise ValueError(f"overrides must map module-name patterns to settings dicts, got {entry!r}")
+            pattern, settings = entry
+            try:
+                settings = dict(settings)
+            except (TypeError, ValueError):
+                raise ValueError(f"overrides[{pattern!r}] must be a dict of settings (allowed keys: "
+                                 f"{list(self.layer_keys)}), got {settings!r}") from None
+            bad = sorted(set(settings) - set(self.layer_keys))
+            if bad:
+                raise ValueError(f"{type(self).__name__} cannot override {bad} per layer; allowed: "
+                                 f"{list(self.layer_keys)}")
+            norm.append((pattern, tuple(sorted(settings.items()))))
+        object.__setattr__(self, "overrides", tuple(norm))
+        for pattern, _ in norm:  # build each layer config once so bad values fail now
+            self._layer_config(pattern)
+
+    def _layer_config(self, pattern: str):
+        settings = dict(dict(self.overrides)[pattern])
+        return dataclasses.replace(self, overrides=(), **self._fix_override(settings))
+
+    def _fix_override(self, settings: dict) -> dict:
+        return settings
+
+    def for_layer(self, name: str):
+        """This config with the first override whose pattern matches module ``name`` applied."""
+        for pattern, _ in self.overrides:
+            if matches(name, [pattern]):
+                return self._layer_config(pattern)
+        return self
+
+    def any_layer(self, key: str) -> bool:
+        """True if ``key`` is truthy in this config or in any override."""
+        return bool(getattr(self, key)) or any(bool(dict(st).get(key)) for _, st in self.overrides)
 
 
 @dataclass(frozen=True)
@@ -76,14 +128,17 @@ class BaseConfig:
 
 
 @dataclass(frozen=True)
-class WeightOnlyConfig(BaseConfig):
-    """Integer weight-only quantization to the GPTQ packed layout."""
+class WeightOnlyConfig(BaseConfig, PerLayer):
+    """Integer weight-only quantization to the GPTQ packed layout. ``overrides``: per-layer settings
+    (:class:`PerLayer`), e.g. ``{"*.down_proj": {"bits": 8}, "*.self_attn.*": {"group_size": 64}}``."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     scale_dtype: str = "float16"
     backend: str = "auto"
+    overrides: tuple = ()
+    layer_keys: ClassVar[tuple[str, ...]] = ("bits", "group_size", "sym")
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,6 +149,7 @@ class WeightOnlyConfig(BaseConfig):
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
         Backend.parse(self.backend)
+        self._normalize_overrides()
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -109,6 +165,7 @@ class RTNConfig(WeightOnlyConfig):
 
     method: ClassVar[str] = "rtn"
     mse: bool = False
+    layer_keys: ClassVar[tuple[str, ...]] = ("bits", "group_size", "sym", "mse")
 
 
 @dataclass(frozen=True)
@@ -135,6 +192,8 @@ class GPTQConfig(WeightOnlyConfig):
     seq_len: int = 512
     batch_size: int = 8
     min_expert_tokens: int | None = None
+    layer_keys: ClassVar[tuple[str, ...]] = ("bits", "group_size", "sym", "actorder", "static_groups", "mse",
+                                             "damp_percent")
 
     def __post_init__(self):
         super().__post_init__()

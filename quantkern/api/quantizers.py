@@ -129,7 +129,7 @@ class GPTQBlockDriver:
         module runs with exactly the dequantized weights; the :class:`QuantExperts` goes into ``done``.
         A projection whose expert got fewer tokens than ``min_expert_tokens`` (default: its
         in_features) is quantized with RTN, named in ``report["expert_fallbacks"]``."""
-        c = self.config
+        c = self.config.for_layer(name)
         mod, lay = site.module, site.layout
         n_exp = site.num_experts
         tokens = [0] * n_exp
@@ -273,19 +273,21 @@ class RTNQuantizer(BaseQuantizer):
 
     def _prepare(self) -> None:
         c = self.config
-        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, experts=True)
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, experts=True,
+                                 layer_config=c.for_layer)
         _warn_if_no_gpu(self.use_triton)
 
     def _convert(self) -> None:
-        scheme = self.config.scheme()
         for name, lin in tqdm(list(self.plan.quantize.items()), desc="RTN", disable=not self.verbose, leave=False):
+            c = self.config.for_layer(name)
             with naming_layer(name):
-                qw = quantize_rtn(lin.weight, scheme, self.config.torch_scale_dtype, mse=self.config.mse)
+                qw = quantize_rtn(lin.weight, c.scheme(), c.torch_scale_dtype, mse=c.mse)
             self.replace_module(name, self.make_quant_linear(lin, qw, name))
         for name, site in self.plan.experts.items():
-            gate_up, down = rtn_experts(site, name, scheme, self.config.torch_scale_dtype, self.config.mse)
+            c = self.config.for_layer(name)
+            gate_up, down = rtn_experts(site, name, c.scheme(), c.torch_scale_dtype, c.mse)
             self.replace_module(name, QuantExperts.from_quantized(site.module, site.layout, gate_up, down,
-                                                                  dtype=self.config.torch_scale_dtype, name=name))
+                                                                  dtype=c.torch_scale_dtype, name=name))
 
 
 @register_quantizer(GPTQConfig)
@@ -315,13 +317,13 @@ class GPTQQuantizer(GPTQBlockDriver, BaseQuantizer):
         c = self.config
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
         self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name,
-                                 experts=True)
+                                 experts=True, layer_config=c.for_layer)
 
     def _convert(self) -> None:
         self.report["gptq_losses"] = self.run_gptq_blocks(self.take_inputs())
 
     def _quantize_layer(self, g: GPTQ, mod: nn.Linear, name: str):
-        c = self.config
+        c = self.config.for_layer(name)
         loss = None
         if g.nsamples == 0:  # never reached by calibration (e.g. an unused MoE expert)
             logger.warning("quantkern: %s saw no calibration tokens; quantized with RTN", name)

@@ -157,15 +157,22 @@ def _plan_experts(plan: TargetPlan, name: str, mod: nn.Module, layout, skip_laye
     plan.experts[name] = site
 
 
+def _bits_group(config) -> tuple[int, int]:
+    return config.bits, config.group_size
+
+
 def _chain(name: str) -> list[str]:
     """``a.b.c`` -> ``[a.b.c, a.b, a]``."""
     return [name.rsplit(".", i)[0] for i in range(name.count(".") + 1)]
 
 
 def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, within: str | None = None,
-                 experts: bool = False) -> TargetPlan:
+                 experts: bool = False, layer_config=None) -> TargetPlan:
     """Choose the Linears to quantize (inside ``within`` if given) and validate their shapes now,
     listing every offending layer, so that no calibration time is spent on a model that cannot be served.
+
+    ``layer_config``: ``name -> config`` with the layer's own ``bits`` / ``group_size`` (per-layer
+    overrides, :meth:`~quantkern.api.config.PerLayer.for_layer`); default: ``bits`` and ``group_size``.
 
     ``experts``: the quantizer also quantizes fused 3-D MoE experts modules (``plan.experts``); without
     it they are refused by the accounting, as every tensor no rule covers. MoE routers stay dense."""
@@ -184,7 +191,8 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
         layout = experts_layout(mod, model_type) if experts else None
         if layout is not None:
             if within is None or name.startswith(within + "."):
-                _plan_experts(plan, name, mod, layout, skip_layers, bits, group_size, bad)
+                eb, eg = (bits, group_size) if layer_config is None else _bits_group(layer_config(name))
+                _plan_experts(plan, name, mod, layout, skip_layers, eb, eg, bad)
         elif isinstance(mod, nn.Linear) and is_router_name(leaf, modules[parent] if parent else model):
             plan.skipped.append((name, "MoE router (Linear), kept dense"))
         elif is_conv1d(mod):
@@ -201,11 +209,13 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
                 plan.skipped.append((name, f"outside the decoder blocks ({within})"))
             else:
                 k, n = mod.in_features, mod.out_features
-                reason = packable(k, n, bits)
-                if group_size != -1 and group_size > k:
-                    reason = (reason + "; " if reason else "") + f"group_size={group_size} > in_features={k}"
+                lb, lg = (bits, group_size) if layer_config is None else _bits_group(layer_config(name))
+                reason = packable(k, n, lb)
+                if lg != -1 and lg > k:
+                    reason = (reason + "; " if reason else "") + f"group_size={lg} > in_features={k}"
                 if reason:
-                    bad.append(f"{name} ({k}->{n}): {reason}")
+                    own = f", override bits={lb}, group_size={lg}" if (lb, lg) != (bits, group_size) else ""
+                    bad.append(f"{name} ({k}->{n}{own}): {reason}")
                 else:
                     plan.quantize[name] = mod
         elif isinstance(mod, nn.Embedding):

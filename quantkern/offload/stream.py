@@ -227,10 +227,12 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
         if use_gptq:
             inputs, done = q.quantize_block(i, inputs, device, losses)
         else:
-            scheme = config.scheme()
-            done = {n: q.make_quant_linear(m, quantize_rtn(m.weight, scheme, config.torch_scale_dtype,
-                                                           mse=config.mse), n)
-                    for n, m in q.plan.quantize.items() if n.startswith(prefix)}
+            done = {}
+            for n, m in q.plan.quantize.items():
+                if n.startswith(prefix):
+                    lc = config.for_layer(n)
+                    done[n] = q.make_quant_linear(m, quantize_rtn(m.weight, lc.scheme(), lc.torch_scale_dtype,
+                                                                  mse=lc.mse), n)
         for name, ql in done.items():
             set_module(model, name, ql)
         sd = gptq_tensors(block, fmt)[0] if done else dense_state_dict(block)
@@ -317,8 +319,8 @@ def _finish_files(model, q, config, fmt, source, state, tokenizer) -> None:
     """Index, ``config.json``, ``quantize_config.json``, generation config and tokenizer files."""
     import json
 
-    scheme = config.scheme()
     for name, lin in q.plan.quantize.items():  # meta QuantLinears stand in for the written layers
+        scheme = config.for_layer(name).scheme()
         ql = QuantLinear(lin.in_features, lin.out_features, scheme.bits, scheme.group_size, scheme.sym,
                          scheme.act_order, bias=lin.bias is not None, dtype=config.torch_scale_dtype,
                          backend=config.backend, device="meta")

@@ -1,0 +1,80 @@
+"""Per-layer overrides for every method (``overrides={pattern: {setting: value}}``, ``--override`` on the
+CLI): RTN and GPTQ here (the calibrated families' own tests cover theirs), planned and validated before
+calibration, honoured by the quantizer, written to the checkpoint (GPTQModel ``dynamic``) and read back."""
+
+import pytest
+import torch
+
+import quantkern as qk
+from quantkern.cli import main, parse_overrides
+
+OVERRIDES = {"*.down_proj": {"bits": 8}, "model.layers.0.self_attn.v_proj": {"group_size": 32, "sym": False}}
+
+
+def _schemes(model) -> dict[str, tuple]:
+    return {n: (m.bits, m.group_size, m.sym) for n, m in model.named_modules() if isinstance(m, qk.QuantLinear)}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_overrides_are_quantized_saved_and_loaded(method, tiny_llama, token_data, tmp_path):
+    cfg = (qk.RTNConfig if method == "rtn" else qk.GPTQConfig)(bits=4, group_size=64, overrides=OVERRIDES)
+    q = qk.api.quantizer_for(cfg)(tiny_llama, cfg, verbose=False)
+    q.quantize(None if method == "rtn" else token_data)
+    got = _schemes(tiny_llama)
+    assert got["model.layers.1.mlp.down_proj"] == (8, 64, True) and got["model.layers.0.mlp.down_proj"][0] == 8
+    assert got["model.layers.0.self_attn.v_proj"] == (4, 32, False)
+    assert got["model.layers.1.self_attn.v_proj"] == got["model.layers.0.mlp.up_proj"] == (4, 64, True)
+    path = qk.save_quantized(tiny_llama, tmp_path / method)
+    loaded = qk.load_quantized(path)
+    assert _schemes(loaded) == got
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, tiny_llama(ids).logits, rtol=0, atol=0)
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+
+
+def test_an_override_that_cannot_pack_is_refused_before_calibration(tiny_llama):
+    with pytest.raises(ValueError, match=r"o_proj \(64->64, override bits=4, group_size=128\): group_size=128 > "
+                                         r"in_features=64"):
+        qk.GPTQQuantizer(tiny_llama, bits=4, group_size=32, overrides={"*.o_proj": {"group_size": 128}},
+                         verbose=False).prepare()
+    # and an override can rescue a layer the base settings cannot pack
+    q = qk.RTNQuantizer(tiny_llama, bits=4, group_size=128, overrides={"*.layers.*": {"group_size": 64}},
+                        verbose=False)
+    q.quantize()
+    assert {m.group_size for m in tiny_llama.modules() if isinstance(m, qk.QuantLinear)} == {64}
+
+
+def test_override_keys_are_per_method():
+    with pytest.raises(ValueError, match=r"RTNConfig cannot override \['actorder'\] per layer"):
+        qk.RTNConfig(overrides={"*": {"actorder": True}})
+    assert qk.GPTQConfig(overrides={"*.q_proj": {"actorder": True}}).for_layer("a.q_proj").actorder
+
+
+def test_cli_override_parsing():
+    assert parse_overrides(["*.down_proj:bits=8", "*.self_attn.*:bits=8,group_size=64,sym=false"]) == (
+        ("*.down_proj", {"bits": 8}), ("*.self_attn.*", {"bits": 8, "group_size": 64, "sym": False}))
+    for bad in ("bits=8", "*.down_proj:", "*.down_proj:bits"):
+        with pytest.raises(ValueError, match="expected PATTERN:KEY=VALUE"):
+            parse_overrides([bad])
+
+
+def test_cli_quantize_with_overrides(tiny_llama, tmp_path, monkeypatch, capsys):
+    import quantkern.models
+
+    class Tok:
+        def __call__(self, text, **kw):
+            return {"input_ids": torch.tensor([list(text.encode()[:4096])]) % 256}
+
+        def save_pretrained(self, path):
+            pass
+
+    monkeypatch.setattr(quantkern.models, "load_model", lambda name, device="cpu", **kw: (tiny_llama, Tok()))
+    out = tmp_path / "rtn"
+    assert main(["quantize", "--model", "tiny", "--method", "rtn", "--group-size", "64", "--override",
+                 "*.down_proj:bits=8", "--out", str(out)]) == 0
+    loaded = qk.load_quantized(out)
+    assert loaded.model.layers[1].mlp.down_proj.bits == 8 and loaded.model.layers[1].mlp.up_proj.bits == 4
+    assert main(["quantize", "--model", "tiny", "--method", "rtn", "--override", "*.down_proj:nbits=8",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "cannot override ['nbits'] per layer" in capsys.readouterr().err
