@@ -97,6 +97,12 @@ def test_rtn_quantizes_every_expert(family):
         got, want, orig = model(x).logits, ref(x).logits, dense(x).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - orig).abs().max() > 1e-3  # really quantized
+    # every expert is two weight sites of the plan (its gate/up and down tensors), with the run's spec
+    experts = {n: m for n, m in model.named_modules() if type(m).__name__ == "QuantExperts"}
+    sites = {s for s in q.sites if s.expert is not None}
+    assert sites and {s.module for s in sites} == set(experts)
+    assert len(sites) == 2 * sum(m.num_experts for m in experts.values())
+    assert {spec.weight for spec in q.sites.values()} == {qk.WeightScheme(4, 32, True)}
 
 
 def test_rtn_experts_module_matches_original_semantics():

@@ -78,3 +78,29 @@ def test_cli_quantize_with_overrides(tiny_llama, tmp_path, monkeypatch, capsys):
     assert main(["quantize", "--model", "tiny", "--method", "rtn", "--override", "*.down_proj:nbits=8",
                  "--out", str(tmp_path / "x")]) == 2
     assert "cannot override ['nbits'] per layer" in capsys.readouterr().err
+
+
+def _produced_spec(mod):
+    ks = mod.kernel_spec()
+    return ks.scheme, ks.activation
+
+
+@pytest.mark.parametrize("cfg", [
+    qk.RTNConfig(bits=4, group_size=64, overrides=OVERRIDES),
+    qk.GPTQConfig(bits=3, group_size=32, actorder=True, overrides={"*.down_proj": {"bits": 8, "actorder": False}}),
+    qk.AWQConfig(bits=4, group_size=32), qk.W8A8Config(overrides={"*.o_proj": {"act_static": True}}),
+    qk.SmoothQuantConfig(), qk.FP8Config(overrides={"*.down_proj": {"act_dtype": None}}),
+    qk.PTQConfig(), qk.ZeroQuantConfig(w_bits=4, w_group_size=32), qk.FP4Config(),
+], ids=lambda c: type(c).__name__)
+def test_site_plan_is_what_the_quantizer_produces(cfg, tiny_llama, token_data):
+    """The {Site: Spec} plan made before calibration names every quantized weight with the weight and
+    activation schemes of the module that replaces it."""
+    q = qk.api.quantizer_for(cfg)(tiny_llama, cfg, verbose=False)
+    q.quantize(token_data if q.needs_data else None)
+    plan = dict(q.sites)  # made by prepare(), before calibration
+    assert plan and all(s.expert is None and s.param == "weight" for s in plan)
+    produced = {n: m for n, m in tiny_llama.named_modules() if hasattr(m, "kernel_spec") and n}
+    assert {s.name for s in plan} == set(produced)
+    for site, spec in plan.items():
+        assert (spec.weight, spec.activation) == _produced_spec(produced[site.name]), site
+    assert sum(q.report["specs"].values()) == len(plan)

@@ -17,12 +17,14 @@ import copy
 import logging
 import time
 import types
+from collections import Counter
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import check_token_ids, group_batches, normalize_calibration_data
+from ..core.spec import Plan, Site, Spec
 from ..devices import check_devices, check_not_offloaded, is_dispatched
 from ..io.export_rules import LayerPlan, check_exportable, experts_export_problem
 from ..nn import QuantLinear
@@ -84,6 +86,7 @@ class BaseQuantizer:
         self.tokenizer = tokenizer
         self.verbose = verbose
         self.plan: TargetPlan | None = None
+        self.sites: Plan = {}  # {Site: Spec}, made by prepare() (see site_plan)
         self.report: dict = {}
         self._prepared = False
         self._failed = False
@@ -113,6 +116,7 @@ class BaseQuantizer:
         self._forward_before = self.model.__dict__.get("forward", _MISSING)
         try:
             self._prepare()
+            self.sites = self.site_plan()
             if export_format is not None:
                 self.check_export(export_format)
             self._install_guard()
@@ -141,8 +145,11 @@ class BaseQuantizer:
         self.report["seconds"] = time.perf_counter() - self._t0
         self.report["skipped"] = list(self.plan.skipped) if self.plan else []
         self.report["quantized_share"] = self.plan.quantized_share if self.plan else None
+        self.report["specs"] = dict(Counter(spec.describe() for spec in self.sites.values()))
         if self.verbose and self.plan is not None:
+            specs = "; ".join(f"{n} x {d}" for d, n in self.report["specs"].items())
             tqdm.write(f"[quantkern] {self.config.method}: {self.plan.summary()}\n"
+                       f"[quantkern] weight sites: {specs}\n"
                        f"[quantkern] weights {self.report['bytes_before'] / 2**20:.1f} MiB -> "
                        f"{self.report['bytes_after'] / 2**20:.1f} MiB in {self.report['seconds']:.1f} s")
         return self.model
@@ -249,6 +256,25 @@ class BaseQuantizer:
             self._snapshot.release(old)
 
     # -- what the result will be ---------------------------------------------------------------------
+    def site_plan(self) -> Plan:
+        """``{Site: Spec}``: every weight this quantizer will quantize and how (per-layer overrides
+        applied), from the plan :meth:`prepare` made; each expert of a fused MoE experts module is two
+        sites (its gate/up and down tensors). Available as ``self.sites`` after :meth:`prepare`."""
+        if self.plan is None:
+            return {}
+        per_layer = getattr(self.config, "for_layer", None)
+
+        def spec(name: str) -> Spec:
+            return (per_layer(name) if per_layer is not None else self.config).spec()
+
+        sites: Plan = {Site(name): spec(name) for name in self.plan.quantize}
+        for name, ex in self.plan.experts.items():
+            s = spec(name)
+            for e in range(ex.num_experts):
+                sites[Site(name, ex.layout.gate_up, e)] = s
+                sites[Site(name, ex.layout.down, e)] = s
+        return sites
+
     def layer_plan(self, name: str, linear: nn.Linear) -> LayerPlan:
         """The quantized layer that ``convert`` will put in place of ``linear`` (kind, shape and, for a
         QuantLinear, its weight scheme with any per-layer override applied)."""

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..core import WeightScheme, validate_bits, validate_group_size
+from ..core.spec import Spec
 from ..kernels import Backend
 from .targets import matches
 
@@ -107,6 +108,10 @@ class BaseConfig:
     def __post_init__(self):
         object.__setattr__(self, "skip_layers", validate_patterns("skip_layers", self.skip_layers))
 
+    def spec(self):
+        """The :class:`~quantkern.core.spec.Spec` a layer quantized with these settings gets."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its layers as a Spec")
+
     def to_dict(self) -> dict:
         d = {"method": self.method}
         for f in dataclasses.fields(self):
@@ -157,6 +162,11 @@ class WeightOnlyConfig(BaseConfig, PerLayer):
 
     def scheme(self) -> WeightScheme:
         return WeightScheme(self.bits, self.group_size, self.sym, act_order=getattr(self, "actorder", False))
+
+    def spec(self) -> Spec:
+        """How a layer with these settings is quantized (per layer: ``for_layer(name).spec()``)."""
+        return Spec(self.scheme())
+
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...core.spec import Spec
 from ..config import WeightOnlyConfig
 from .common import CalibrationFields, PerLayer, validate_bool, validate_calibration_fields, validate_positive_int
 
@@ -55,3 +56,7 @@ class AWQConfig(WeightOnlyConfig, CalibrationFields, PerLayer):
         if "zero_point" in settings:  # sym follows zero_point in a layer's config
             settings["sym"] = not settings["zero_point"]
         return settings
+
+    def spec(self) -> Spec:
+        return Spec(self.scheme(), transforms=("smooth",))
+

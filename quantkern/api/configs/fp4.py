@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...core.spec import FloatWeightScheme, Spec
 from ..config import BaseConfig
 from .common import PerLayer, validate_bool
 
@@ -34,3 +35,7 @@ class FP4Config(BaseConfig, PerLayer):
             raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         validate_bool("mse", self.mse)
         self._normalize_overrides()
+
+    def spec(self) -> Spec:
+        return Spec(FloatWeightScheme("fp4_e2m1", self.group_size))
+

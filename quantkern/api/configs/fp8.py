@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...core.spec import ActivationScheme, FloatWeightScheme, Spec
 from ..config import BaseConfig, validate_damp_percent
 from .common import CalibrationFields, PerLayer, validate_bool, validate_calibration_fields
 
@@ -59,3 +60,8 @@ class FP8Config(BaseConfig, CalibrationFields, PerLayer):
     @property
     def act_mode(self) -> str:
         return "none" if self.act_dtype is None else ("static" if self.act_static else "dynamic")
+
+    def spec(self) -> Spec:
+        act = None if self.act_dtype is None else ActivationScheme("fp8_e4m3", 8, static=self.act_static)
+        return Spec(FloatWeightScheme("fp8_e4m3"), act)
+

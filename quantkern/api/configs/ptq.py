@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...core import WeightScheme
+from ...core.spec import ActivationScheme, FloatWeightScheme, Spec
 from ..config import BaseConfig
 from .common import CalibrationFields, PerLayer, validate_calibration_fields
 from .w8a8 import W8A8_BACKENDS
@@ -53,3 +55,9 @@ class PTQConfig(BaseConfig, CalibrationFields, PerLayer):
     @property
     def act_static(self) -> bool:
         return True
+
+    def spec(self) -> Spec:
+        if self.weight_dtype == "int8":
+            return Spec(WeightScheme(8, -1, True), ActivationScheme("int", 8, static=True))
+        return Spec(FloatWeightScheme("fp8_e4m3"), ActivationScheme("fp8_e4m3", 8, static=True))
+

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...core import WeightScheme
+from ...core.spec import ActivationScheme, Spec
 from ..config import BaseConfig
 from .common import CalibrationFields, PerLayer, validate_bool, validate_calibration_fields
 
@@ -33,6 +35,11 @@ class W8A8Config(BaseConfig, CalibrationFields, PerLayer):
         if self.backend not in W8A8_BACKENDS:
             raise ValueError(f"backend must be one of {list(W8A8_BACKENDS)}, got {self.backend!r}")
         validate_calibration_fields(self)
+
+    def spec(self) -> Spec:
+        smooth = ("smooth",) if self.method == "smoothquant" else ()
+        return Spec(WeightScheme(8, -1, True), ActivationScheme("int", 8, static=self.act_static), smooth)
+
 
 
 @dataclass(frozen=True)

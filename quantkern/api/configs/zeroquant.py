@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...core import WeightScheme
+from ...core.spec import ActivationScheme, Spec
 from ..config import BaseConfig
 from .common import CalibrationFields, PerLayer, validate_bool, validate_calibration_fields
 
@@ -50,3 +52,9 @@ class ZeroQuantConfig(BaseConfig, CalibrationFields, PerLayer):
     def scheme_kwargs(self) -> dict:
         return dict(w_bits=self.w_bits, group_size=self.w_group_size, w_has_zero=self.w_has_zero,
                     w_unsign=self.w_unsign, a_bits=self.a_bits, a_has_zero=self.a_has_zero, a_unsign=self.a_unsign)
+
+    def spec(self) -> Spec:
+        act = ActivationScheme("int", self.a_bits, static=self.act_static, has_zero=self.a_has_zero,
+                               unsign=self.a_unsign)
+        return Spec(WeightScheme(self.w_bits, self.w_group_size, not self.w_has_zero), act)
+
