@@ -45,3 +45,100 @@ def assert_compiles_fullgraph(model, xs):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
     for x, w in zip(xs, want):
         torch.testing.assert_close(compiled(x), w, rtol=0, atol=0)
+
+
+def random_qweight(k, n, bits, group_size, sym, act_order, scale_dtype=torch.float16, seed=0):
+    """Random codes / zeros / scales of a valid scheme; act-order shuffles which columns share a group."""
+    from quantkern.core import QuantizedWeight, WeightScheme
+
+    gen = torch.Generator().manual_seed(seed)
+    scheme = WeightScheme(bits, group_size, sym, act_order)
+    g = scheme.num_groups(k)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=gen, dtype=torch.int32)
+    zeros = (torch.full((g, n), 2 ** (bits - 1), dtype=torch.int32) if sym
+             else torch.randint(0, 2 ** bits, (g, n), generator=gen, dtype=torch.int32))
+    scales = ((torch.rand(g, n, generator=gen) + 0.5) * (2.0 / 2 ** bits) / k ** 0.5).to(scale_dtype)
+    g_idx = torch.arange(k, dtype=torch.int32) // (k if group_size == -1 else group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    return QuantizedWeight(codes, scales, zeros, g_idx, scheme)
+
+
+class BackendConformance:
+    """The checks every GPTQ-layout kernel backend passes: subclass it as ``TestXxx`` with ``backend``
+    (a :class:`~quantkern.kernels.Backend`) and, where the backend runs elsewhere or slower, ``device``,
+    ``MS``, ``DTYPES`` or ``SCHEMES``; ``available()`` returns why the backend cannot run here (the
+    tests then skip), or None.
+
+    - the awkward-shape grid: M = 1, 2, 3, 17, 127, 128, 129; sizes that are not powers of two;
+      2 / 3 / 4 / 8 bits, grouped / per-channel, sym / asym, act-order; fp16 and bf16 (fp32 where the
+      backend takes it), with a bias, against the reference in fp32 with dtype-fitting tolerances;
+    - the kernel is the backend asked for, and its forward is one registered custom op;
+    - ``torch.compile(fullgraph=True)`` traces it and gives the eager result.
+    """
+
+    backend = None
+    device = "cpu"
+    MS = (1, 2, 3, 17, 127, 128, 129)
+    DTYPES = (torch.float16, torch.bfloat16)
+    # (bits, group_size, sym, act_order, K, N)
+    SCHEMES = ((4, 32, False, False, 200, 72), (3, -1, True, True, 96, 160), (8, 64, True, False, 100, 44),
+               (2, 16, False, True, 112, 48))
+    OP: str | None = None  # the op name the forward dispatches, where the subclass pins it
+
+    @classmethod
+    def available(cls) -> str | None:
+        return None
+
+    def _skip(self):
+        import pytest
+
+        why = self.available()
+        if why:
+            pytest.skip(why)
+
+    def layer(self, scheme, dtype, seed=0):
+        from quantkern import QuantLinear
+
+        bits, gs, sym, act, k, n = scheme
+        qw = random_qweight(k, n, bits, gs, sym, act, scale_dtype=dtype, seed=seed)
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)) * 0.1
+        return QuantLinear.from_quantized(qw, bias=bias, dtype=dtype, backend=self.backend).to(self.device)
+
+    @staticmethod
+    def tolerance(dtype) -> float:
+        return {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+
+    def test_awkward_shapes_match_the_reference(self):
+        from quantkern.kernels.reference import gptq_gemm_reference
+
+        self._skip()
+        for si, scheme in enumerate(self.SCHEMES):
+            for dtype in self.DTYPES:
+                layer = self.layer(scheme, dtype, seed=si)
+                k = scheme[4]
+                for m in self.MS:
+                    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(self.device)
+                    y = layer(x)
+                    assert layer.kernel_for(x).backend is self.backend, (scheme, dtype, m)
+                    ref = gptq_gemm_reference(x.float(), layer.qweight, layer.qzeros, layer.scales.float(),
+                                              layer.g_idx, layer.bits, layer.bias.float())
+                    assert y.dtype == dtype and y.shape == ref.shape
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    assert err < self.tolerance(dtype), f"{scheme} {dtype} M={m}: rel err {err:.2e}"
+
+    def test_forward_is_one_custom_op(self):
+        self._skip()
+        layer = self.layer(self.SCHEMES[0], self.DTYPES[0])
+        op = single_op_of(layer, torch.randn(3, self.SCHEMES[0][4]).to(self.DTYPES[0]).to(self.device))
+        assert op.startswith("quantkern"), op
+        if self.OP is not None:
+            assert op == self.OP
+
+    def test_compiles_fullgraph(self):
+        self._skip()
+        k = self.SCHEMES[0][4]
+        model = torch.nn.Sequential(self.layer(self.SCHEMES[0], self.DTYPES[0]), torch.nn.GELU())
+        dt = self.DTYPES[0]
+        assert_compiles_fullgraph(model, [torch.randn(1, k).to(dt).to(self.device),
+                                          torch.randn(2, 9, k).to(dt).to(self.device)])

@@ -440,3 +440,23 @@ def test_cuda_ops_splits_agree_and_bad_input_raises():
         fx = mode.from_tensor(x)
         out = op(fx, mode.from_tensor(p.qweight), mode.from_tensor(p.scales), mode.from_tensor(p.zeros), 4, 128, n, 1)
         assert out.shape == (5, n) and out.dtype == dtype
+
+
+from conformance import BackendConformance  # noqa: E402
+
+
+class TestCudaConformance(BackendConformance):
+    """The conformance grid on the CUDA backend (GPU only). Its GEMV serves M <= 8 of weights the
+    tensor-core GEMM cannot hold, so the grid keeps to schemes the GEMM takes for every M."""
+
+    backend = Backend.CUDA
+    device = "cuda"
+    OP = "quantkern::cuda_wna16_linear"
+    SCHEMES = ((4, 64, False, False, 192, 72), (4, -1, True, True, 256, 136), (8, 128, True, False, 384, 40))
+
+    @classmethod
+    def available(cls):
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+            return "needs a CUDA GPU with compute capability >= 8.0"
+        ok, why = build.extension_status(load=True)
+        return None if ok else f"CUDA extension unavailable: {why}"

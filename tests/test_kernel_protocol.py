@@ -16,7 +16,7 @@ from quantkern.kernels import registry as R
 from quantkern.kernels.cpu import build as cpu_build
 from quantkern.kernels.reference import gptq_gemm_reference
 
-from conformance import assert_compiles_fullgraph, single_op_of
+from conformance import BackendConformance, assert_compiles_fullgraph, single_op_of
 
 
 def _layer(k=96, n=40, bits=4, gs=32, sym=False, bias=True, backend="auto", seed=0):
@@ -133,6 +133,22 @@ def test_build_kernels_prepares_every_bucket_before_tracing():
     layer = _layer()
     layer.build_kernels("cpu", torch.float32, max_rows=20)
     assert {key[2] for key in layer._kernels._by_bucket} == {1, 8, 16, 64}
+
+
+class TestReferenceConformance(BackendConformance):
+    backend = Backend.REFERENCE
+    DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+    OP = "quantkern::gptq_gemm_ref"
+
+
+class TestCpuConformance(BackendConformance):
+    backend = Backend.CPU
+    DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+    OP = "quantkern_cpu::gemm"
+
+    @classmethod
+    def available(cls):
+        return cpu_build.load_error()
 
 
 def _backends_here():

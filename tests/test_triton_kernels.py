@@ -494,3 +494,21 @@ def test_triton_forward_is_one_custom_op_and_compiles_fullgraph(act_order):
     for m in (1, 17):  # the decode kernel and the GEMM, inside the one op
         assert single_op_of(layer, torch.randn(m, 128).half()) == "quantkern::wna16_linear_triton"
     assert_compiles_fullgraph(layer, [torch.randn(1, 128).half(), torch.randn(3, 17, 128).half()])
+
+
+from conformance import BackendConformance  # noqa: E402
+
+
+class TestTritonConformance(BackendConformance):
+    """The conformance grid on the Triton backend (the interpreter here, the GPU where there is one)."""
+
+    backend = Backend.TRITON
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    OP = "quantkern::wna16_linear_triton"
+    MS = (1, 2, 3, 17, 127, 128, 129) if torch.cuda.is_available() else (1, 3, 17, 129)
+
+    @classmethod
+    def available(cls):
+        if cls.device == "cpu" and not INTERPRETED:
+            return "kernels were not built for the interpreter"
+        return None
