@@ -23,7 +23,7 @@ else:
 import quantkern as qk
 from quantkern.algorithms.smoothquant import AbsMaxObserver, smoothing_factors
 from quantkern.calibration import group_batches, normalize_calibration_data
-from quantkern.calibration.awq_specs import conv1d_to_linear
+from quantkern.transforms import conv1d_to_linear
 from quantkern.kernels.w8a8 import (int8_mm, int8_mm_reference, quantize_int8_per_channel, quantize_int8_per_token,
                                     w8a8_linear, w8a8_linear_reference)
 from quantkern.nn.w8a8_linear import W8A8Linear

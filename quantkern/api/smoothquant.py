@@ -17,8 +17,8 @@ from torch import nn
 
 from ..algorithms.awq import fold_into_linear_outputs, fold_into_norm, scale_input_channels
 from ..algorithms.smoothquant import AbsMaxObserver, smoothing_factors
+from ..arch import GEMMA_NORM, LINEAR, scale_spec_for
 from ..calibration import find_decoder_blocks
-from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for
 from ..kernels.w8a8 import FP8_MAX, INT8_MAX, static_input_scale
 from ..nn.fp8_linear import FP8Linear
 from ..nn.w8a8_linear import W8A8Linear
@@ -51,7 +51,7 @@ class W8A8Quantizer(BlockwiseQuantizer):
     def _prepare(self) -> None:
         c = self.config
         if self.smoothing:
-            self.spec = awq_spec_for(self.model, method="SmoothQuant")
+            self.spec = scale_spec_for(self.model, method="SmoothQuant")
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
         self.plan = plan_unpacked(self.model, c.skip_layers, self.blocks_name)
         self.observers = None
