@@ -9,7 +9,8 @@ import quantkern as qk
 from quantkern.algorithms.awq import (apply_clip, fake_quantize_groups, fold_into_linear_outputs, fold_into_norm,
                                       scale_input_channels, search_clip, search_scale)
 from quantkern.calibration import find_decoder_blocks, group_batches, normalize_calibration_data
-from quantkern.calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for, conv1d_to_linear
+from quantkern.arch import GEMMA_NORM, LINEAR, scale_spec_for
+from quantkern.transforms import conv1d_to_linear
 from quantkern.core import WeightScheme
 
 T = pytest.importorskip("transformers")
@@ -125,7 +126,7 @@ def test_spec_folding_keeps_the_float_model(arch):
     m = _make(arch)
     with torch.no_grad():
         ref = m(EVAL).logits
-    spec = awq_spec_for(m)
+    spec = scale_spec_for(m)
     _, blocks = find_decoder_blocks(m)
     if spec.conv1d:
         assert conv1d_to_linear(blocks) == 8

@@ -11,7 +11,7 @@ import transformers as T
 
 import quantkern as qk
 from quantkern.calibration import group_batches, normalize_calibration_data
-from quantkern.calibration.awq_specs import conv1d_to_linear
+from quantkern.transforms import conv1d_to_linear
 
 EVAL = torch.arange(24).reshape(2, 12) % 256
 

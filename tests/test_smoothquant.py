@@ -24,9 +24,9 @@ import quantkern as qk
 from quantkern.algorithms.observers import AbsMaxObserver
 from quantkern.algorithms.smoothquant import smoothing_factors
 from quantkern.calibration import group_batches, normalize_calibration_data
-from quantkern.calibration.awq_specs import conv1d_to_linear
 from quantkern.core.int8 import quantize_int8_per_channel, quantize_int8_per_token
 from quantkern.kernels.w8a8 import int8_mm, int8_mm_reference, w8a8_linear, w8a8_linear_reference
+from quantkern.transforms import conv1d_to_linear
 from quantkern.nn.w8a8_linear import W8A8Linear
 
 T = pytest.importorskip("transformers")

@@ -2,7 +2,7 @@
 
 For each decoder block: one forward (hooks capture the input of each scale group and of every other
 target Linear, and the block's float outputs, which feed the next block), then per
-:class:`~quantkern.calibration.awq_specs.ScaleGroup` a scale search whose ``1/s`` is folded into
+:class:`~quantkern.arch.ScaleGroup` a scale search whose ``1/s`` is folded into
 the producing norm / Linear (captured inputs are divided by ``s`` to match), then a clipping search
 and RTN per Linear.
 """
@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from ..algorithms import quantize_rtn
 from ..algorithms.awq import (apply_clip, fold_into_linear_outputs, fold_into_norm, scale_input_channels,
                               search_clip, search_scale)
+from ..arch import GEMMA_NORM, LINEAR, scale_spec_for
 from ..calibration import BlockInput, check_finite_inputs, find_decoder_blocks, run_block
-from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for
 from ..devices import block_device
 from ..formats.gptq import packable
 from ..kernels.reference import dequantize_gptq
@@ -46,12 +46,12 @@ class AWQQuantizer(BlockwiseQuantizer):
     ``propagate_quantized=True`` on the outputs of the already quantized blocks (as GPTQ).
 
     Raises ``ValueError`` in ``prepare`` for an architecture without an AWQ spec (see
-    :mod:`quantkern.calibration.awq_specs`). ``report["awq_errors"]`` holds, per scale group, the
+    :mod:`quantkern.arch`). ``report["awq_errors"]`` holds, per scale group, the
     group's output MSE with the chosen scales and with ``s = 1`` (plain RTN)."""
 
     def _prepare(self) -> None:
         c = self.config
-        self.spec = awq_spec_for(self.model)
+        self.spec = scale_spec_for(self.model)
         check_no_quantized_modules(self.model)
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
         self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)

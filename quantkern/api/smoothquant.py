@@ -18,8 +18,8 @@ from torch import nn
 from ..algorithms.awq import fold_into_linear_outputs, fold_into_norm, scale_input_channels
 from ..algorithms.observers import AbsMaxObserver
 from ..algorithms.smoothquant import smoothing_factors
+from ..arch import GEMMA_NORM, LINEAR, scale_spec_for
 from ..calibration import find_decoder_blocks
-from ..calibration.awq_specs import GEMMA_NORM, LINEAR, awq_spec_for
 from ..core.fp8 import FP8_MAX
 from ..core.int8 import INT8_MAX
 from ..core.qparams import static_input_scale
@@ -54,7 +54,7 @@ class W8A8Quantizer(BlockwiseQuantizer):
     def _prepare(self) -> None:
         c = self.config
         if self.smoothing:
-            self.spec = awq_spec_for(self.model, method="SmoothQuant")
+            self.spec = scale_spec_for(self.model, method="SmoothQuant")
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
         self.plan = plan_unpacked(self.model, c.skip_layers, self.blocks_name)
         self.observers = None

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..arch import architecture_for
 from ..formats.gptq import packable
 from ..nn import QuantLinear
 
@@ -176,24 +177,21 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
 
     ``experts``: the quantizer also quantizes fused 3-D MoE experts modules (``plan.experts``); without
     it they are refused by the accounting, as every tensor no rule covers. MoE routers stay dense."""
-    from ..arch.moe import experts_layout, is_router_name
-
     check_not_quantized(model)
     plan = TargetPlan()
     bad: list[str] = []
     conv1d: list[str] = []
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = architecture_for(model)
     modules = dict(model.named_modules())
     for name, mod in modules.items():
         if not name:
             continue
-        parent, _, leaf = name.rpartition(".")
-        layout = experts_layout(mod, model_type) if experts else None
+        layout = arch.experts_layout(mod) if experts else None
         if layout is not None:
             if within is None or name.startswith(within + "."):
                 eb, eg = (bits, group_size) if layer_config is None else _bits_group(layer_config(name))
                 _plan_experts(plan, name, mod, layout, skip_layers, eb, eg, bad)
-        elif isinstance(mod, nn.Linear) and is_router_name(leaf, modules[parent] if parent else model):
+        elif isinstance(mod, nn.Linear) and arch.is_router(name, mod, model):
             plan.skipped.append((name, "MoE router (Linear), kept dense"))
         elif is_conv1d(mod):
             if matches(name, skip_layers):
@@ -220,10 +218,10 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
                     plan.quantize[name] = mod
         elif isinstance(mod, nn.Embedding):
             plan.skipped.append((name, "embedding (not a Linear)"))
-        elif any(True for _ in mod.parameters(recurse=False)) and _is_router(name, mod, model):
+        elif any(True for _ in mod.parameters(recurse=False)) and arch.is_router(name, mod, model):
             plan.skipped.append((name, f"MoE router ({type(mod).__name__}), kept dense"))
         elif len(list(mod.children())) == 0 and any(True for _ in mod.parameters(recurse=False)):
-            if "norm" in type(mod).__name__.lower():
+            if arch.is_norm(name, mod):
                 plan.skipped.append((name, f"{type(mod).__name__} (not a Linear)"))
             elif not isinstance(mod, nn.Linear):
                 plan.skipped.append((name, f"{type(mod).__name__} is not nn.Linear"))
@@ -260,17 +258,6 @@ def check_finite_experts(experts: dict[str, ExpertsSite]) -> None:
                          "checkpoint, or keep the experts in full precision with skip_layers=['experts']")
 
 
-def _is_router(name: str, mod: nn.Module, model: nn.Module) -> bool:
-    """An MoE router: ``Qwen3MoeTopKRouter``, DeepSeek's ``MoEGate``, or a ``gate`` beside ``experts``."""
-    from ..arch.moe import is_router_name
-
-    kind = type(mod).__name__
-    if "Router" in kind or kind.endswith("Gate"):
-        return True
-    parent, _, leaf = name.rpartition(".")
-    return is_router_name(leaf, model.get_submodule(parent) if parent else model)
-
-
 def account_block_parameters(model: nn.Module, plan: TargetPlan, skip_layers) -> None:
     """Account for every floating-point tensor of >= 2 dims inside the decoder blocks: quantized, or
     skipped with a reason (user pattern, router, outside the plan's kinds). A tensor that no rule covers
@@ -278,10 +265,9 @@ def account_block_parameters(model: nn.Module, plan: TargetPlan, skip_layers) ->
     ``ValueError`` naming it (before calibration): that is a weight the user would lose without a word,
     such as fused 3-D MoE experts. Smaller ones are listed as skipped. Sets ``plan.block_params`` and
     ``plan.quantized_params``; a model whose decoder blocks cannot be found is left unaccounted."""
-    from ..calibration import find_decoder_blocks
-
+    arch = architecture_for(model)
     try:
-        prefix, _ = find_decoder_blocks(model)
+        prefix, _ = arch.find_blocks(model)
     except ValueError:
         return
     modules = dict(model.named_modules())
@@ -305,7 +291,7 @@ def account_block_parameters(model: nn.Module, plan: TargetPlan, skip_layers) ->
             continue
         if any(matches(c, skip_layers) for c in chain):
             plan.skipped.append((pname, "matches skip_layers"))
-        elif _is_router(owner, modules[owner], model):
+        elif arch.is_router(owner, modules[owner], model):
             plan.skipped.append((pname, f"MoE router ({type(modules[owner]).__name__}), kept dense"))
         else:
             key = re.sub(r"\.\d+\.", ".*.", pname)

@@ -7,8 +7,9 @@ transformers 5 stores the routed experts of every MoE family as one ``...Experts
 parameters ``gate_up_proj`` and ``down_proj`` whose forward is ``forward(hidden_states, top_k_index,
 top_k_weights)``. The class decorator ``transformers.integrations.use_experts_implementation`` records the
 layout on each instance (``is_transposed``, ``is_concatenated``, ``has_bias``, ``has_gate``); quantkern reads
-those flags, so a family not listed in :data:`EXPERTS_LAYOUTS` with the standard layout works too (with
+those flags, so a family without an architecture file works too when it has the standard layout (with
 the ``gate_proj`` / ``up_proj`` / ``down_proj`` checkpoint names of the Qwen2-MoE conversion mapping).
+The families' own layouts are in their architecture files (``mixtral.py``, ``gpt_oss.py``...).
 
 Layout, with ``E`` experts, hidden size ``H`` and expert intermediate size ``I``:
 
@@ -46,26 +47,12 @@ class ExpertsLayout:
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
 
+#: the layout transformers 5 uses for most families, with the Qwen2-MoE conversion mapping's names
 STANDARD = ExpertsLayout()
-_MIXTRAL = ExpertsLayout(checkpoint_names=("w1", "w3", "w2"),
-                         checkpoint_renames=((".mlp.", ".block_sparse_moe."),))
-_PHIMOE = ExpertsLayout(checkpoint_names=("w1", "w3", "w2"),
-                        checkpoint_renames=((".mlp.", ".block_sparse_moe."),
-                                            (".block_sparse_moe.router.", ".block_sparse_moe.gate.")))
-_GPT_OSS = ExpertsLayout(gate_up_bias="gate_up_proj_bias", down_bias="down_proj_bias", transposed=True,
-                         interleaved=True, checkpoint_names=None)
 
-#: ``config.model_type`` -> layout, for the families whose checkpoints differ from the standard names
-EXPERTS_LAYOUTS: dict[str, ExpertsLayout] = {
-    **{t: STANDARD for t in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")},
-    "mixtral": _MIXTRAL,
-    "minimax": _MIXTRAL,
-    "phimoe": _PHIMOE,
-    "gpt_oss": _GPT_OSS,
-}
-
-#: leaf names of MoE routers (kept dense): ``gate`` / ``router`` beside ``experts``, Qwen2-MoE's
-#: ``shared_expert_gate`` (a ``Linear(H, 1)`` scaling the shared expert)
+#: the generic router rule (families without an architecture file): leaf names of MoE routers (kept
+#: dense), ``gate`` / ``router`` beside ``experts``, Qwen2-MoE's ``shared_expert_gate`` (a ``Linear(H, 1)``
+#: scaling the shared expert)
 ROUTER_LEAVES = ("gate", "router")
 SHARED_EXPERT_GATES = ("shared_expert_gate",)
 
@@ -76,15 +63,17 @@ def is_router_name(leaf: str, parent: nn.Module) -> bool:
         (leaf in SHARED_EXPERT_GATES and hasattr(parent, "shared_expert"))
 
 
-def experts_layout(mod: nn.Module, model_type: str | None = None) -> ExpertsLayout | None:
+def experts_layout(mod: nn.Module, layout: ExpertsLayout | None = None) -> ExpertsLayout | None:
     """The layout of ``mod`` if it is a fused 3-D experts module (transformers 5), else None.
+
+    ``layout``: the family's (:attr:`quantkern.arch.Architecture.experts`); None reads it from the flags
+    transformers records on the module.
 
     Raises ``ValueError`` for a fused experts module whose layout quantkern cannot follow (no gate,
     post-expert norms, a different activation interface), naming its type."""
     gu, dn = getattr(mod, "_parameters", {}).get("gate_up_proj"), getattr(mod, "_parameters", {}).get("down_proj")
     if gu is None or dn is None or gu.dim() != 3 or dn.dim() != 3:
         return None
-    layout = EXPERTS_LAYOUTS.get(model_type)
     if layout is None:
         flags_bias = bool(getattr(mod, "has_bias", False))
         layout = ExpertsLayout(

@@ -15,7 +15,8 @@ import re
 import torch
 from torch import nn
 
-from ..arch.moe import EXPERTS_LAYOUTS, experts_layout, experts_shape, fuse_gate_up, split_gate_up
+from ..arch import architecture_for
+from ..arch.moe import experts_shape, fuse_gate_up, split_gate_up
 from ..formats.bitpack import pack_cols, unpack_cols
 
 
@@ -155,7 +156,7 @@ def experts_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], 
 
 def checkpoint_renames(model: nn.Module):
     """The key renames of ``model``'s family (empty for most)."""
-    layout = EXPERTS_LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None))
+    layout = architecture_for(model).experts
     return layout.checkpoint_renames if layout is not None else ()
 
 
@@ -179,9 +180,9 @@ def _experts_in_file(model: nn.Module, keys):
     """``(name, module, layout, checkpoint prefix, (E, H, I))`` of every fused experts module of ``model``
     whose experts ``keys`` (tensor names of the checkpoint) hold quantized; experts kept dense are written
     fused, as the model holds them, and are not listed."""
-    model_type = getattr(model.config, "model_type", None)
+    arch = architecture_for(model)
     for name, mod in model.named_modules():
-        layout = experts_layout(mod, model_type)
+        layout = arch.experts_layout(mod)
         if layout is None or layout.checkpoint_names is None:
             continue
         p = expert_prefix(name, layout)

@@ -1,4 +1,5 @@
-"""GGUF export (llama.cpp) through the ``gguf`` package, for Llama-architecture models.
+"""GGUF export (llama.cpp) through the ``gguf`` package, for the architectures whose file in
+:mod:`quantkern.arch` gives GGUF names (Llama).
 
 Quantized Linears map onto GGUF block types (32 weights along the input dim per block) *exactly*
 whenever each 32-column block lies inside one quantization group — any group size that is a
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..arch import ARCHITECTURES, architecture_for
 from ..core import QuantizedWeight
 from ..nn import QuantLinear
 from .files import publish_modes
@@ -158,8 +160,9 @@ def _permuted(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
 
 def gguf_model_problem(cfg) -> str | None:
     """Why a model of this config cannot be exported to GGUF (architecture, RoPE), or None."""
-    if getattr(cfg, "model_type", None) != "llama":
-        return f"GGUF export supports the llama architecture, got {getattr(cfg, 'model_type', None)!r}"
+    if architecture_for(cfg).gguf is None:
+        supported = ", ".join(t for t, a in ARCHITECTURES.items() if a.gguf is not None)
+        return f"GGUF export supports the {supported} architecture, got {getattr(cfg, 'model_type', None)!r}"
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         return f"GGUF export supports default RoPE only, got {rope}"
@@ -214,7 +217,10 @@ def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None, embeddin
     if path.suffix != ".gguf":
         path = path / "model.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    gnames = architecture_for(model).gguf
+    if gnames is None:
+        raise ValueError(gguf_model_problem(cfg))
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, gnames.arch), cfg.num_hidden_layers)
     out_emb = model.get_output_embeddings()
     tied = out_emb is not None and getattr(out_emb, "weight", None) is not None and \
         out_emb.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
@@ -223,7 +229,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None, embeddin
     report, requantized, sources = {}, [], {}
     try:
         meta, source = model_metadata(model, tokenizer, source_gguf=source_gguf, exclude=path)
-        writer = gguf.GGUFWriter(tmp, "llama")
+        writer = gguf.GGUFWriter(tmp, gnames.name)
         tensors = []
         for mod_name, mod in model.named_modules():
             if isinstance(mod, QuantLinear):
@@ -232,7 +238,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None, source_gguf=None, embeddin
                     raise ValueError(f"{mod_name}: no GGUF tensor name for this module")
                 qw = mod.to_quantized()
                 qw = QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.scheme)
-                heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(gname.split(".")[-1])
+                heads = gnames.permute_heads(gname, cfg)
                 if heads:
                     qw = _permuted(qw, heads)
                 qtype = exact_gguf_type(qw)

@@ -1,0 +1,14 @@
+"""Qwen2-MoE and Qwen3-MoE: Llama-like attention (Qwen3-MoE with q/k norms), a sparse MoE block
+``mlp`` with router ``mlp.gate`` and fused experts ``mlp.experts`` in the standard layout; Qwen2-MoE adds
+a shared expert scaled by ``mlp.shared_expert_gate`` (a ``Linear(H, 1)``, kept dense as a router)."""
+
+from __future__ import annotations
+
+from .base import Architecture
+from .llama import NORMS
+from .moe import STANDARD
+
+QWEN2_MOE = Architecture("qwen2_moe", ("qwen2_moe",), blocks="model.layers", norms=NORMS,
+                         routers=("mlp.gate", "mlp.shared_expert_gate"), experts=STANDARD)
+QWEN3_MOE = Architecture("qwen3_moe", ("qwen3_moe",), blocks="model.layers", norms=NORMS + ("q_norm", "k_norm"),
+                         routers=("mlp.gate",), experts=STANDARD)
