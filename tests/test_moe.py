@@ -136,6 +136,25 @@ def test_skip_experts_keeps_them_dense_and_partial_patterns_are_refused():
     assert not any(isinstance(m, (qk.QuantLinear, QuantExperts)) for m in model.modules())
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_per_site_overrides_reach_the_experts(method):
+    """Experts 8-bit, attention 4-bit g32 (the per-site override of the issue), validated per experts
+    module before calibration and honoured by the quantizer."""
+    model = tiny_moe()
+    cfg = (qk.RTNConfig if method == "rtn" else qk.GPTQConfig)(bits=4, group_size=32,
+                                                                overrides={"*.experts": {"bits": 8, "group_size": 16}})
+    q = qk.api.quantizer_for(cfg)(model, cfg, verbose=False)
+    q.quantize(None if method == "rtn" else calib())
+    experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    assert experts and all((m.bits, m.group_size) == (8, 16) for m in experts)
+    assert model.model.layers[0].self_attn.q_proj.bits == 4
+    assert {spec.weight.bits for s, spec in q.sites.items() if s.expert is not None} == {8}
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts \(Qwen3MoeExperts, 4 experts\): "
+                                         r"gate/up 64->32 per expert: .*group_size=128 > in_features=64"):
+        qk.RTNQuantizer(tiny_moe(), bits=4, group_size=32, overrides={"*.experts": {"group_size": 128}},
+                        verbose=False).prepare()
+
+
 def test_unpackable_expert_shapes_are_refused_naming_the_site():
     model = tiny_moe(moe_intermediate_size=36)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts \(Qwen3MoeExperts, 4 experts\): gate/up "
