@@ -193,3 +193,12 @@ def test_the_checks_see_cycles_and_layer_violations(tmp_path):
     assert len(cycles) == 1 and "pkg" in cycles[0], cycles
     (tmp_path / "pkg/io/save.py").write_text("from .. import core\n")  # a submodule: no need of pkg's names
     assert find_cycles(import_graph(tmp_path, "pkg")) == []
+
+
+def test_export_rules_import_no_exporter():
+    """The format rules say what a format can store without importing the writers (io/awq, io/compressed,
+    io/gguf_export, io/save), so checking a plan never loads an exporter."""
+    graph = import_graph(ROOT, module_level=False)  # imports inside functions count too
+    writers = {"quantkern.io.awq", "quantkern.io.compressed", "quantkern.io.compressed_act",
+               "quantkern.io.gguf_export", "quantkern.io.save"}
+    assert not graph["quantkern.io.export_rules"] & writers, graph["quantkern.io.export_rules"]

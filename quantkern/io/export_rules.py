@@ -7,7 +7,8 @@ on the layers the model really holds (:func:`quantkern.io.save_quantized`). Ever
 listed in one error, with what to do about it.
 
 Value-dependent limits (a GPTQ v1 zero of 0, a permuted ``g_idx`` found in the tensors) stay with the
-exporters, which see the values.
+exporters, which see the values. The rules import no exporter: what a format can hold lives in
+:mod:`quantkern.formats` (``formats.awq``, ``formats.gguf``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from torch import nn
 
 from ..core import WeightScheme
 from ..formats.awq import awq_unsupported
+from ..formats.gguf import BLOCK as GGUF_BLOCK
+from ..formats.gguf import gguf_model_problem
 from ..nn import QuantLinear
-from .gguf_export import BLOCK as GGUF_BLOCK
-from .gguf_export import gguf_model_problem
 
 #: the quantkern module types each format describes; any other quantkern layer is refused
 FORMAT_KINDS = {

@@ -46,14 +46,14 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..arch import ARCHITECTURES, architecture_for
+from ..arch import architecture_for
 from ..core import QuantizedWeight
+from ..formats.gguf import BLOCK, gguf_model_problem
 from ..nn import QuantLinear
 from .files import publish_modes
 from .gguf_meta import file_type, model_metadata
 
 log = logging.getLogger(__name__)
-BLOCK = 32
 
 
 def _gguf():
@@ -156,17 +156,6 @@ def _permute_rows(t: torch.Tensor, n_head: int, dim: int = 0) -> torch.Tensor:
 def _permuted(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
     return QuantizedWeight(codes=_permute_rows(qw.codes, n_head), scales=_permute_rows(qw.scales, n_head, 1),
                            zeros=_permute_rows(qw.zeros, n_head, 1), g_idx=qw.g_idx, scheme=qw.scheme)
-
-
-def gguf_model_problem(cfg) -> str | None:
-    """Why a model of this config cannot be exported to GGUF (architecture, RoPE), or None."""
-    if architecture_for(cfg).gguf is None:
-        supported = ", ".join(t for t, a in ARCHITECTURES.items() if a.gguf is not None)
-        return f"GGUF export supports the {supported} architecture, got {getattr(cfg, 'model_type', None)!r}"
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        return f"GGUF export supports default RoPE only, got {rope}"
-    return None
 
 
 def _summary(names: list[str], report: dict, sources: dict) -> str:
