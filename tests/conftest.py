@@ -29,3 +29,22 @@ def tiny_llama():
 def token_data():
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, 256, (32,), generator=g) for _ in range(8)]
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer stand-in for the tiny models (ids modulo their 256-token vocabulary)."""
+
+    def __call__(self, text, **kw):
+        return {"input_ids": torch.tensor([list(text.encode()[:4096])]) % 256}
+
+    def save_pretrained(self, path):
+        pass
+
+
+@pytest.fixture
+def cli_serves_tiny_llama(tiny_llama, monkeypatch):
+    """The CLI loads models by name: make it load ``tiny_llama`` with a byte-level tokenizer."""
+    import quantkern.models
+
+    monkeypatch.setattr(quantkern.models, "load_model", lambda name, device="cpu", **kw: (tiny_llama, ByteTokenizer()))
+    return tiny_llama

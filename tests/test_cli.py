@@ -60,18 +60,8 @@ def test_device_map_argument(ckpt, capsys):
     ("fp8", ["--fp8-gptq"], "FP8Linear"),
     ("smoothquant", [], "W8A8Linear"),
 ])
-def test_quantize_every_method_end_to_end(tiny_llama, tmp_path, monkeypatch, method, extra, layer):
-    # the CLI loads models by name: serve the tiny model and a byte-level tokenizer stand-in
-    import quantkern.models
-
-    class Tok:
-        def __call__(self, text, **kw):
-            return {"input_ids": torch.tensor([list(text.encode()[:4096])]) % 256}
-
-        def save_pretrained(self, path):
-            pass
-
-    monkeypatch.setattr(quantkern.models, "load_model", lambda name, device="cpu", **kw: (tiny_llama, Tok()))
+def test_quantize_every_method_end_to_end(cli_serves_tiny_llama, tmp_path, method, extra, layer):
+    tiny_llama = cli_serves_tiny_llama
     out = tmp_path / method
     assert main(["quantize", "--model", "tiny", "--method", method, "--nsamples", "4", "--seq-len", "32",
                  "--out", str(out), *extra]) == 0

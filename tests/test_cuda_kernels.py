@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantkern.core import QuantizedWeight, WeightScheme
+from quantkern.core import QuantizedWeight
 from quantkern.formats.gptq import pack_gptq
 from quantkern.kernels import Backend, NoKernelError, select_kernel
 from quantkern.kernels.registry import kernel_query
+
+from conformance import BackendConformance, random_qweight
 from quantkern.kernels.cuda import backend as cb
 from quantkern.kernels.cuda import build, emulate, layout as L, ops
 from quantkern.kernels.reference import dequantize_gptq, gptq_gemm_reference
@@ -29,21 +31,11 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def make_qweight(k, n, bits, group_size, sym, act_order, dtype, seed=0, device="cpu") -> QuantizedWeight:
-    """Random codes / zeros / scales of a valid scheme; act-order shuffles which columns share a group."""
-    gen = torch.Generator().manual_seed(seed)
-    scheme = WeightScheme(bits, group_size, sym, act_order)
-    g = scheme.num_groups(k)
-    codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.int32)
-    if sym:
-        zeros = torch.full((g, n), 2 ** (bits - 1), dtype=torch.int32)
-    else:
-        zeros = torch.randint(0, 2**bits, (g, n), generator=gen, dtype=torch.int32)
-    scales = ((torch.rand(g, n, generator=gen) + 0.5) * (2.0 / 2**bits) / k**0.5).to(dtype)
-    g_idx = torch.arange(k, dtype=torch.int32) // (k if group_size == -1 else group_size)
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    qw = QuantizedWeight(codes, scales, zeros, g_idx, scheme)
-    return QuantizedWeight(*(t.to(device) for t in (codes, scales, zeros, g_idx)), scheme) if device != "cpu" else qw
+    """Random codes / zeros / scales of a valid scheme (:func:`conformance.random_qweight`) on ``device``."""
+    qw = random_qweight(k, n, bits, group_size, sym, act_order, scale_dtype=dtype, seed=seed)
+    if device == "cpu":
+        return qw
+    return QuantizedWeight(*(t.to(device) for t in (qw.codes, qw.scales, qw.zeros, qw.g_idx)), qw.scheme)
 
 
 def reference_weight(qw: QuantizedWeight, dtype) -> torch.Tensor:
@@ -442,7 +434,6 @@ def test_cuda_ops_splits_agree_and_bad_input_raises():
         assert out.shape == (5, n) and out.dtype == dtype
 
 
-from conformance import BackendConformance  # noqa: E402
 
 
 class TestCudaConformance(BackendConformance):

@@ -97,14 +97,7 @@ def test_the_plan_is_what_comes_out(tiny_llama, token_data, tmp_path, cls, kw, f
         torch.testing.assert_close(qk.load_quantized(path)(ids).logits, tiny_llama(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_cli_refuses_the_format_before_calibration(tiny_llama, monkeypatch, tmp_path, capsys, no_calibration):
-    import quantkern.models
-
-    class Tok:
-        def __call__(self, text, **kw):
-            return {"input_ids": torch.tensor([list(text.encode()[:4096])]) % 256}
-
-    monkeypatch.setattr(quantkern.models, "load_model", lambda name, device="cpu", **kw: (tiny_llama, Tok()))
+def test_cli_refuses_the_format_before_calibration(cli_serves_tiny_llama, tmp_path, capsys, no_calibration):
     assert main(["quantize", "--model", "tiny", "--method", "gptq", "--group-size", "48", "--format",
                  "compressed-tensors", "--nsamples", "2", "--seq-len", "16", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

@@ -59,17 +59,7 @@ def test_cli_override_parsing():
             parse_overrides([bad])
 
 
-def test_cli_quantize_with_overrides(tiny_llama, tmp_path, monkeypatch, capsys):
-    import quantkern.models
-
-    class Tok:
-        def __call__(self, text, **kw):
-            return {"input_ids": torch.tensor([list(text.encode()[:4096])]) % 256}
-
-        def save_pretrained(self, path):
-            pass
-
-    monkeypatch.setattr(quantkern.models, "load_model", lambda name, device="cpu", **kw: (tiny_llama, Tok()))
+def test_cli_quantize_with_overrides(cli_serves_tiny_llama, tmp_path, capsys):
     out = tmp_path / "rtn"
     assert main(["quantize", "--model", "tiny", "--method", "rtn", "--group-size", "64", "--override",
                  "*.down_proj:bits=8", "--out", str(out)]) == 0

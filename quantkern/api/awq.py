@@ -21,7 +21,6 @@ from ..algorithms.awq import (apply_clip, fold_into_linear_outputs, fold_into_no
 from ..arch import GEMMA_NORM, LINEAR, scale_spec_for
 from ..calibration import BlockInput, check_finite_inputs, find_decoder_blocks, run_block
 from ..devices import block_device
-from ..formats.gptq import packable
 from ..kernels.reference import dequantize_gptq
 from .calibrated import BlockwiseQuantizer, check_no_quantized_modules
 from .configs import AWQConfig
@@ -54,18 +53,8 @@ class AWQQuantizer(BlockwiseQuantizer):
         self.spec = scale_spec_for(self.model)
         check_no_quantized_modules(self.model)
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
-        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name)
-        bad = []
-        for name, lin in self.plan.quantize.items():  # layers with overrides: check their own settings
-            lc = c.for_layer(name)
-            if lc is not c:
-                k, n = lin.in_features, lin.out_features
-                reason = packable(k, n, lc.bits) or (f"group_size={lc.group_size} > in_features={k}"
-                                                     if lc.group_size != -1 and lc.group_size > k else None)
-                if reason:
-                    bad.append(f"{name} ({k}->{n}, override bits={lc.bits}, group_size={lc.group_size}): {reason}")
-        if bad:
-            raise ValueError("per-layer overrides that cannot be quantized:\n  " + "\n  ".join(bad))
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name,
+                                 layer_config=c.for_layer)
         self.install_catcher(self.blocks[0])
 
     def _convert(self) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import check_token_ids, group_batches, normalize_calibration_data
-from ..core.spec import Plan, Site, Spec
+from ..core.spec import Plan, Site
 from ..devices import check_devices, check_not_offloaded, is_dispatched
 from ..io.export_rules import LayerPlan, check_exportable, experts_export_problem
 from ..nn import QuantLinear
@@ -256,20 +256,20 @@ class BaseQuantizer:
             self._snapshot.release(old)
 
     # -- what the result will be ---------------------------------------------------------------------
+    def layer_config(self, name: str) -> BaseConfig:
+        """The config module ``name`` is quantized with: per-layer overrides applied where the config has them."""
+        for_layer = getattr(self.config, "for_layer", None)
+        return for_layer(name) if for_layer is not None else self.config
+
     def site_plan(self) -> Plan:
         """``{Site: Spec}``: every weight this quantizer will quantize and how (per-layer overrides
         applied), from the plan :meth:`prepare` made; each expert of a fused MoE experts module is two
         sites (its gate/up and down tensors). Available as ``self.sites`` after :meth:`prepare`."""
         if self.plan is None:
             return {}
-        per_layer = getattr(self.config, "for_layer", None)
-
-        def spec(name: str) -> Spec:
-            return (per_layer(name) if per_layer is not None else self.config).spec()
-
-        sites: Plan = {Site(name): spec(name) for name in self.plan.quantize}
+        sites: Plan = {Site(name): self.layer_config(name).spec() for name in self.plan.quantize}
         for name, ex in self.plan.experts.items():
-            s = spec(name)
+            s = self.layer_config(name).spec()
             for e in range(ex.num_experts):
                 sites[Site(name, ex.layout.gate_up, e)] = s
                 sites[Site(name, ex.layout.down, e)] = s
@@ -281,7 +281,7 @@ class BaseQuantizer:
         k, n = linear.in_features, linear.out_features
         if self.produces != "QuantLinear":
             return LayerPlan(self.produces, k, n)
-        c = self.config.for_layer(name) if hasattr(self.config, "for_layer") else self.config
+        c = self.layer_config(name)
         s = c.scheme()
         return LayerPlan("QuantLinear", k, n, s, permuted_groups=s.act_order and not getattr(c, "static_groups", False))
 
@@ -292,7 +292,7 @@ class BaseQuantizer:
             raise RuntimeError("check_export() needs the layer plan: call prepare() first")
         plans = {name: self.layer_plan(name, lin) for name, lin in self.plan.quantize.items()}
         for name, site in self.plan.experts.items():
-            c = self.config.for_layer(name) if hasattr(self.config, "for_layer") else self.config
+            c = self.layer_config(name)
             s = c.scheme()
             plans[name] = LayerPlan("QuantExperts", site.hidden_size, site.intermediate_size, s,
                                     permuted_groups=s.act_order and not getattr(c, "static_groups", False),

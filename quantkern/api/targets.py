@@ -158,10 +158,6 @@ def _plan_experts(plan: TargetPlan, name: str, mod: nn.Module, layout, skip_laye
     plan.experts[name] = site
 
 
-def _bits_group(config) -> tuple[int, int]:
-    return config.bits, config.group_size
-
-
 def _chain(name: str) -> list[str]:
     """``a.b.c`` -> ``[a.b.c, a.b, a]``."""
     return [name.rsplit(".", i)[0] for i in range(name.count(".") + 1)]
@@ -178,8 +174,14 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
     ``experts``: the quantizer also quantizes fused 3-D MoE experts modules (``plan.experts``); without
     it they are refused by the accounting, as every tensor no rule covers. MoE routers stay dense."""
     check_not_quantized(model)
+
+    def settings(name: str) -> tuple[int, int]:
+        c = layer_config(name) if layer_config is not None else None
+        return (bits, group_size) if c is None else (c.bits, c.group_size)
+
     plan = TargetPlan()
     bad: list[str] = []
+    overridden = 0
     conv1d: list[str] = []
     arch = architecture_for(model)
     modules = dict(model.named_modules())
@@ -189,8 +191,7 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
         layout = arch.experts_layout(mod) if experts else None
         if layout is not None:
             if within is None or name.startswith(within + "."):
-                eb, eg = (bits, group_size) if layer_config is None else _bits_group(layer_config(name))
-                _plan_experts(plan, name, mod, layout, skip_layers, eb, eg, bad)
+                _plan_experts(plan, name, mod, layout, skip_layers, *settings(name), bad)
         elif isinstance(mod, nn.Linear) and arch.is_router(name, mod, model):
             plan.skipped.append((name, "MoE router (Linear), kept dense"))
         elif is_conv1d(mod):
@@ -207,13 +208,14 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
                 plan.skipped.append((name, f"outside the decoder blocks ({within})"))
             else:
                 k, n = mod.in_features, mod.out_features
-                lb, lg = (bits, group_size) if layer_config is None else _bits_group(layer_config(name))
+                lb, lg = settings(name)
                 reason = packable(k, n, lb)
                 if lg != -1 and lg > k:
                     reason = (reason + "; " if reason else "") + f"group_size={lg} > in_features={k}"
                 if reason:
-                    own = f", override bits={lb}, group_size={lg}" if (lb, lg) != (bits, group_size) else ""
-                    bad.append(f"{name} ({k}->{n}{own}): {reason}")
+                    own = (lb, lg) != (bits, group_size)
+                    overridden += own
+                    bad.append(f"{name} ({k}->{n}{f', override bits={lb}, group_size={lg}' if own else ''}): {reason}")
                 else:
                     plan.quantize[name] = mod
         elif isinstance(mod, nn.Embedding):
@@ -232,6 +234,8 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
             "layers could not be loaded back by load_quantized; leave them in full precision with skip_layers=[...] "
             "to quantize only the model's nn.Linear layers")
     if bad:
+        if overridden == len(bad):
+            raise ValueError("per-layer overrides that cannot be quantized:\n  " + "\n  ".join(bad))
         raise ValueError(f"{len(bad)} layer(s) cannot be quantized with bits={bits}, group_size={group_size} "
                          "(exclude them with skip_layers=[...] or change the settings):\n  " + "\n  ".join(bad))
     if not plan.quantize and not plan.experts:

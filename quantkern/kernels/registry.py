@@ -237,12 +237,20 @@ def select_kernel(spec: KernelSpec, shape: CallShape, device: torch.device, dtyp
     :class:`NoKernelError` listing every reason."""
     backend = Backend.parse(backend)
     reasons: list[str] = []
+    for k in _accepting(spec, shape, device, dtype, backend, reasons):
+        return k
+    raise _no_kernel(backend, reasons, what or spec.describe(), device, dtype)
+
+
+def _accepting(spec, shape, device, dtype, backend: Backend, reasons: list[str]):
+    """The candidate kernel classes whose ``can_implement`` accepts, in order; the others' reasons
+    are appended to ``reasons``."""
     for k in _candidates(backend, spec.layout):
         ok, reason = k.can_implement(spec, shape, device, dtype)
         if ok:
-            return k
-        reasons.append(f"{k.backend.value}: {reason}")
-    raise _no_kernel(backend, reasons, what or spec.describe(), device, dtype)
+            yield k
+        else:
+            reasons.append(f"{k.backend.value}: {reason}")
 
 
 def _no_kernel(backend: Backend, reasons: list[str], what: str, device, dtype) -> NoKernelError:
@@ -295,11 +303,7 @@ class KernelCache:
         device, dtype, bucket = key
         shape = CallShape(bucket, spec.out_features, spec.in_features)
         reasons: list[str] = []
-        for cls in _candidates(backend, spec.layout):
-            ok, reason = cls.can_implement(spec, shape, device, dtype)
-            if not ok:
-                reasons.append(f"{cls.backend.value}: {reason}")
-                continue
+        for cls in _accepting(spec, shape, device, dtype, backend, reasons):
             pkey = (device, dtype, cls)
             k = self._prepared.get(pkey)
             if k is None:

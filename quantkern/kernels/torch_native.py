@@ -26,7 +26,12 @@ def _float_input(dtype) -> tuple[bool, str | None]:
 
 
 class _Prepared(QuantKernel):
-    """Holds the module's tensors as they are (these kernels need no repacking)."""
+    """Holds the module's tensors as they are (these kernels need no repacking); by default runs any
+    float activations on any device."""
+
+    @classmethod
+    def can_implement(cls, spec, shape, device, dtype):
+        return _float_input(dtype)
 
     def __init__(self, tensors, dtype=None):
         super().__init__(tensors, dtype)
@@ -89,10 +94,6 @@ class W8A8ReferenceKernel(_Prepared):
 
     backend, priority, layouts = Backend.REFERENCE, 100, ("w8a8",)
 
-    @classmethod
-    def can_implement(cls, spec, shape, device, dtype):
-        return _float_input(dtype)
-
     def apply(self, x):
         from .w8a8 import w8a8_linear_ref_op
 
@@ -101,18 +102,27 @@ class W8A8ReferenceKernel(_Prepared):
 
 
 # -- fp8 E4M3 ------------------------------------------------------------------------------------------
-def _act_mode(spec) -> str:
-    a = spec.activation
-    return "none" if a is None else "static" if a.static else "dynamic"
+class _FP8Kernel(_Prepared):
+    """``quantkern::fp8_linear``, on ``torch._scaled_mm`` or emulated (``use_scaled_mm``)."""
+
+    use_scaled_mm: bool
+
+    def apply(self, x):
+        from .w8a8 import fp8_linear
+
+        t, a = self.t, self.spec.activation
+        act = "none" if a is None else "static" if a.static else "dynamic"
+        return fp8_linear(x, t["weight"], t["weight_scale"], t["bias"], t["input_scale"], act, self.use_scaled_mm)
 
 
 @register_kernel
-class ScaledMMKernel(_Prepared):
+class ScaledMMKernel(_FP8Kernel):
     """``quantkern::fp8_linear`` on ``torch._scaled_mm``: CUDA with compute capability >= 8.9, K and N
     multiples of 16 (row-wise scales). Weight-only fp8 (no activation scheme) dequantizes into a GEMM
     in x's dtype, anywhere."""
 
     backend, priority, layouts = Backend.SCALED_MM, 30, ("fp8",)
+    use_scaled_mm = True
 
     @classmethod
     def can_implement(cls, spec, shape, device, dtype):
@@ -126,28 +136,13 @@ class ScaledMMKernel(_Prepared):
                            f"(got {shape.k}->{shape.n}, device {device})")
         return True, None
 
-    def apply(self, x):
-        from .w8a8 import fp8_linear
-
-        t = self.t
-        return fp8_linear(x, t["weight"], t["weight_scale"], t["bias"], t["input_scale"], _act_mode(self.spec), True)
-
 
 @register_kernel
-class FP8EmulatedKernel(_Prepared):
+class FP8EmulatedKernel(_FP8Kernel):
     """``quantkern::fp8_linear`` emulated: the fp8 products are exact in fp32 (the fp8 reference)."""
 
     backend, priority, layouts = Backend.REFERENCE, 100, ("fp8",)
-
-    @classmethod
-    def can_implement(cls, spec, shape, device, dtype):
-        return _float_input(dtype)
-
-    def apply(self, x):
-        from .w8a8 import fp8_linear
-
-        t = self.t
-        return fp8_linear(x, t["weight"], t["weight_scale"], t["bias"], t["input_scale"], _act_mode(self.spec), False)
+    use_scaled_mm = False
 
 
 # -- FP4 E2M1 and ZeroQuant: references only -----------------------------------------------------------
@@ -156,10 +151,6 @@ class FP4ReferenceKernel(_Prepared):
     """``quantkern::fp4_linear_ref``: decode the E2M1 codes, then a dense GEMM in x's dtype."""
 
     backend, priority, layouts = Backend.REFERENCE, 100, ("fp4",)
-
-    @classmethod
-    def can_implement(cls, spec, shape, device, dtype):
-        return _float_input(dtype)
 
     def apply(self, x):
         from .fp4 import fp4_linear_ref
@@ -173,10 +164,6 @@ class ZeroQuantReferenceKernel(_Prepared):
     """``quantkern::zeroquant_linear_ref``: fake-quantized activations times the dequantized weight (fp32)."""
 
     backend, priority, layouts = Backend.REFERENCE, 100, ("zeroquant",)
-
-    @classmethod
-    def can_implement(cls, spec, shape, device, dtype):
-        return _float_input(dtype)
 
     def apply(self, x):
         from .w8a8 import zeroquant_linear_ref

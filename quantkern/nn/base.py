@@ -66,11 +66,14 @@ class QuantModule(nn.Module):
         """Forget the chosen kernels (call after changing buffers in place)."""
         self._kernels.clear()
 
+    #: refuse non-float activations in :meth:`check_input` (False: leave the dtype to the kernels' answers)
+    float_inputs_only = True
+
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` for an input the module cannot take (before any kernel sees it)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.describe()}: input has {x.shape[-1]} features, expected {self.in_features}")
-        if x.dtype not in _FLOAT_DTYPES:
+        if self.float_inputs_only and x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{self.describe()}: activations must be fp32/fp16/bf16, got {x.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ class QuantLinear(SchemeAttributes, QuantModule):
     """
 
     _CANONICAL = ("qweight", "qzeros", "scales", "g_idx")  # what kernels repack and release_canonical drops
+    float_inputs_only = False  # another dtype gets the kernels' reasons (NoKernelError), as before
 
     def __init__(
         self,
@@ -262,10 +263,6 @@ class QuantLinear(SchemeAttributes, QuantModule):
         if self._released is not None:
             raise RuntimeError(f"{self.describe()}: {what} needs the canonical GPTQ buffers, but {self._released} "
                                "(release_canonical); load the checkpoint again for that")
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.describe()}: input has {x.shape[-1]} features, expected {self.in_features}")
 
 
 def release_canonical(model: nn.Module) -> int:
