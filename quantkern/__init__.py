@@ -16,6 +16,7 @@ from .api import (BaseConfig, BaseQuantizer, GPTQConfig, GPTQQuantizer, RTNConfi
 from .api import (AWQConfig, AWQQuantizer, FP8Config, FP8Quantizer, PTQConfig, PTQQuantizer, SmoothQuantConfig,
                   SmoothQuantQuantizer, W8A8Config, W8A8Quantizer, ZeroQuantConfig, ZeroQuantQuantizer)
 from .api import FP4Config, FP4Quantizer
+from .api import BudgetPlan, BudgetPlanner, Sensitivity
 from .nn.fp4_linear import FP4Linear
 from .nn.fp8_linear import FP8Linear
 from .nn.w8a8_linear import W8A8Linear
@@ -53,5 +54,5 @@ __all__ = [
     "AWQConfig", "AWQQuantizer", "W8A8Config", "W8A8Quantizer", "SmoothQuantConfig", "SmoothQuantQuantizer",
     "W8A8Linear", "FP8Config", "FP8Quantizer", "FP8Linear",
     "PTQConfig", "PTQQuantizer", "ZeroQuantConfig", "ZeroQuantQuantizer",
-    "FP4Config", "FP4Quantizer", "FP4Linear",
+    "FP4Config", "FP4Quantizer", "FP4Linear", "BudgetPlanner", "BudgetPlan", "Sensitivity",
 ]

@@ -36,6 +36,35 @@ def _config(a):
     return SmoothQuantConfig(alpha=a.alpha, **calib)
 
 
+def _planner(a, fmt: str):
+    """The :class:`~quantkern.BudgetPlanner` of ``--target-bpw`` / ``--target-size`` (None without
+    either), validated before any loading."""
+    if getattr(a, "target_bpw", None) is None and getattr(a, "target_size", None) is None:
+        return None
+    from . import BudgetPlanner
+    from .api.budget import default_candidates
+
+    if a.method not in ("gptq", "rtn"):
+        raise ValueError(f"--target-bpw / --target-size plan integer weight-only schemes: use --method gptq or rtn, "
+                         f"not {a.method}")
+    if getattr(a, "offload", "none") != "none":
+        raise ValueError("--target-bpw / --target-size measure the whole model in memory; they do not combine "
+                         "with --offload")
+
+    def ints(text, what):
+        try:
+            return tuple(int(v) for v in str(text).split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+    sym = {"both": (True, False), "sym": (True,), "asym": (False,)}[a.candidate_sym]
+    cands = default_candidates(ints(a.candidate_bits, "--candidate-bits"), ints(a.candidate_groups,
+                                                                              "--candidate-groups"), sym)
+    cache = a.sensitivity_cache
+    return BudgetPlanner(target_bpw=a.target_bpw, target_size=a.target_size, candidates=cands, format=fmt,
+                         fisher_samples=a.fisher_samples, cache_dir=False if cache == "none" else cache)
+
+
 def parse_overrides(items) -> tuple:
     """``--override PATTERN:KEY=VALUE[,KEY=VALUE...]`` (repeatable) -> the configs' ``overrides``
     (``(pattern, {key: value})`` pairs, first match wins); values are ints, floats, true / false or
@@ -103,6 +132,19 @@ def _add_quantize(sub):
     p.add_argument("--rotate", action="store_true",
                    help="fold norms and random Hadamard rotations into the model before quantizing (Llama-like "
                         "models; the checkpoint stays standard; see quantkern.transforms.rotation)")
+    g = p.add_argument_group("mixed precision under a size budget (gptq / rtn; see quantkern.BudgetPlanner)")
+    g.add_argument("--target-bpw", type=float, default=None,
+                   help="choose a scheme per Linear so the quantized layers store this many bits per weight "
+                        "(codes, scales, zeros, g_idx), e.g. 3.5; --bits / --group-size / --asym are ignored")
+    g.add_argument("--target-size", default=None, help="the same for the whole checkpoint's size, e.g. 60MiB or 20GiB")
+    g.add_argument("--candidate-bits", default="2,3,4,8", help="bit widths to choose from (default 2,3,4,8)")
+    g.add_argument("--candidate-groups", default="32,64,128", help="group sizes to choose from (-1: per channel)")
+    g.add_argument("--candidate-sym", choices=["both", "sym", "asym"], default="both")
+    g.add_argument("--fisher-samples", type=int, default=16,
+                   help="calibration windows for the loss-gradient weights of the sensitivity (0: unweighted)")
+    g.add_argument("--sensitivity-cache", default=None,
+                   help="directory of cached measurements (default $QUANTKERN_CACHE or ~/.cache/quantkern, "
+                        "then sensitivity/; 'none': do not cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (a .gguf file for --format gguf): new or empty")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
@@ -124,6 +166,7 @@ def cmd_quantize(a) -> int:
     config = _config(a)  # built (and so validated) before any time goes into loading the model
     fmt = a.format or ("gptq" if a.method in ("gptq", "rtn", "awq") else "compressed-tensors")
     device_map = _device_map(a)
+    planner = _planner(a, fmt)
     check_save_destination(a.out, fmt, a.overwrite)  # refused now, not after calibration
     if getattr(a, "rotate", False) and getattr(a, "offload", "none") != "none":
         raise ValueError("--rotate needs the whole model in memory; it does not combine with --offload")
@@ -147,11 +190,14 @@ def cmd_quantize(a) -> int:
         from .devices import dispatch
 
         model = dispatch(model, device_map)
-    q = quantizer_for(config)(model, config, tokenizer=tok)
     data = None
-    if q.needs_data:
+    if quantizer_for(config).needs_data or planner is not None:
         ids = tokenize_text(tok, load_text(a.calib_text, "calibration"))
         data = sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed)
+    if planner is not None:
+        plan = planner.plan(model, data, config, tokenizer=tok)
+        config = plan.config  # (the planner printed its summary)
+    q = quantizer_for(config)(model, config, tokenizer=tok)
     q.quantize(data, export_format=fmt)  # a format that cannot hold the result fails before calibration
     path = save_quantized(model, a.out, tokenizer=tok, format=fmt, checkpoint_format=a.checkpoint_format,
                           overwrite=a.overwrite)

@@ -11,11 +11,12 @@ from .smoothquant import FP8Quantizer, SmoothQuantQuantizer, W8A8Quantizer
 from .ptq import PTQQuantizer
 from .zeroquant import ZeroQuantQuantizer
 from .fp4 import FP4Quantizer
+from .budget import BudgetPlan, BudgetPlanner, Sensitivity
 
 __all__ = [
     "BaseConfig", "WeightOnlyConfig", "RTNConfig", "GPTQConfig", "BaseQuantizer", "RTNQuantizer", "GPTQQuantizer",
     "prepare", "convert", "register_quantizer", "quantizer_for", "registered_configs", "weight_bytes",
     "AWQConfig", "AWQQuantizer", "W8A8Config", "W8A8Quantizer", "SmoothQuantConfig", "SmoothQuantQuantizer",
     "FP8Config", "FP8Quantizer", "PTQConfig", "PTQQuantizer", "ZeroQuantConfig",
-    "ZeroQuantQuantizer", "FP4Config", "FP4Quantizer",
+    "ZeroQuantQuantizer", "FP4Config", "FP4Quantizer", "BudgetPlanner", "BudgetPlan", "Sensitivity",
 ]

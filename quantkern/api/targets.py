@@ -147,15 +147,22 @@ def _plan_experts(plan: TargetPlan, name: str, mod: nn.Module, layout, skip_laye
                          f"at all: skip {name!r} as a whole, or none of its experts")
     reasons = []
     for k, n, label in ((h, i, "gate/up"), (i, h, "down")):
-        r = packable(k, n, bits)
-        if group_size != -1 and group_size > k:
-            r = (r + "; " if r else "") + f"group_size={group_size} > in_features={k}"
+        r = linear_problem(k, n, bits, group_size)
         if r:
             reasons.append(f"{label} {k}->{n} per expert: {r}")
     if reasons:
         bad.append(f"{name} ({type(mod).__name__}, {e} experts): " + "; ".join(reasons))
         return
     plan.experts[name] = site
+
+
+def linear_problem(in_features: int, out_features: int, bits: int, group_size: int) -> str | None:
+    """``None`` if a ``in_features -> out_features`` Linear can be quantized to ``bits`` with
+    ``group_size`` (it packs, and a group is not wider than the layer), else why not."""
+    r = packable(in_features, out_features, bits)
+    if group_size != -1 and group_size > in_features:
+        r = (r + "; " if r else "") + f"group_size={group_size} > in_features={in_features}"
+    return r
 
 
 def _chain(name: str) -> list[str]:
@@ -209,9 +216,7 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
             else:
                 k, n = mod.in_features, mod.out_features
                 lb, lg = settings(name)
-                reason = packable(k, n, lb)
-                if lg != -1 and lg > k:
-                    reason = (reason + "; " if reason else "") + f"group_size={lg} > in_features={k}"
+                reason = linear_problem(k, n, lb, lg)
                 if reason:
                     own = (lb, lg) != (bits, group_size)
                     overridden += own

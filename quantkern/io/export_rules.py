@@ -99,6 +99,16 @@ def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
     return "; ".join(reasons) or None
 
 
+def can_store(fmt: str, scheme: WeightScheme, in_features: int, out_features: int, permuted_groups: bool = False
+              ) -> str | None:
+    """``None`` if format ``fmt`` can store one ``in_features -> out_features`` QuantLinear quantized with
+    ``scheme`` (``permuted_groups``: act-order groups in visiting order), else why not: the per-layer rule
+    the size-budget planner filters its candidates with, so that every plan it makes can be written."""
+    if fmt not in FORMAT_KINDS:
+        raise ValueError(f"format must be one of {tuple(FORMAT_KINDS)}, got {fmt!r}")
+    return _layer_problem(fmt, LayerPlan("QuantLinear", in_features, out_features, scheme, permuted_groups))
+
+
 def _model_problems(fmt: str, layers: dict[str, LayerPlan], model: nn.Module | None) -> list[str]:
     out = []
     if fmt == "awq":

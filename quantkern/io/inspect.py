@@ -9,10 +9,13 @@ unreadable path raises.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
+from ..core import WeightScheme
 from ..formats.bitpack import packed_length
+from ..formats.sizes import bits_per_weight
 from .config import (CheckpointConfigError, check_model_config, parse_quantization_config, read_config_json,
                      resolve_gptq_format)
 from .files import CheckpointFileError
@@ -189,7 +192,8 @@ def _inspect_dir(path: Path) -> dict:
             continue
         parts = {p: headers[k] for p in ("qzeros", "scales", "g_idx", "weight_scale", "weight_zero_point")
                  if (k := f"{name}.{p}") in headers}
-        qbytes += sum(_ST_SIZES.get(d, 0) * _numel(s) for _, d, s in [headers[key], *parts.values()])
+        layer["bytes"] = sum(_ST_SIZES.get(d, 0) * _numel(s) for _, d, s in [headers[key], *parts.values()])
+        qbytes += layer["bytes"]
         if dtype != "I32" or len(shape) != 2:
             info["problems"].append(f"{key}: dtype {dtype} shape {list(shape)}, expected a 2-D I32 tensor")
             layers.append(layer)
@@ -222,13 +226,21 @@ def _inspect_dir(path: Path) -> dict:
                                             f"for a {k_}->{n_} {s.describe()} layer{why}")
                 elif have is None and p != "g_idx":
                     info["problems"].append(f"{name}.{p}: missing")
-            layer.update(in_features=k_, out_features=n_, bits=s.bits, group_size=s.group_size, groups=g)
+            layer.update(in_features=k_, out_features=n_, bits=s.bits, group_size=s.group_size, groups=g,
+                         scheme=s.describe())
             if method == "gptq" and "qzeros" in parts and tuple(parts["qzeros"][2]) == exp["qzeros"]:
                 gptq_layers.append((name, s.bits, s.sym, n_,
                                     lambda f=parts["qzeros"][0], k=f"{name}.qzeros": _read_tensor(f, k)))
         elif "weight_scale" in parts:
             n_, g = parts["weight_scale"][2]
             layer.update(out_features=n_, groups=g)
+            if lin is not None:
+                layer["in_features"] = lin.in_features
+            group = _ct_group(info.get("groups") or {}, name)
+            if group is not None:
+                gs = group["group_size"] or -1
+                layer.update(bits=group["bits"], group_size=gs, scheme=WeightScheme(
+                    group["bits"], gs, bool(group["symmetric"])).describe() if group["type"] == "int" else None)
         layers.append(layer)
     if method == "gptq" and parsed is not None:
         try:
@@ -251,10 +263,22 @@ def _inspect_dir(path: Path) -> dict:
     total = sum(_ST_SIZES.get(d, 0) * _numel(s) for _, d, s in headers.values())
     info.update(total_bytes=total, quantized_bytes=qbytes, dense_bytes=total - qbytes,
                 num_tensors=len(headers))
+    if layers and all("in_features" in la and "out_features" in la for la in layers):
+        info["quantized_weights"] = sum(la["in_features"] * la["out_features"] for la in layers)
+        info["bpw"] = bits_per_weight(qbytes, info["quantized_weights"])
     if qc is not None and not layers:
         info["problems"].append("quantization_config is present but no packed weights were found")
     info["consistent"] = not info["problems"]
     return info
+
+
+def _ct_group(groups: dict, name: str) -> dict | None:
+    """The compressed-tensors config group whose targets name ``name`` (or the single ``Linear`` group)."""
+    for g in groups.values():
+        if name in g["targets"] or any(t.startswith("re:") and re.match(t[3:], name) for t in g["targets"]):
+            return g
+    only = [g for g in groups.values() if "Linear" in g["targets"]]
+    return only[0] if len(only) == 1 else None
 
 
 def _read_tensor(file: Path, key: str):
@@ -324,9 +348,15 @@ def format_inspection(info: dict) -> str:
         lines.append(f"layers:     {info.get('num_quantized_layers', 0)} quantized, "
                      f"{info.get('num_tensors', 0)} tensors "
                      f"in {len(info.get('files', []))} file(s)")
+        mix = Counter(la["scheme"] for la in info.get("layers", []) if la.get("scheme"))
+        if len(mix) > 1:
+            lines.append("per layer:  " + ", ".join(f"{d} x{n}" for d, n in mix.most_common()))
         if "total_bytes" in info:
             lines.append(f"size:       {_mb(info['total_bytes'])} (quantized {_mb(info['quantized_bytes'])}, "
                          f"dense {_mb(info['dense_bytes'])})")
+        if "bpw" in info:
+            lines.append(f"bpw:        {info['bpw']:.3f} bits per quantized weight ({info['quantized_weights']:,} "
+                         "weights; codes, scales, zeros and g_idx; dense tensors not included)")
     if info.get("format_note"):
         lines.append(f"note:       {info['format_note']}")
     if info["problems"]:
