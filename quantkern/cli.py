@@ -297,13 +297,14 @@ def _add_inspect(sub):
     p = sub.add_parser("inspect", help="describe a checkpoint and check its consistency without loading the model")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--layers", action="store_true", help="one line per quantized layer: scheme, bytes, bits per weight")
 
 
 def cmd_inspect(a) -> int:
     from .io import format_inspection, inspect_checkpoint
 
     info = inspect_checkpoint(a.path)
-    print(json.dumps(info, indent=2, default=str) if a.json else format_inspection(info))
+    print(json.dumps(info, indent=2, default=str) if a.json else format_inspection(info, layers=a.layers))
     return 0 if info.get("consistent", True) else 1
 
 

@@ -56,6 +56,15 @@ def test_stored_bytes_match_the_written_checkpoint_layer_by_layer(tiny_llama, to
         assert by_name[name]["scheme"] == WeightScheme(o["bits"], o["group_size"], o["sym"]).describe()
     text = format_inspection(info)
     assert "per layer:" in text and f"bpw:        {info['bpw']:.3f}" in text
+    table = format_inspection(info, layers=True).splitlines()
+    name = names[0]
+    k, n = dims[name]
+    line = next(li for li in table if li.strip().startswith(name + " "))
+    assert f"{by_name[name]['bytes']} B" in line and f"{8 * by_name[name]['bytes'] / (k * n):.3f} bpw" in line
+    back = qk.load_quantized(tmp_path / "ck")  # every scheme combination reloads bit-identically
+    for name in overrides:
+        got, want = back.get_submodule(name).to_quantized(), tiny_llama.get_submodule(name).to_quantized()
+        assert got.scheme == want.scheme and torch.equal(got.dequantize(), want.dequantize()), name
 
 
 def test_parse_target_size():
@@ -220,6 +229,9 @@ def test_refused_before_measuring(tiny_llama, token_data, monkeypatch):
     with pytest.raises(ValueError, match="permuted g_idx"):
         qk.BudgetPlanner(target_bpw=4, format="compressed-tensors").plan(tiny_llama, token_data,
                                                                           qk.GPTQConfig(actorder=True))
+    with pytest.raises(ValueError, match="v_proj: no candidate scheme fits it.*does not divide in_features"):
+        qk.BudgetPlanner(target_bpw=4, format="compressed-tensors").plan(
+            tiny_llama, token_data, qk.GPTQConfig(overrides={"*.v_proj": {"group_size": 48}}))
     with pytest.raises(ValueError, match="GPTQConfig or RTNConfig"):
         qk.BudgetPlanner(target_bpw=4).plan(tiny_llama, token_data, qk.AWQConfig())
     with pytest.raises(ValueError, match="dense tensors alone"):

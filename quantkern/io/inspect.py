@@ -324,8 +324,9 @@ def _mb(n) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def format_inspection(info: dict) -> str:
-    """A human-readable summary of :func:`inspect_checkpoint`'s dict."""
+def format_inspection(info: dict, layers: bool = False) -> str:
+    """A human-readable summary of :func:`inspect_checkpoint`'s dict (``layers``: a line per quantized
+    layer with its scheme, stored bytes and bits per weight)."""
     lines = [f"checkpoint: {info['path']}", f"format:     {info.get('format')}"]
     if info.get("format") == "gguf":
         lines.append(f"arch:       {info.get('architecture')}, {info.get('num_layers')} blocks, "
@@ -357,6 +358,11 @@ def format_inspection(info: dict) -> str:
         if "bpw" in info:
             lines.append(f"bpw:        {info['bpw']:.3f} bits per quantized weight ({info['quantized_weights']:,} "
                          "weights; codes, scales, zeros and g_idx; dense tensors not included)")
+    if layers:
+        for la in info.get("layers", []):
+            w = la.get("in_features", 0) * la.get("out_features", 0)
+            bpw = f"{bits_per_weight(la['bytes'], w):6.3f} bpw" if w and "bytes" in la else ""
+            lines.append(f"  {la['name']:<48s} {la.get('scheme') or '':<24s} {la.get('bytes', ''):>10} B {bpw}")
     if info.get("format_note"):
         lines.append(f"note:       {info['format_note']}")
     if info["problems"]:
