@@ -213,6 +213,10 @@ def _add_eval(sub):
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--device-map", default=None, help="auto, balanced, sequential or a JSON {module: device}")
+    p.add_argument("--reference", default=None,
+                   help="the dense model to compare with ('smollm2', a .gguf, a directory or a HF id): adds the "
+                        "KL divergence, top-1 agreement and delta perplexity on the same tokens (llama.cpp's "
+                        "--kl-divergence)")
 
 
 def _device_map(a):
@@ -252,6 +256,13 @@ def cmd_eval(a) -> int:
 
     model, tok = _load_any(a.model, a.device, _device_map(a))
     ids = tokenize_text(tok, load_text(a.text, "eval"))
+    if a.reference is not None:
+        from .eval import kl_divergence
+
+        reference, _ = _load_any(a.reference, a.device, _device_map(a))
+        d = kl_divergence(model, reference, ids, seq_len=a.seq_len, max_windows=a.max_windows)
+        print(json.dumps({"model": a.model, "reference": a.reference, **d.to_dict()}))
+        return 0
     ppl = perplexity(model, ids, seq_len=a.seq_len, max_windows=a.max_windows)
     print(json.dumps({"model": a.model, "perplexity": round(ppl, 4), "tokens": int(ids.numel())}))
     return 0

@@ -50,7 +50,7 @@ def candidate_errors(g: GPTQ, schemes: list[WeightScheme], *, act_order: bool = 
     n, k = W.shape
     c = len(schemes)
     Wc = W.repeat(c, 1)
-    deq_all = torch.empty_like(Wc)
+    deq_cols = torch.empty(k, c * n, device=W.device)  # column-major: one contiguous row per visited column
     find = find_qparams_mse if mse else find_qparams
     maxq = torch.tensor([float(s.maxq) for s in schemes], device=W.device).repeat_interleave(n)
     scale = torch.ones(c * n, device=W.device)
@@ -81,12 +81,11 @@ def candidate_errors(g: GPTQ, schemes: list[WeightScheme], *, act_order: bool = 
                     scale[rows[i]], zero[rows[i]] = sc, z.float()
         q = torch.minimum((torch.round(w / scale) + zero).clamp_(min=0), maxq)
         deq = (q - zero) * scale
-        deq_all[:, col] = deq
+        deq_cols[col] = deq
         return deq
 
     GPTQ._sweep(Wc, Hinv, blocksize, quant_col, fused=True)
-    if perm is not None:
-        deq_all = deq_all[:, torch.argsort(perm)]
+    deq_all = (deq_cols if perm is None else deq_cols[torch.argsort(perm)]).t()
     W0 = g.weight.detach().float()
     return [_weighted_error(W0, deq_all[r], H, row_weights) for r in rows]
 
