@@ -584,7 +584,6 @@ class _SensitivityPass(GPTQQuantizer):
                 errs = candidate_errors(g, [_with_order(candidates[j], c) for j in ok], act_order=c.actorder
                                         if method == "gptq" else False,
                                         damp_percent=getattr(c, "damp_percent", 0.01),
-                                        blocksize=getattr(c, "blocksize", 128),
                                         static_groups=getattr(c, "static_groups", False), mse=c.mse,
                                         scale_dtype=c.torch_scale_dtype, row_weights=fisher.get(name),
                                         method=method)
