@@ -29,7 +29,7 @@
 #
 # Needs nothing beyond the GPU image (torch, triton, transformers, ninja, an nvcc for the JIT build): the
 # project runs from the checkout through PYTHONPATH, no install. On a machine without a GPU every GPU
-# step is skipped with its reason and the script exits 0 in seconds (tests/test_gpu_session.py).
+# step is skipped with its reason and the script exits 0 in seconds (tests/benchmarks/test_gpu_session.py).
 set -u
 OUT=${OUT:-benchmarks/results/gpu-session}
 ALL_STEPS="probe env build cuda_tests triton_tests other_tests memcheck racecheck gemm e2e"
@@ -153,9 +153,9 @@ else
 fi
 
 PYTEST=("$PY" -m pytest -v --tb=short -rfEs -m "gpu and not slow" -p no:cacheprovider)
-step cuda_tests "$L_CUDA" "${GPU_WHY:-$EXT_WHY}" "${PYTEST[@]}" tests/test_cuda_kernels.py
-step triton_tests "$L_TRITON" "$GPU_WHY" "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_smoothquant.py
-step other_tests "$L_OTHER" "$GPU_WHY" "${PYTEST[@]}" tests/test_devices.py tests/test_fp8.py tests/test_io_gptq.py \
+step cuda_tests "$L_CUDA" "${GPU_WHY:-$EXT_WHY}" "${PYTEST[@]}" tests/kernels/test_cuda_kernels.py
+step triton_tests "$L_TRITON" "$GPU_WHY" "${PYTEST[@]}" tests/kernels/test_triton_kernels.py tests/api/test_smoothquant.py
+step other_tests "$L_OTHER" "$GPU_WHY" "${PYTEST[@]}" tests/test_devices.py tests/api/test_fp8.py tests/io/test_io_gptq.py \
     tests/test_env.py
 SAN=("$SANITIZER" --error-exitcode 1)
 step memcheck "$L_MEMCHECK" "${GPU_WHY:-${EXT_WHY:-$SAN_WHY}}" "${SAN[@]}" --tool memcheck "$PY" benchmarks/sanitize_kernels.py

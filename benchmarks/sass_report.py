@@ -34,7 +34,7 @@ the autotuner's ``prune`` does) is compiled by Triton's AOT path, for sm_80 and 
   (``hbm_ceiling_pct``: for an H200, 132 SMs x 4 x 1.98 GHz against 4.8 TB/s).
 
 Writes ``benchmarks/results/sass_report.csv`` and ``sass_report.txt`` (a summary). The recorded CSV
-is the baseline of ``tests/test_sass_report.py``: the suite fails when a kernel recorded spill-free
+is the baseline of ``tests/benchmarks/test_sass_report.py``: the suite fails when a kernel recorded spill-free
 spills (one recorded with spills may not spill more), or when its ``instr_per_weight`` grows more than
 5% over the recorded value (regenerate and commit the report when a kernel improves).
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 STEPS = ["probe", "env", "build", "cuda_tests", "triton_tests", "other_tests", "memcheck", "racecheck", "gemm", "e2e"]
 GPU_STEPS = ["cuda_tests", "triton_tests", "other_tests", "memcheck", "racecheck", "gemm", "e2e"]

@@ -332,7 +332,7 @@ def test_wheel_ships_the_kernel_sources_for_the_jit_path(tmp_path):
     import zipfile
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(root)], check=True, env={**__import__("os").environ, "QUANTKERN_BUILD_EXT": "0"},
                    capture_output=True)

@@ -328,7 +328,7 @@ def test_benchmark_report_compares_at_each_uniform_bpw(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("quality_budget", Path(__file__).resolve().parents[1] /
+    spec = importlib.util.spec_from_file_location("quality_budget", Path(__file__).resolve().parents[2] /
                                                   "benchmarks" / "quality_budget.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -2,7 +2,7 @@
 prepared from tensors, never see the module; the choice is per (device, dtype, M bucket); every
 backend's forward is one registered custom op, and ``torch.compile(fullgraph=True)`` traces it.
 
-The Triton backend's share of these checks runs in tests/test_triton_kernels.py (the interpreter
+The Triton backend's share of these checks runs in tests/kernels/test_triton_kernels.py (the interpreter
 must be on before triton is imported)."""
 
 import pytest

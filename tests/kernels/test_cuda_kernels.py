@@ -25,7 +25,7 @@ from quantkern.kernels.cuda import build, emulate, layout as L, ops
 from quantkern.kernels.reference import dequantize_gptq, gptq_gemm_reference
 from quantkern.nn.quant_linear import QuantLinear
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 HALF = (torch.float16, torch.bfloat16)
 

@@ -311,7 +311,7 @@ def killed(tmp_path_factory):
     w = tmp_path_factory.mktemp("killed")
     ckpt = save_quantized(quantize_linears(tiny_llama(), SCHEME), w / "ckpt")
     before = listing(ckpt)
-    r = subprocess.run([sys.executable, "-c", KILL_CHILD, str(ckpt), str(Path(__file__).parent)],
+    r = subprocess.run([sys.executable, "-c", KILL_CHILD, str(ckpt), str(Path(__file__).resolve().parents[1])],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 75, r.stderr[-2000:]
     names = sorted(os.listdir(w))

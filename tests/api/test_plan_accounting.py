@@ -23,7 +23,7 @@ def checksums(model):
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
 
-# RTN and GPTQ quantize fused experts (tests/test_moe.py); the other methods still refuse them
+# RTN and GPTQ quantize fused experts (tests/api/test_moe.py); the other methods still refuse them
 QUANTIZERS = {
     "fp8": lambda m, **kw: qk.FP8Quantizer(m, **kw).quantize([torch.randint(0, 256, (16,)) for _ in range(4)]),
     "w8a8": lambda m, **kw: qk.W8A8Quantizer(m, **kw).quantize([torch.randint(0, 256, (16,)) for _ in range(4)]),
