@@ -194,6 +194,22 @@ def test_planned_checkpoint_meets_the_budget_and_reloads_bit_identically(tiny_ll
     assert not plan2.measured and plan2.bpw > plan.bpw and plan2.estimated_error < plan.estimated_error
 
 
+def test_both_front_doors_take_the_plan(tiny_llama, token_data):
+    """plan.config through prepare -> calibration forwards -> convert gives what GPTQQuantizer gives."""
+    base = qk.GPTQConfig(actorder=True, group_size=32)
+    plan = qk.BudgetPlanner(target_bpw=4.0, verbose=False).plan(tiny_llama, token_data, base)
+    a, b = _copy(tiny_llama), _copy(tiny_llama)
+    qk.GPTQQuantizer(a, plan.config, verbose=False).quantize(token_data)
+    model = qk.prepare(b, plan.config, export_format="gptq")
+    for ids in token_data:
+        model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None])
+    qk.convert(model)
+    for name, c in plan.sites.items():
+        qa, qb = a.get_submodule(name), b.get_submodule(name)
+        assert (qa.bits, qa.group_size, qa.sym) == (c.scheme.bits, c.scheme.group_size, c.scheme.sym)
+        assert torch.equal(qa.qweight, qb.qweight) and torch.equal(qa.scales, qb.scales), name
+
+
 def test_target_size_counts_the_dense_tensors(tiny_llama, token_data, tmp_path):
     base = qk.GPTQConfig(group_size=32)
     small = qk.BudgetPlanner(target_bpw=3.0, verbose=False).plan(tiny_llama, token_data, base)
