@@ -47,6 +47,14 @@ def load_quantized(path, device="cpu", **kwargs):
     return _load(path, device=device, **kwargs)
 
 
+def __getattr__(name):
+    if name == "hf":  # transformers' from_pretrained integration; importing it registers the method
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'quantkern' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__", "BaseConfig", "BaseQuantizer", "GPTQConfig", "RTNConfig", "GPTQQuantizer", "RTNQuantizer",
     "prepare", "convert", "register_quantizer", "QuantizedWeight", "WeightScheme", "Backend", "QuantLinear",

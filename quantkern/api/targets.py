@@ -94,15 +94,20 @@ def is_conv1d(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
 
 
-def check_not_quantized(model: nn.Module) -> None:
-    """Raise if ``model`` already holds quantized layers (any of quantkern's: QuantLinear, W8A8Linear,
-    ZeroQuantLinear, FP8Linear, FP4Linear) or a (non-GGUF) quantization config."""
+def check_no_quantized_modules(model: nn.Module) -> None:
+    """Raise if ``model`` holds any of quantkern's quantized layer types."""
     kinds = _quantized_kinds()
     found = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, kinds)]
     if found:
         types = sorted({t for _, t in found})
         raise ValueError(f"model is already quantized ({found[0][0]} is a {found[0][1]}; {len(found)} "
                          f"{'/'.join(types)} layers in all); start from the dense model")
+
+
+def check_not_quantized(model: nn.Module) -> None:
+    """Raise if ``model`` already holds quantized layers (any of quantkern's: QuantLinear, W8A8Linear,
+    ZeroQuantLinear, FP8Linear, FP4Linear) or a (non-GGUF) quantization config."""
+    check_no_quantized_modules(model)
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if qc is not None:
         method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
@@ -171,7 +176,7 @@ def _chain(name: str) -> list[str]:
 
 
 def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, within: str | None = None,
-                 experts: bool = False, layer_config=None) -> TargetPlan:
+                 experts: bool = False, layer_config=None, on_load: bool = False) -> TargetPlan:
     """Choose the Linears to quantize (inside ``within`` if given) and validate their shapes now,
     listing every offending layer, so that no calibration time is spent on a model that cannot be served.
 
@@ -179,8 +184,15 @@ def plan_targets(model: nn.Module, skip_layers, bits: int, group_size: int, with
     overrides, :meth:`~quantkern.api.config.PerLayer.for_layer`); default: ``bits`` and ``group_size``.
 
     ``experts``: the quantizer also quantizes fused 3-D MoE experts modules (``plan.experts``); without
-    it they are refused by the accounting, as every tensor no rule covers. MoE routers stay dense."""
-    check_not_quantized(model)
+    it they are refused by the accounting, as every tensor no rule covers. MoE routers stay dense.
+
+    ``on_load``: the model is being loaded by transformers with quantkern's own ``quantization_config``
+    (:mod:`quantkern.hf`), whose config is set before its dense layers are replaced: only quantized
+    modules count as already quantized."""
+    if on_load:
+        check_no_quantized_modules(model)
+    else:
+        check_not_quantized(model)
 
     def settings(name: str) -> tuple[int, int]:
         c = layer_config(name) if layer_config is not None else None
