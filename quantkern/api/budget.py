@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 from collections import Counter
@@ -60,6 +59,7 @@ from ..core import WeightScheme
 from ..devices import block_device
 from ..formats.sizes import SIZED_FORMATS, bits_per_weight, overhead_bytes, stored_bytes
 from ..io.export_rules import can_store
+from ..io.files import parse_size
 from .config import GPTQConfig, RTNConfig, WeightOnlyConfig
 from .quantizers import GPTQQuantizer
 from .targets import linear_problem, matches
@@ -77,15 +77,7 @@ def default_candidates(bits=DEFAULT_BITS, group_sizes=DEFAULT_GROUP_SIZES, sym=(
 
 def parse_target_size(size) -> int:
     """``"20GiB"`` / ``"60MB"`` / an int -> bytes (``ValueError`` naming the value otherwise)."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"target_size must be a positive number of bytes or a string like '20GiB' / '60MB', "
-                         f"got {size!r}")
-    return int(float(m.group(1)) * units[m.group(2) or ""])
+    return parse_size(size, "target_size")
 
 
 def _scheme_key(s: WeightScheme) -> tuple:

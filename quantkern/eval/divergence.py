@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .perplexity import windows_of
+
 
 @dataclass(frozen=True)
 class Divergence:
@@ -39,23 +41,13 @@ class Divergence:
         return d
 
 
-def _windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    ids = token_ids.flatten()
-    n = ids.numel() // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"need at least seq_len={seq_len} tokens, got {ids.numel()}")
-    return ids[: n * seq_len].view(n, seq_len)
-
-
 @torch.no_grad()
 def kl_divergence(model, reference, token_ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
                   max_windows: int | None = None, progress: bool = True) -> Divergence:
     """Compare ``model`` with ``reference`` (the dense model) on non-overlapping ``seq_len`` windows of
     ``token_ids`` (as :func:`~quantkern.eval.perplexity` scores them: the first token of a window is
     context only). Raises ``ValueError`` if the two models' vocabularies differ."""
-    windows = _windows(token_ids, seq_len, max_windows)
+    windows = windows_of(token_ids, seq_len, max_windows)
     dev_q = next(model.parameters()).device
     dev_r = next(reference.parameters()).device
     kls, nll_q, nll_r, agree, count = [], 0.0, 0.0, 0, 0

@@ -14,6 +14,17 @@ def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.
     return ids[:max_tokens] if max_tokens else ids
 
 
+def windows_of(token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """``[n, seq_len]``: the non-overlapping windows of ``token_ids`` (a trailing partial one dropped)."""
+    ids = token_ids.flatten()
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"need at least seq_len={seq_len} tokens, got {ids.numel()}")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
 @torch.no_grad()
 def perplexity(model, token_ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
                max_windows: int | None = None, progress: bool = True) -> float:
@@ -22,13 +33,8 @@ def perplexity(model, token_ids: torch.Tensor, seq_len: int = 512, batch_size: i
     Each window is scored independently (the first token of a window is context only), so results do
     not depend on ``batch_size``. A trailing partial window is dropped.
     """
-    ids = token_ids.flatten()
-    n = ids.numel() // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"need at least seq_len={seq_len} tokens, got {ids.numel()}")
-    windows = ids[: n * seq_len].view(n, seq_len)
+    windows = windows_of(token_ids, seq_len, max_windows)
+    n = windows.shape[0]
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, leave=False):

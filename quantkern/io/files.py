@@ -52,13 +52,13 @@ class CheckpointFileError(ValueError):
     :func:`check_destination`)."""
 
 
-def parse_size(size) -> int:
-    """``"2GB"`` / ``"500MiB"`` / ``1_000_000`` -> bytes; raises ``ValueError`` on anything else."""
+def parse_size(size, what: str = "max_shard_size") -> int:
+    """``"2GB"`` / ``"500MiB"`` / ``1_000_000`` -> bytes; raises ``ValueError`` naming ``what`` on anything else."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"max_shard_size must be a positive int or a string like '2GB' / '500MiB', got {size!r}")
+        raise ValueError(f"{what} must be a positive int or a string like '2GB' / '500MiB', got {size!r}")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
 
 
