@@ -48,10 +48,10 @@ def load_quantized(path, device="cpu", **kwargs):
 
 
 def __getattr__(name):
-    if name == "hf":  # transformers' from_pretrained integration; importing it registers the method
+    if name in ("hf", "lora"):  # from_pretrained integration (importing it registers the method); PEFT LoRA
         import importlib
 
-        return importlib.import_module(".hf", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'quantkern' has no attribute {name!r}")
 
 

@@ -13,9 +13,12 @@ stays near the quantized size): RTN at any bit width and group size, sym / asym,
 Linears become :class:`quantkern.QuantLinear` and run quantkern's kernels; ``qk.save_quantized(model,
 out)`` writes the standard checkpoint.
 
+Training on top: the quantized modules are differentiable in their inputs (weights frozen), so LoRA
+adapters train on the loaded model with :func:`quantkern.lora.get_peft_model`.
+
 Not yet: loading an already quantized checkpoint through ``from_pretrained`` (use
-``quantkern.load_quantized``), fused MoE experts on the fly, ``save_pretrained`` and training (refused
-with a message). Importing this module registers the ``"quantkern"`` method with transformers once.
+``quantkern.load_quantized``), fused MoE experts on the fly and ``save_pretrained`` (refused with a
+message). Importing this module registers the ``"quantkern"`` method with transformers once.
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ class QuantkernHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        return True  # LoRA adapters on top (quantkern.lora); the quantized weights stay frozen
 
 
 def _register() -> None:

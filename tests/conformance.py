@@ -211,3 +211,27 @@ class FormatConformance:
             with pytest.raises(ValueError, match=reason):
                 qk.save_quantized(model, tmp_path / f"ck{i}", format=self.format)
             assert not (tmp_path / f"ck{i}").exists()
+
+
+def family_module(kind: str, backend: str):
+    """A W8A8 / fp8 / fp4 / ZeroQuant layer of the family on ``backend``, from a random Linear."""
+    from quantkern import FP4Linear, FP8Linear, W8A8Linear
+    from quantkern.algorithms.fp4 import quantize_fp4_groups
+    from quantkern.nn.w8a8_linear import ZeroQuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    if kind == "w8a8":
+        mod = W8A8Linear.from_linear(lin)
+    elif kind == "w8a8-static":
+        mod = W8A8Linear.from_linear(lin, input_scale=0.02)
+    elif kind.startswith("fp8"):
+        act = kind.split("-")[1]
+        mod = FP8Linear.from_linear(lin, act=act, input_scale=0.01 if act == "static" else None)
+    elif kind == "fp4":
+        codes, scales = quantize_fp4_groups(lin.weight.detach(), 32)
+        mod = FP4Linear.from_codes(codes, scales, 32, bias=lin.bias)
+    else:
+        mod = ZeroQuantLinear.from_linear(lin, w_bits=4, group_size=32, w_has_zero=True, a_bits=8)
+    mod.backend = backend
+    return mod

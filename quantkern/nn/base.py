@@ -76,12 +76,21 @@ class QuantModule(nn.Module):
         if self.float_inputs_only and x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{self.describe()}: activations must be fp32/fp16/bf16, got {x.dtype}")
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this module represents, fp32 ``[out_features, in_features]`` (for the backward
+        pass, tests and export)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = self.kernel_for(x2).apply(x2)
+        kernel = self.kernel_for(x2)
+        if x2.requires_grad and torch.is_grad_enabled():
+            y = _FrozenWeightLinear.apply(x2, kernel, self)
+        else:
+            y = kernel.apply(x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # --- the kernels follow the buffers ---------------------------------------------------------------
@@ -96,3 +105,22 @@ class QuantModule(nn.Module):
                                       error_msgs)
         if len(error_msgs) == n_err:
             self._kernels.clear()  # the buffers kernels were prepared from were replaced
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """The kernel's forward, differentiable in the input only: the quantized weights are frozen (buffers),
+    so ``grad_x = grad_y @ W`` with ``W`` the dequantized weight, rebuilt in the backward pass instead of
+    kept (QLoRA-style: memory stays at the packed size). Activation quantization (W8A8, fp8, ZeroQuant)
+    passes the gradient straight through."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, module):
+        ctx.module = module
+        ctx.x_dtype = x.dtype
+        return kernel.apply(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w = ctx.module.dequantized_weight()
+        grad_x = grad_y.to(torch.float32) @ w.to(device=grad_y.device)
+        return grad_x.to(ctx.x_dtype), None, None

@@ -138,6 +138,10 @@ class QuantLinear(SchemeAttributes, QuantModule):
         t = GPTQTensors(self.qweight, self.qzeros, self.scales, self.g_idx)
         return unpack_gptq(t, self.scheme, self.in_features, self.out_features)
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 ``[N, K]`` in the original column order (act-order undone)."""
+        return self.to_quantized().dequantize()
+
     # --- properties -----------------------------------------------------------------------------
 
     def describe(self) -> str:

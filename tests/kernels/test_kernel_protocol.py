@@ -16,7 +16,7 @@ from quantkern.kernels import registry as R
 from quantkern.kernels.cpu import build as cpu_build
 from quantkern.kernels.reference import gptq_gemm_reference
 
-from conformance import BackendConformance, assert_compiles_fullgraph, single_op_of
+from conformance import BackendConformance, assert_compiles_fullgraph, family_module, single_op_of
 
 
 def _layer(k=96, n=40, bits=4, gs=32, sym=False, bias=True, backend="auto", seed=0):
@@ -173,30 +173,6 @@ def test_fullgraph_compile_through_each_backend(backend):
 
 
 # ---------------------------------------------------------------- the rest of the module family
-def _family(kind: str, backend: str):
-    """A W8A8 / fp8 / fp4 / ZeroQuant layer of the family on ``backend``, from a random Linear."""
-    from quantkern import FP4Linear, FP8Linear, W8A8Linear
-    from quantkern.algorithms.fp4 import quantize_fp4_groups
-    from quantkern.nn.w8a8_linear import ZeroQuantLinear
-
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 48)
-    if kind == "w8a8":
-        mod = W8A8Linear.from_linear(lin)
-    elif kind == "w8a8-static":
-        mod = W8A8Linear.from_linear(lin, input_scale=0.02)
-    elif kind.startswith("fp8"):
-        act = kind.split("-")[1]
-        mod = FP8Linear.from_linear(lin, act=act, input_scale=0.01 if act == "static" else None)
-    elif kind == "fp4":
-        codes, scales = quantize_fp4_groups(lin.weight.detach(), 32)
-        mod = FP4Linear.from_codes(codes, scales, 32, bias=lin.bias)
-    else:
-        mod = ZeroQuantLinear.from_linear(lin, w_bits=4, group_size=32, w_has_zero=True, a_bits=8)
-    mod.backend = backend
-    return mod
-
-
 FAMILY = [("w8a8", "int_mm", "quantkern::w8a8_linear"), ("w8a8", "reference", "quantkern::w8a8_linear_ref"),
           ("w8a8-static", "auto", "quantkern::w8a8_linear"),
           ("fp8-dynamic", "auto", "quantkern::fp8_linear"), ("fp8-static", "emulated", "quantkern::fp8_linear"),
@@ -206,7 +182,7 @@ FAMILY = [("w8a8", "int_mm", "quantkern::w8a8_linear"), ("w8a8", "reference", "q
 
 @pytest.mark.parametrize("kind,backend,op", FAMILY, ids=[f"{k}-{b}" for k, b, _ in FAMILY])
 def test_family_forward_is_one_custom_op_and_compiles_fullgraph(kind, backend, op):
-    mod = _family(kind, backend)
+    mod = family_module(kind, backend)
     assert single_op_of(mod, torch.randn(3, 64)) == op
     if backend != "auto":
         assert mod.kernel_for(torch.randn(3, 64)).backend is Backend.parse(backend)
@@ -214,14 +190,14 @@ def test_family_forward_is_one_custom_op_and_compiles_fullgraph(kind, backend, o
 
 
 def test_family_speaks_one_backend_vocabulary():
-    w8 = _family("w8a8", "auto")
+    w8 = family_module("w8a8", "auto")
     assert w8.backend is Backend.AUTO and type(w8.kernel_for(torch.randn(2, 64))).__name__ == "Int8MMKernel"
-    fp8 = _family("fp8-dynamic", "emulated")
+    fp8 = family_module("fp8-dynamic", "emulated")
     assert fp8.backend is Backend.REFERENCE  # the fp8 name of the reference
     fp8.backend = "scaled_mm"
     with pytest.raises(NoKernelError, match="scaled_mm: needs a CUDA GPU with compute capability >= 8.9"):
         fp8(torch.randn(2, 64))
     with pytest.raises(NoKernelError, match="backend 'cpu' has no kernel for"):
-        _family("fp4", "cpu")(torch.randn(2, 64))
+        family_module("fp4", "cpu")(torch.randn(2, 64))
     with pytest.raises(ValueError, match="unknown backend"):
         w8.backend = "tpu"
