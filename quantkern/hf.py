@@ -6,22 +6,34 @@ API (``register_quantization_config`` / ``register_quantizer``, as bitsandbytes,
 
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantkern.hf.QuantkernConfig(bits=4))
 
-**On the fly** (this slice): a dense checkpoint is quantized while it loads, tensor by tensor (each
-Linear's weight is rounded when transformers reads it and only its packed form is kept, so peak memory
-stays near the quantized size): RTN at any bit width and group size, sym / asym, the MSE clipping search,
-``skip_layers`` and per-layer ``overrides`` (the keys and patterns of :class:`quantkern.RTNConfig`). The
-Linears become :class:`quantkern.QuantLinear` and run quantkern's kernels; ``qk.save_quantized(model,
-out)`` writes the standard checkpoint.
+**On the fly**: a dense checkpoint is quantized while it loads, tensor by tensor (each Linear's weight is
+rounded when transformers reads it and only its packed form is kept, so peak memory stays near the
+quantized size): RTN at any bit width and group size, sym / asym, the MSE clipping search,
+``skip_layers`` and per-layer ``overrides`` (the keys and patterns of :class:`quantkern.RTNConfig`).
 
-Training on top: the quantized modules are differentiable in their inputs (weights frozen), so LoRA
-adapters train on the loaded model with :func:`quantkern.lora.get_peft_model`.
+**Load**: a GPTQ (v1 / v2), AWQ or compressed-tensors checkpoint, quantkern's or another tool's, comes
+up with quantkern modules (``QuantkernConfig()``; only its ``backend`` applies). quantkern's own loader
+reads and validates the quantized tensors (every scheme and module ``load_quantized`` reads: int2..8,
+asym, act-order, W8A8, fp8, fused MoE experts), so the modules and logits are ``load_quantized``'s;
+transformers loads the dense tensors with its ``dtype`` and ``device_map``. transformers refuses a
+``quantization_config`` of another class than the checkpoint's; importing this module makes
+QuantkernConfig the one exception (``AutoHfQuantizer.merge_quantization_configs`` is wrapped; every
+other combination goes to transformers' own method unchanged).
 
-Not yet: loading an already quantized checkpoint through ``from_pretrained`` (use
-``quantkern.load_quantized``), fused MoE experts on the fly and ``save_pretrained`` (refused with a
-message). Importing this module registers the ``"quantkern"`` method with transformers once.
+**Save**: ``save_pretrained`` writes the tensors ``quantkern.save_quantized`` writes (GPTQ where the
+format holds every layer, else compressed-tensors) and config.json's ``quantization_config`` says so;
+``quantize_config.json`` and the tokenizer are not written (``save_quantized`` writes both).
+
+Kernels are prepared at load for the model's dtype, so ``torch.compile(model, fullgraph=True)`` traces
+it; the modules are differentiable in their inputs, so LoRA adapters train on top
+(:func:`quantkern.lora.get_peft_model`). Not yet: fused MoE experts on the fly, HQQ-style rounding.
+Importing this module registers the ``"quantkern"`` method with transformers once.
 """
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,11 +43,13 @@ from .api.targets import plan_targets, set_module
 from .algorithms import quantize_rtn
 from .formats.gptq import pack_gptq
 from .nn import QuantLinear
+from .nn.base import QuantModule, build_kernels
+from .nn.quant_experts import QuantExperts
 
 try:
     from transformers.core_model_loading import ConversionOps
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer
     from transformers.quantizers.quantizers_utils import get_module_from_name
     from transformers.utils.quantization_config import QuantizationConfigMixin
 except ImportError as e:  # pragma: no cover - transformers is a dependency; an old one lacks the API
@@ -43,6 +57,8 @@ except ImportError as e:  # pragma: no cover - transformers is a dependency; an 
                       f"API): {e}") from e
 
 METHOD = "quantkern"
+#: the checkpoint formats ``from_pretrained(..., quantization_config=QuantkernConfig())`` loads with quantkern
+LOADABLE_METHODS = ("gptq", "awq", "compressed-tensors")
 _KEYS = ("bits", "group_size", "sym", "mse", "skip_layers", "overrides", "scale_dtype", "backend")
 
 
@@ -59,6 +75,24 @@ class QuantkernConfig(QuantizationConfigMixin):
         self.quant_method = METHOD
         self.rtn = RTNConfig(bits=bits, group_size=group_size, sym=sym, mse=mse, skip_layers=skip_layers,
                              overrides=overrides, scale_dtype=scale_dtype, backend=backend)
+        #: the standard ``quantization_config`` of the checkpoint this model was loaded from or saved to
+        #: (GPTQ / AWQ / compressed-tensors); when set, it is what ``to_dict`` (and so config.json) says
+        self.checkpoint_config: dict | None = None
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint_config, loading: "QuantkernConfig") -> "QuantkernConfig":
+        """The config of a pre-quantized load: the checkpoint's own ``quantization_config`` (a dict or a
+        transformers config object) read with ``loading``'s backend. Raises ``ValueError`` for a method
+        quantkern does not read, naming it."""
+        d = checkpoint_config if isinstance(checkpoint_config, dict) else checkpoint_config.to_dict()
+        method = d.get("quant_method")
+        method = getattr(method, "value", method)
+        if method not in LOADABLE_METHODS:
+            raise ValueError(f"this checkpoint is quantized with {method!r}; quantkern loads {list(LOADABLE_METHODS)} "
+                             "checkpoints (or quantizes dense ones on the fly)")
+        cfg = cls(backend=loading.backend)
+        cfg.checkpoint_config = dict(d)
+        return cfg
 
     def __getattr__(self, name):
         if name in _KEYS and "rtn" in self.__dict__:
@@ -66,6 +100,8 @@ class QuantkernConfig(QuantizationConfigMixin):
         raise AttributeError(name)
 
     def to_dict(self) -> dict:
+        if self.__dict__.get("checkpoint_config") is not None:
+            return dict(self.checkpoint_config)
         d = self.rtn.to_dict()
         d.pop("method", None)
         d.pop("device", None)
@@ -97,6 +133,11 @@ class _RoundOnLoad(ConversionOps):
                 f"{name}.g_idx": t.g_idx, full_layer_name: torch.empty(0, dtype=value.dtype, device=value.device)}
 
 
+class _Pending(nn.Module):
+    """Stands where a quantized module goes while transformers loads the rest of a pre-quantized
+    checkpoint (it holds no tensors, so transformers loads none into it)."""
+
+
 class QuantkernHfQuantizer(HfQuantizer):
     """The ``"quantkern"`` method of ``from_pretrained`` (see the module text)."""
 
@@ -105,20 +146,24 @@ class QuantkernHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.shells: list[str] = []
+        self.loaded: dict[str, nn.Module] = {}
 
     def validate_environment(self, *args, **kwargs):
-        if self.pre_quantized:
-            raise ValueError("this checkpoint is already quantized: from_pretrained(quantization_config="
-                             "QuantkernConfig(...)) quantizes dense checkpoints on load; load a quantized one "
-                             "with quantkern.load_quantized(path)")
+        if self.pre_quantized and self.quantization_config.checkpoint_config is None:
+            raise ValueError("this checkpoint is already quantized: pass quantization_config=QuantkernConfig() to "
+                             "load it with quantkern's kernels, or load it with quantkern.load_quantized(path)")
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, QuantLinear) and tensor_name == "weight" and "weight" in module._parameters
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        """Plan (every check of ``plan_targets``: shapes, skips, unaccounted tensors) and put a QuantLinear
-        shell, with a placeholder ``weight`` for transformers to fill, in place of each planned Linear."""
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.pre_quantized:
+            return self._take_quantized_modules(model, checkpoint_files)
+        # Plan (every check of ``plan_targets``: shapes, skips, unaccounted tensors) and put a QuantLinear
+        # shell, with a placeholder ``weight`` for transformers to fill, in place of each planned Linear.
         cfg = self.quantization_config.rtn
         plan = plan_targets(model, cfg.skip_layers, cfg.bits, cfg.group_size, layer_config=cfg.for_layer,
                             on_load=True)
@@ -136,23 +181,94 @@ class QuantkernHfQuantizer(HfQuantizer):
         model.quantkern_config = cfg.to_dict()
         return model
 
+    def _take_quantized_modules(self, model, checkpoint_files):
+        """A pre-quantized checkpoint: quantkern's own loader reads and validates it (every format and
+        scheme ``load_quantized`` reads, the same modules, so the same logits); its quantized modules
+        wait here while transformers loads the dense tensors, and take their places afterwards."""
+        from .io.load import _load
+
+        if not checkpoint_files:
+            raise ValueError("quantkern: from_pretrained gave no checkpoint files to read")
+        files = [Path(f) for f in checkpoint_files]
+        if any(f.suffix != ".safetensors" for f in files):
+            raise ValueError(f"quantkern reads safetensors checkpoints only, got {[f.name for f in files]}")
+        with torch.device("cpu"):  # (from_pretrained calls this inside its meta-device init context)
+            self.loaded = _load(files[0].parent, "cpu", None, self.quantization_config.backend, modules_only=True)
+        for name in self.loaded:
+            set_module(model, name, _Pending())
+        ignore = {rf"^{re.escape(name)}\." for name in self.loaded}  # their tensors were read above
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignore
+        return model
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, m in self.loaded.items():
+            set_module(model, name, m.to(_device_near(model, name)))
+        self.loaded = {}
         for name in self.shells:
             m = model.get_submodule(name)
             m._parameters.pop("weight", None)  # the placeholder: the packed tensors replaced it
             if m.bias is not None:
                 m.bias = m.bias.to(m.scales.dtype)
+        build_kernels(model)  # chosen now, for the model's dtype, so that torch.compile finds them ready
         return model
 
     def get_quantize_ops(self):
         return _RoundOnLoad(self)
 
+    def get_state_dict_and_metadata(self, model):
+        """``save_pretrained``: the tensors ``quantkern.save_quantized`` writes (GPTQ where it can store
+        every layer, else compressed-tensors), and config.json's ``quantization_config`` set to match."""
+        from .io.export_rules import check_exportable, model_layer_plans
+        from .io.save import checkpoint_tensors
+
+        plans = model_layer_plans(model)
+        try:
+            check_exportable("gptq", plans, model)
+            fmt = "gptq"
+        except ValueError:
+            check_exportable("compressed-tensors", plans, model)
+            fmt = "compressed-tensors"
+        sd, qcfg, _ = checkpoint_tensors(model, fmt)
+        for cfg in {id(c): c for c in (self.quantization_config, getattr(model.config, "quantization_config", None))
+                    if isinstance(c, QuantkernConfig)}.values():
+            cfg.checkpoint_config = qcfg
+        return sd, {}
+
     def is_serializable(self):
-        return False  # save with quantkern.save_quantized(model, path) (GPTQ / compressed-tensors / GGUF)
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True  # every forward is one registered custom op, its kernels prepared at load
 
     @property
     def is_trainable(self) -> bool:
         return True  # LoRA adapters on top (quantkern.lora); the quantized weights stay frozen
+
+
+def _device_near(model: nn.Module, name: str) -> torch.device:
+    """Where transformers (and its ``device_map``) put the module around ``name``."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        owner = model.get_submodule(".".join(parts[:i])) if i else model
+        t = next(iter(owner.parameters()), None)
+        if t is not None and t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def _merge_quantization_configs(cls, quantization_config, quantization_config_from_args):
+    """transformers refuses a ``quantization_config`` of another class than the checkpoint's; a
+    QuantkernConfig is the one exception: it loads the checkpoint's own format with quantkern."""
+    if isinstance(quantization_config_from_args, QuantkernConfig):
+        return QuantkernConfig.for_checkpoint(quantization_config, quantization_config_from_args)
+    return _transformers_merge(quantization_config, quantization_config_from_args)
+
+
+# (kept on the class, so that a second import of this module wraps transformers' method, not its own)
+if not hasattr(AutoHfQuantizer, "_merge_before_quantkern"):
+    AutoHfQuantizer._merge_before_quantkern = AutoHfQuantizer.merge_quantization_configs
+_transformers_merge = AutoHfQuantizer._merge_before_quantkern
 
 
 def _register() -> None:
@@ -160,6 +276,8 @@ def _register() -> None:
         register_quantization_config(METHOD)(QuantkernConfig)
     if METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(METHOD)(QuantkernHfQuantizer)
+    if getattr(AutoHfQuantizer.merge_quantization_configs, "__func__", None) is not _merge_quantization_configs:
+        AutoHfQuantizer.merge_quantization_configs = classmethod(_merge_quantization_configs)
 
 
 _register()

@@ -90,10 +90,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def assemble(model: nn.Module, quant: dict[str, tuple], dense: dict[str, torch.Tensor], device, dtype, backend):
+def assemble(model: nn.Module, quant: dict[str, tuple], dense: dict[str, torch.Tensor], device, dtype, backend,
+             modules_only: bool = False):
     """Replace the Linears named in ``quant`` (``{name: (scheme, {tensor name: v2 GPTQ tensor})}``)
     with QuantLinear (or, for ``{name: (module, tensors)}``, with that ready-made module), validate
-    ``dense`` against the skeleton and assign everything.
+    ``dense`` against the skeleton and assign everything. ``modules_only``: return ``{name: module}``
+    of the quantized modules only, with their tensors (the dense ones are left to the caller).
 
     Raises :class:`CheckpointTensorError` for unexpected / missing / mis-shaped tensors."""
     state = {}
@@ -122,6 +124,8 @@ def assemble(model: nn.Module, quant: dict[str, tuple], dense: dict[str, torch.T
                     raise CheckpointTensorError(f"{k}: {err}; load with dtype=None (as stored) or a wider dtype")
                 t = t.to(to)
             state[k] = t
+    if modules_only:
+        return _quantized_modules(model, quant, state, device)
     expected = model.state_dict()
     for k, t in dense.items():
         if k not in expected:
@@ -137,6 +141,20 @@ def assemble(model: nn.Module, quant: dict[str, tuple], dense: dict[str, torch.T
         raise CheckpointTensorError(f"the checkpoint lacks {len(missing)} tensor(s): {missing[:8]}"
                                     f"{' ...' if len(missing) > 8 else ''}")
     return model.to(device).eval()
+
+
+def _quantized_modules(model: nn.Module, quant: dict, state: dict, device) -> dict[str, nn.Module]:
+    out = {}
+    for name in quant:
+        m = model.get_submodule(name)
+        prefix = name + "."
+        m.load_state_dict({k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}, strict=False,
+                          assign=True)
+        missing = sorted(n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.device.type == "meta")
+        if missing:
+            raise CheckpointTensorError(f"{name}: the checkpoint lacks {[prefix + n for n in missing]}")
+        out[name] = m.to(device).eval()
+    return out
 
 
 def _linear(model: nn.Module, name: str) -> nn.Linear:
@@ -185,7 +203,9 @@ def load_quantized(path, device="cpu", dtype=None, backend="auto", device_map=No
     return dispatch(model, device_map, max_memory)
 
 
-def _load(path: Path, device, dtype, backend) -> nn.Module:
+def _load(path: Path, device, dtype, backend, modules_only: bool = False):
+    """The model at ``path`` (see :func:`load_quantized`); ``modules_only``: ``{name: quantized module}``
+    only (transformers' ``from_pretrained`` loads the dense tensors itself, see :mod:`quantkern.hf`)."""
     if not path.exists():  # a save killed between its two renames left the checkpoint as .<name>.old-*
         recover_interrupted(path, clean=False)
     if not path.is_dir():
@@ -207,7 +227,7 @@ def _load(path: Path, device, dtype, backend) -> nn.Module:
         from .compressed import compressed_to_gptq
 
         quant, dense = compressed_to_gptq(qc, tensors, model, dtype, backend)
-        return assemble(model, quant, dense, device, dtype, backend)
+        return assemble(model, quant, dense, device, dtype, backend, modules_only)
     experts, expert_keys = {}, set()
     if cfg.quant_method == "gptq":  # per-expert tensors of fused experts modules, under the HF checkpoint names
         from .experts import checkpoint_renames, experts_from_checkpoint, rename
@@ -246,4 +266,4 @@ def _load(path: Path, device, dtype, backend) -> nn.Module:
         quant[name] = (scheme, tensors_v2)
     dense = {k: t for k, t in tensors.items() if k not in used}
     quant.update(experts)
-    return assemble(model, quant, dense, device, dtype, backend)
+    return assemble(model, quant, dense, device, dtype, backend, modules_only)

@@ -112,6 +112,25 @@ def gptq_tensors(model: nn.Module, checkpoint_format: str | None) -> tuple[dict[
     return sd, checkpoint_format
 
 
+def checkpoint_tensors(model: nn.Module, format: str = "gptq", checkpoint_format: str | None = None):
+    """What a directory checkpoint of ``format`` ("gptq", "awq", "compressed-tensors") stores, without
+    writing it: ``(state dict, quantization_config, {side file name: json})``. The model must pass
+    :func:`~quantkern.io.export_rules.check_exportable` for ``format`` (``save_quantized`` checks first)."""
+    if format == "awq":
+        from .awq import awq_export
+
+        return awq_export(model)
+    if format == "compressed-tensors":
+        from .compressed import compressed_export
+
+        return compressed_export(model)
+    if format != "gptq":
+        raise ValueError(f"checkpoint_tensors: format must be 'gptq', 'awq' or 'compressed-tensors', got {format!r}")
+    sd, fmt = gptq_tensors(model, checkpoint_format)
+    qcfg = gptq_quantization_config(model, quant_layers(model), fmt)
+    return sd, qcfg, {"quantize_config.json": qcfg}
+
+
 def check_save_destination(path, format: str = "gptq", overwrite: bool = False) -> Path:
     """:func:`~quantkern.io.files.check_destination` for a save in ``format``: a ``.gguf`` path of
     ``format="gguf"`` is a file, anything else a checkpoint directory. Call it before calibration (the
@@ -167,18 +186,7 @@ def save_quantized(model: nn.Module, path, tokenizer=None, format: str = "gptq",
         with atomic_directory(path) as tmp:  # a directory: replaced as a whole, like the other formats
             save_gguf(model, tmp / GGUF_DIR_NAME, **opts)
         return path / GGUF_DIR_NAME
-    if format == "awq":
-        from .awq import awq_export
-
-        sd, qcfg, extra = awq_export(model)
-    elif format == "compressed-tensors":
-        from .compressed import compressed_export
-
-        sd, qcfg, extra = compressed_export(model)
-    else:
-        sd, fmt = gptq_tensors(model, checkpoint_format)
-        qcfg = gptq_quantization_config(model, quant_layers(model), fmt)
-        extra = {"quantize_config.json": qcfg}
+    sd, qcfg, extra = checkpoint_tensors(model, format, checkpoint_format)
     config_dict = hf_config_dict(model, qcfg)
     with atomic_directory(path) as tmp:
         write_safetensors(sd, tmp, max_shard_size)

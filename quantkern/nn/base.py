@@ -58,9 +58,27 @@ class QuantModule(nn.Module):
         (repacked) once per (device, dtype, backend)."""
         k = self._kernels.lookup(x)
         if k is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"{self.describe()}: no kernel is prepared for {x.device} / {x.dtype} with "
+                                   f"{x.shape[0]} rows inside torch.compile; call quantkern.nn.build_kernels(model, "
+                                   "device, dtype) before compiling")
             check_same_device(self, x, self.named_buffers(recurse=False))
             k = self._kernels.get(x, self.kernel_spec(), self.weight_tensors, self._backend, self.describe())
         return k
+
+    def build_kernels(self, device, dtype: torch.dtype, max_rows: int | None = None) -> None:
+        """Choose and prepare the kernels for every M bucket up to ``max_rows`` rows (None: all) on
+        ``device`` / ``dtype`` now, e.g. before ``torch.compile`` traces the model (a choice made inside
+        a traced graph would break it)."""
+        from ..kernels.registry import M_BUCKETS
+
+        rows = [b for b in M_BUCKETS if max_rows is None or b <= max_rows]
+        if max_rows is None or max_rows > M_BUCKETS[-1]:
+            rows.append(M_BUCKETS[-1] + 1)
+        elif max_rows not in rows:
+            rows.append(max_rows)
+        for m in rows:
+            self.kernel_for(torch.empty(m, self.in_features, device=device, dtype=dtype))
 
     def reset_kernels(self) -> None:
         """Forget the chosen kernels (call after changing buffers in place)."""
@@ -124,3 +142,18 @@ class _FrozenWeightLinear(torch.autograd.Function):
         w = ctx.module.dequantized_weight()
         grad_x = grad_y.to(torch.float32) @ w.to(device=grad_y.device)
         return grad_x.to(ctx.x_dtype), None, None
+
+
+def build_kernels(model: nn.Module, device=None, dtype: torch.dtype | None = None, max_rows: int | None = None) -> int:
+    """Prepare the kernels of every quantized module of ``model`` for every M bucket (up to ``max_rows``
+    rows) on ``device`` / ``dtype`` (default: each module's own device and ``model``'s floating dtype),
+    so that ``torch.compile`` traces them without choosing any. Returns the number of modules."""
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            dev = device if device is not None else next(iter(m.buffers())).device
+            m.build_kernels(dev, dtype, max_rows)
+            n += 1
+    return n

@@ -169,20 +169,6 @@ class QuantLinear(SchemeAttributes, QuantModule):
             self._check_canonical(f"running on {x.device} / {x.dtype} (no kernel was built for them)")
         return super().kernel_for(x)
 
-    def build_kernels(self, device, dtype: torch.dtype, max_rows: int | None = None) -> None:
-        """Choose and prepare the kernels for every M bucket up to ``max_rows`` rows (None: all) on
-        ``device`` / ``dtype`` now, e.g. before ``torch.compile`` traces the model (a choice made inside
-        a traced graph would break it)."""
-        from ..kernels.registry import M_BUCKETS
-
-        rows = [b for b in M_BUCKETS if max_rows is None or b <= max_rows]
-        if max_rows is None or max_rows > M_BUCKETS[-1]:
-            rows.append(M_BUCKETS[-1] + 1)
-        elif max_rows not in rows:
-            rows.append(max_rows)
-        for m in rows:
-            self.kernel_for(torch.empty(m, self.in_features, device=device, dtype=dtype))
-
     def reset_kernels(self) -> None:
         """Forget chosen kernels (call after changing buffers in place)."""
         self._check_canonical("reset_kernels()")

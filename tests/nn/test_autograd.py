@@ -83,3 +83,15 @@ def test_no_grad_inference_path_is_unchanged():
         a = mod(x)
     b = mod(x)  # grad enabled but x needs none
     assert not b.requires_grad and torch.equal(a, b)
+
+
+def test_compile_without_prepared_kernels_names_the_fix():
+    from quantkern.nn import build_kernels
+
+    mod = _quant_linear(4, 32, True, False, torch.float16, "auto")
+    x = torch.randn(3, 64)
+    with pytest.raises(Exception, match="build_kernels"):
+        torch.compile(mod, backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert build_kernels(torch.nn.Sequential(mod), dtype=torch.float32) == 1
+    torch.testing.assert_close(torch.compile(mod, backend="aot_eager", fullgraph=True)(x), mod(x), rtol=0, atol=0)
