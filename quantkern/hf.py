@@ -43,8 +43,7 @@ from .api.targets import plan_targets, set_module
 from .algorithms import quantize_rtn
 from .formats.gptq import pack_gptq
 from .nn import QuantLinear
-from .nn.base import QuantModule, build_kernels
-from .nn.quant_experts import QuantExperts
+from .nn.base import build_kernels
 
 try:
     from transformers.core_model_loading import ConversionOps
