@@ -114,6 +114,25 @@ class QuantkernConfig(QuantizationConfigMixin):
         return (cfg, kwargs) if return_unused_kwargs else cfg
 
 
+def _return_freed_heap() -> None:
+    """Give the heap pages freed by the load's fp32 temporaries back to the OS (glibc ``malloc_trim``;
+    elsewhere nothing): glibc keeps them otherwise, and the process stays at about the dense size
+    (measured in benchmarks/hf_load_memory.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 class _RoundOnLoad(ConversionOps):
     """transformers hands each planned Linear's weight here as it reads it: round it (RTN) and return
     the packed tensors of the QuantLinear shell in its place (and an empty placeholder for ``weight``)."""
@@ -209,6 +228,7 @@ class QuantkernHfQuantizer(HfQuantizer):
             if m.bias is not None:
                 m.bias = m.bias.to(m.scales.dtype)
         build_kernels(model)  # chosen now, for the model's dtype, so that torch.compile finds them ready
+        _return_freed_heap()
         return model
 
     def get_quantize_ops(self):

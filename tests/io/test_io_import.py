@@ -146,3 +146,22 @@ def test_awq_hostile(tmp_path, edit, err, match):
     save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(err, match=match):
         load_quantized(path)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_foreign_checkpoint_through_from_pretrained(tmp_path, fmt):
+    """Another tool's checkpoint (AutoGPTQ v1 act-order, AutoAWQ GEMM with a bias) through
+    transformers' from_pretrained with QuantkernConfig: the codes load_quantized reads, the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    import quantkern.hf  # noqa: F401  (registers the method)
+
+    scheme = WeightScheme(4, 32, fmt == "gptq", fmt == "gptq")
+    path, dense, codes = _foreign(tmp_path, fmt, scheme, bias=fmt == "awq")
+    got = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantkern.hf.QuantkernConfig(backend="reference"))
+    for name, qw in codes.items():
+        back = got.get_submodule(name).to_quantized()
+        assert torch.equal(back.codes, qw.codes) and torch.equal(back.zeros, qw.zeros), name
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(got(x).logits, load_quantized(path, backend="reference")(x).logits)
