@@ -109,6 +109,9 @@ def main() -> None:
         f.flush()
         del m
     f.close()
+    from plot_quality import plot_csv  # (benchmarks/ is on the path when run as a script)
+
+    print("plot:", plot_csv(out))
 
 
 if __name__ == "__main__":
