@@ -217,6 +217,12 @@ def _add_eval(sub):
                    help="the dense model to compare with ('smollm2', a .gguf, a directory or a HF id): adds the "
                         "KL divergence, top-1 agreement and delta perplexity on the same tokens (llama.cpp's "
                         "--kl-divergence)")
+    p.add_argument("--tasks", default=None,
+                   help="lm-eval tasks, comma-separated (needs lm-eval): the model through lm-eval's HF adapter")
+    p.add_argument("--include-path", default=None, help="a directory of lm-eval task YAML files (local tasks)")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
 
 
 def _device_map(a):
@@ -255,6 +261,14 @@ def cmd_eval(a) -> int:
     from .eval import perplexity, tokenize_text
 
     model, tok = _load_any(a.model, a.device, _device_map(a))
+    if a.tasks is not None:
+        from .eval.harness import evaluate_tasks
+
+        limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
+        res = evaluate_tasks(model, tok, a.tasks, include_path=a.include_path, limit=limit,
+                             num_fewshot=a.num_fewshot, batch_size=a.batch_size)
+        print(json.dumps({"model": a.model, "tasks": res}, default=float))
+        return 0
     ids = tokenize_text(tok, load_text(a.text, "eval"))
     if a.reference is not None:
         from .eval import kl_divergence
