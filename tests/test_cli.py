@@ -130,10 +130,25 @@ def test_pickle_only_dense_model_is_refused_before_unpickling(tiny_llama, tmp_pa
     assert "holds only pickle weights ['pytorch_model.bin']; quantkern loads safetensors only" in line
 
 
+def _io_hostile():
+    """tests/io/test_io_hostile.py as a module, whether or not tests/io was collected in this run."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "test_io_hostile" in sys.modules:
+        return sys.modules["test_io_hostile"]
+    spec = importlib.util.spec_from_file_location("test_io_hostile", Path(__file__).parent / "io" / "test_io_hostile.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["test_io_hostile"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_hostile_gguf_is_one_line(tmp_path, capsys):
     from fixtures.quant_models import quantize_linears, tiny_llama
     from quantkern.core import WeightScheme
-    from test_io_hostile import hostile_ggufs
+    hostile_ggufs = _io_hostile().hostile_ggufs
 
     model = quantize_linears(tiny_llama(), WeightScheme(4, 32, True, False))
     data = qk.save_quantized(model, tmp_path / "m.gguf", format="gguf").read_bytes()
