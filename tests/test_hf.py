@@ -200,3 +200,16 @@ def test_compiles_fullgraph_after_from_pretrained(dense_dir):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x).logits, model(x).logits)
+
+
+def test_pipeline_runs_on_the_loaded_model(dense_dir):
+    from fixtures.quant_models import byte_tokenizer
+    from transformers import pipeline
+
+    model = _load(dense_dir, bits=4, group_size=32)
+    tok = byte_tokenizer()
+    out = pipeline("text-generation", model=model, tokenizer=tok)("hello", max_new_tokens=5, do_sample=False)
+    ids = tok("hello", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"] == tok.decode(want[0])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import quantkern as qk
+from fixtures.quant_models import byte_tokenizer as _byte_tokenizer
 
 pytest.importorskip("lm_eval")
 
@@ -42,20 +43,6 @@ def _task_dir(tmp_path):
             higher_is_better: true
         """))
     return d
-
-
-def _byte_tokenizer():
-    """A real transformers tokenizer for the tiny models: one token per byte (byte-level BPE, no merges),
-    so ids stay inside their 256-token vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tk = Tokenizer(models.BPE({ch: i for i, ch in enumerate(sorted(alphabet))}, []))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    eos = sorted(alphabet)[0]
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token=eos)
 
 
 def _direct_accuracy(model, tok):
