@@ -25,17 +25,21 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 
+#: child-process source shared by the memory benchmarks: one /proc/self/status field, in bytes
+PROC_STATUS = r"""
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+"""
+
 CHILD = r"""
 import json, sys, time
 import torch, transformers, accelerate, safetensors  # noqa: F401  (library baseline)
 import transformers.models.llama.modeling_llama  # noqa: F401
 from quantkern import GPTQConfig, RTNConfig
 from quantkern.offload import quantize_streaming
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
+""" + PROC_STATUS + r"""
 
 src, warm, out, method, offload = sys.argv[1:6]
 g = torch.Generator().manual_seed(0)

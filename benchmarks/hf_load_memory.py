@@ -2,12 +2,12 @@
 against the plain dense load, and against the size of what the quantized model keeps (issue #17: peak
 memory should stay near the quantized size, the way ``load_in_4bit`` works).
 
-A synthetic Llama (random weights, fp32 safetensors; speed and memory do not depend on the values) is
+A synthetic Llama (``bench_memory.make_llama``: random weights, fp32 safetensors, untied head) is
 loaded in a fresh child process per mode. The child first loads a tiny model the same way (so code pages
 of torch / transformers count as baseline), resets its peak RSS (``/proc/self/clear_refs``), then loads the
 measured model and reports the peak RSS increment and the bytes the loaded model holds.
 
-    python benchmarks/hf_load_memory.py [--hidden 1024] [--layers 8]
+    python benchmarks/hf_load_memory.py [--hidden 1024] [--layers 8 16]
 
 Writes ``benchmarks/results/hf_load_memory.csv`` and ``hf_load_memory.png`` (if matplotlib is there).
 """
@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_memory import PROC_STATUS, make_llama  # (benchmarks/ is on the path when run as a script)
+
 RESULTS = Path(__file__).parent / "results"
 
 CHILD = r"""
@@ -30,12 +32,7 @@ import json, sys, threading, time
 import torch, transformers
 from transformers import AutoModelForCausalLM
 import quantkern.hf
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
+""" + PROC_STATUS + r"""
 src, warm, mode = sys.argv[1:4]
 def load(path):
     kw = {} if mode == "dense" else {"quantization_config": quantkern.hf.QuantkernConfig(bits=4, group_size=128)}
@@ -69,19 +66,6 @@ print(json.dumps({"peak_anon_load": peak_anon[0], "anon_after_forward": after,
 """
 
 
-def _synthetic(path: Path, hidden: int, layers: int) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, vocab_size=8192,
-                      tie_word_embeddings=True)
-    m = LlamaForCausalLM(cfg)
-    m.save_pretrained(path)
-    return sum(p.numel() for p in m.parameters())
-
-
 def _measure(hidden: int, layers: int) -> list[dict]:
     import torch
     import transformers
@@ -91,8 +75,8 @@ def _measure(hidden: int, layers: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        n = _synthetic(tmp / "model", hidden, layers)
-        _synthetic(tmp / "warm", 128, 1)
+        n = make_llama(tmp / "model", hidden, hidden * 4, layers, 8192, heads=hidden // 64) // 4
+        make_llama(tmp / "warm", 128, 512, 1, 8192, heads=2)
         for mode in ("dense", "quantkern-w4g128"):
             out = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "model"), str(tmp / "warm"), mode],
                                  capture_output=True, text=True, check=True)

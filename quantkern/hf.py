@@ -32,6 +32,7 @@ Importing this module registers the ``"quantkern"`` method with transformers onc
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -114,23 +115,23 @@ class QuantkernConfig(QuantizationConfigMixin):
         return (cfg, kwargs) if return_unused_kwargs else cfg
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc
+
+
 def _return_freed_heap() -> None:
     """Give the heap pages freed by the load's fp32 temporaries back to the OS (glibc ``malloc_trim``;
     elsewhere nothing): glibc keeps them otherwise, and the process stays at about the dense size
     (measured in benchmarks/hf_load_memory.py)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _RoundOnLoad(ConversionOps):

@@ -17,6 +17,7 @@ would need a new quantization; :func:`merged_dense` gives the merged fp weight o
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -34,11 +35,9 @@ def _peft():
     return peft, LoraLayer
 
 
+@functools.cache
 def _layer_class():
     """The LoRA layer class for quantkern modules (built once, when peft is first needed)."""
-    global _QuantLoraLinear
-    if _QuantLoraLinear is not None:
-        return _QuantLoraLinear
     _, LoraLayer = _peft()
 
     class QuantLoraLinear(nn.Module, LoraLayer):
@@ -80,11 +79,7 @@ def _layer_class():
         def __repr__(self) -> str:
             return "lora." + super().__repr__()
 
-    _QuantLoraLinear = QuantLoraLinear
     return QuantLoraLinear
-
-
-_QuantLoraLinear = None
 
 
 def register(lora_config):

@@ -172,6 +172,15 @@ def ppl(model, held):
     return perplexity(model, held, seq_len=EVAL_LEN, progress=False)
 
 
+def ppl_with(model, held, hooks):
+    """Perplexity with ``hooks`` in place; they are removed afterwards, whatever happens."""
+    try:
+        return ppl(model, held)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.fixture(scope="module")
 def dense_gptq_ppl(smollm2_moe):
     dense, _, calib, held = smollm2_moe
@@ -206,11 +215,7 @@ def assert_every_expert_quantized(model, q):
 def test_upcycled_smollm2_has_the_dense_perplexity(smollm2_moe):
     dense, moe, _, held = smollm2_moe
     counts, hooks = route_counts(moe)
-    try:
-        p_moe = ppl(moe, held)
-    finally:
-        for h in hooks:
-            h.remove()
+    p_moe = ppl_with(moe, held, hooks)
     p_dense = ppl(dense, held)
     share = counts.float() / counts.sum(1, keepdim=True)
     print(f"\nSmolLM2 fp32 ppl: dense {p_dense:.6f}, upcycled ({E} experts, top-{TOP_K}) {p_moe:.6f}; "
@@ -236,12 +241,7 @@ def test_gptq_on_upcycled_smollm2_matches_dense_gptq(smollm2_moe, dense_gptq_ppl
     assert all(f"model.layers.{i}.mlp.experts.{e}.{p}" in q.report["gptq_losses"]
                for i in range(n_layers) for e in range(E) for p in ("gate_up_proj", "down_proj"))
     p_moe = ppl(model, held)
-    hooks = top1_only(model)
-    try:
-        p_top1 = ppl(model, held)
-    finally:
-        for h in hooks:
-            h.remove()
+    p_top1 = ppl_with(model, held, top1_only(model))
     print(f"\nSmolLM2 upcycled GPTQ W4 g64 act-order: ppl {p_moe:.4f} ({p_moe / dense_gptq_ppl - 1:+.2%} vs dense "
           f"GPTQ {dense_gptq_ppl:.4f}), top-1 only {p_top1:.4f} ({p_top1 / dense_gptq_ppl - 1:+.2%}); "
           f"{q.report['seconds']:.0f} s")
@@ -270,15 +270,9 @@ def test_starved_expert_is_named_and_the_fallback_keeps_the_bound(smollm2_moe, d
     assert fb["model.layers.0.mlp.experts.3.down_proj"].startswith("RTN: 0 calibration token(s) routed to expert 3")
     for tokens in q.report["expert_tokens"].values():
         assert tokens[starved] == 0 and min(t for e, t in enumerate(tokens) if e != starved) >= 1536
-    p_skewed = ppl(model, held)
-    for h in hooks:
-        h.remove()
+    p_skewed = ppl_with(model, held, hooks)
     counts, hooks = route_counts(model)
-    try:
-        p_routed = ppl(model, held)
-    finally:
-        for h in hooks:
-            h.remove()
+    p_routed = ppl_with(model, held, hooks)
     assert (counts[:, starved] > 0).all()  # the fallback expert is really used in the second measurement
     print(f"\nSmolLM2 upcycled GPTQ, expert {starved} starved in calibration (RTN fallback): ppl {p_skewed:.4f} "
           f"with the skewed router, {p_routed:.4f} with the model's router (dense GPTQ {dense_gptq_ppl:.4f})")
