@@ -3,7 +3,9 @@
 - :func:`single_op_of`: a module's forward dispatches exactly one non-view op (the registered custom
   op of its kernel), recorded with a ``TorchDispatchMode`` (an op's own implementation is not seen);
 - :func:`assert_compiles_fullgraph`: ``torch.compile(fullgraph=True)`` traces a model and gives what
-  eager mode gives.
+  eager mode gives;
+- :class:`BackendConformance` (dense kernels), :class:`GroupedConformance` (grouped expert kernels)
+  and :class:`FormatConformance` (checkpoint formats): the checks each of them passes.
 """
 
 import torch
@@ -142,6 +144,149 @@ class BackendConformance:
         dt = self.DTYPES[0]
         assert_compiles_fullgraph(model, [torch.randn(1, k).to(dt).to(self.device),
                                           torch.randn(2, 9, k).to(dt).to(self.device)])
+
+
+def stacked_experts(num_experts, scheme, dtype, backend="auto", seed=0, bias=True):
+    """A :class:`~quantkern.nn.quant_experts.StackedGPTQ` of random experts (``scheme``: ``(bits,
+    group_size, sym, act_order, K, N)``), with a random bias, on ``backend``."""
+    from quantkern.core import WeightScheme
+    from quantkern.nn.quant_experts import StackedGPTQ
+
+    bits, gs, sym, act, k, n = scheme
+    proj = StackedGPTQ(num_experts, k, n, WeightScheme(bits, gs, sym, act), bias=bias, dtype=dtype)
+    for e in range(num_experts):
+        proj.set_expert(e, random_qweight(k, n, bits, gs, sym, act, scale_dtype=dtype, seed=seed * 1000 + e))
+    if bias:
+        with torch.no_grad():
+            proj.bias.copy_(torch.randn(num_experts, n, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    proj.backend = backend
+    return proj
+
+
+def routing_cases(t, num_experts, seed=0):
+    """``{name: top_k_index [t, k]}``: random top-2 and top-1, top-k = all experts (8 where there are
+    8), every token to expert 0 (top-1), an expert that gets no token, and the "no expert" index -1."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda k: torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(t)])  # noqa: E731
+    cases = {"top2": rand(2), "top1": rand(1), f"top{num_experts}": rand(num_experts),
+             "all_to_one": torch.zeros(t, 1, dtype=torch.long)}
+    starved = rand(2)
+    starved[starved == 1] = 0  # expert 1 gets nothing (duplicates within a token are fine for a kernel)
+    cases["one_starved"] = starved
+    masked = rand(2)
+    masked[::3, 1] = -1
+    cases["no_expert_index"] = masked
+    return cases
+
+
+def grouped_oracle(proj, x, rows, offsets):
+    """Pair by pair: ``x[rows[p]] @ dequant(W[e]) + bias[e]`` in fp32 (zero beyond ``offsets[E]``)."""
+    p_all = rows.numel() if rows is not None else x.shape[0]
+    out = torch.zeros(p_all, proj.out_features)
+    off = offsets.tolist()
+    for e in range(proj.num_experts):
+        if off[e] == off[e + 1]:
+            continue
+        w = proj.dequantize(e, torch.float32)
+        r = torch.arange(off[e], off[e + 1])
+        xe = x[rows[r]] if rows is not None else x[r]
+        out[r] = xe.float() @ w + (proj.bias[e].float() if proj.bias is not None else 0)
+    return out
+
+
+class GroupedConformance:
+    """The checks every grouped expert kernel (layout ``"gptq_experts"``, :mod:`quantkern.kernels.moe`)
+    passes: subclass it as ``TestXxx`` with ``backend`` and, where the backend runs elsewhere or
+    slower, ``device``, ``TS``, ``DTYPES``, ``SCHEMES`` or ``NUM_EXPERTS``; ``available()`` returns why
+    the backend cannot run here (the tests then skip), or None.
+
+    - the awkward-shape grid: T = 1, 2, 3, 17, 127, 128, 129 tokens; sizes that are not powers of two;
+      2 / 3 / 4 / 8 bits, grouped / per-channel, sym / asym, act-order; fp16 and bf16; routings from
+      :func:`routing_cases` (top-1, top-2, top-8, all tokens to one expert, an expert with no token,
+      the "no expert" index), the gathered call (gate/up) and the pair-ordered one (down), against a
+      pair-by-pair fp32 oracle with dtype-fitting tolerances;
+    - the kernel is the backend asked for, and a call is one registered custom op;
+    - ``torch.compile(fullgraph=True)`` traces a call and gives the eager result.
+    """
+
+    backend = None
+    device = "cpu"
+    TS = (1, 2, 3, 17, 127, 128, 129)
+    DTYPES = (torch.float16, torch.bfloat16)
+    NUM_EXPERTS = 8
+    # (bits, group_size, sym, act_order, K, N)
+    SCHEMES = ((4, 32, False, False, 96, 72), (3, -1, True, True, 64, 96), (8, 48, True, False, 100, 44),
+               (2, 16, False, True, 80, 48))
+    OP: str | None = None
+
+    @classmethod
+    def available(cls) -> str | None:
+        return None
+
+    def _skip(self):
+        import pytest
+
+        why = self.available()
+        if why:
+            pytest.skip(why)
+
+    tolerance = staticmethod(BackendConformance.tolerance)
+
+    def test_awkward_shapes_and_routings_match_the_oracle(self):
+        from quantkern.kernels.moe import route
+
+        self._skip()
+        for si, scheme in enumerate(self.SCHEMES):
+            for dtype in self.DTYPES:
+                proj = stacked_experts(self.NUM_EXPERTS, scheme, dtype, self.backend, seed=si).to(self.device)
+                k = scheme[4]
+                for t in self.TS:
+                    x = torch.randn(t, k, generator=torch.Generator().manual_seed(t)).to(dtype).to(self.device)
+                    for case, idx in routing_cases(t, self.NUM_EXPERTS, seed=t).items():
+                        r = route(idx.to(self.device), self.NUM_EXPERTS)
+                        xp = x[r.rows]  # the pair-ordered input of a down projection
+                        for rows, inp in ((r.rows, x), (None, xp)):
+                            y = proj.grouped(inp, rows, r.offsets)
+                            assert proj.kernel_for(inp).backend is self.backend, (scheme, dtype, t, case)
+                            want = grouped_oracle(proj.cpu(), inp.cpu(), None if rows is None else rows.cpu(),
+                                                  r.offsets.cpu())
+                            proj.to(self.device)
+                            assert y.dtype == dtype and tuple(y.shape) == tuple(want.shape), (case, y.shape)
+                            y = y.float().cpu()
+                            n_valid = int(r.offsets[-1])
+                            assert torch.equal(y[n_valid:], torch.zeros_like(y[n_valid:])), case
+                            scale = max(float(want.norm()), 1e-6)
+                            err = float((y - want).norm()) / scale
+                            assert err < self.tolerance(dtype), f"{scheme} {dtype} T={t} {case}: rel err {err:.2e}"
+
+    def _call(self):
+        from quantkern.kernels.moe import route
+
+        scheme = self.SCHEMES[0]
+        proj = stacked_experts(self.NUM_EXPERTS, scheme, self.DTYPES[0], self.backend).to(self.device)
+        x = torch.randn(5, scheme[4]).to(self.DTYPES[0]).to(self.device)
+        r = route(routing_cases(5, self.NUM_EXPERTS)["top2"].to(self.device), self.NUM_EXPERTS)
+        return proj, x, r
+
+    def test_call_is_one_custom_op(self):
+        self._skip()
+        proj, x, r = self._call()
+        proj.grouped(x, r.rows, r.offsets)  # choose and prepare outside the recording
+        with OpLog() as log:
+            proj.grouped(x, r.rows, r.offsets)
+        ops = log.compute_ops()
+        assert len(ops) == 1 and ops[0].startswith("quantkern"), ops
+        if self.OP is not None:
+            assert ops[0] == self.OP
+
+    def test_compiles_fullgraph(self):
+        self._skip()
+        proj, x, r = self._call()
+        want = proj.grouped(x, r.rows, r.offsets)
+        torch._dynamo.reset()
+        fn = torch.compile(lambda a, rows, off: proj.grouped(a, rows, off), fullgraph=True, backend="aot_eager",
+                           dynamic=False)
+        torch.testing.assert_close(fn(x, r.rows, r.offsets), want, rtol=0, atol=0)
 
 
 class FormatConformance:

@@ -75,8 +75,10 @@ class KernelDeclined(Exception):
 class KernelSpec:
     """What a kernel must know of one weight before it sees the tensors: the tensor ``layout`` the
     module holds (``"gptq"``: :class:`~quantkern.nn.QuantLinear`; ``"w8a8"``, ``"fp8"``, ``"fp4"``,
-    ``"zeroquant"``: the other modules of the family), the weight scheme, the activation scheme (None:
-    weight-only), the sizes, the scales' dtype and whether there is a bias."""
+    ``"zeroquant"``: the other modules of the family; ``"gptq_experts"``: one projection of a
+    :class:`~quantkern.nn.QuantExperts`, stacked over the experts, run by the grouped kernels of
+    :mod:`quantkern.kernels.moe`), the weight scheme, the activation scheme (None: weight-only), the
+    sizes (per expert), the scales' dtype and whether there is a bias."""
 
     scheme: WeightScheme | FloatWeightScheme
     in_features: int  # K
@@ -85,10 +87,13 @@ class KernelSpec:
     has_bias: bool = False
     layout: str = "gptq"
     activation: ActivationScheme | None = None
+    #: the number of stacked experts (layout ``"gptq_experts"``, :mod:`quantkern.kernels.moe`); 0 otherwise
+    num_experts: int = 0
 
     def describe(self) -> str:
         a = f", A {self.activation.describe()}" if self.activation is not None else ""
-        return f"[{self.in_features}->{self.out_features}, {self.scheme.describe()}{a}]"
+        e = f"{self.num_experts} experts x " if self.num_experts else ""
+        return f"[{e}{self.in_features}->{self.out_features}, {self.scheme.describe()}{a}]"
 
 
 @dataclass(frozen=True)

@@ -150,9 +150,11 @@ def build_kernels(model: nn.Module, device=None, dtype: torch.dtype | None = Non
     so that ``torch.compile`` traces them without choosing any. Returns the number of modules."""
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    from .quant_experts import StackedGPTQ
+
     n = 0
     for m in model.modules():
-        if isinstance(m, QuantModule):
+        if isinstance(m, (QuantModule, StackedGPTQ)):
             dev = device if device is not None else next(iter(m.buffers())).device
             m.build_kernels(dev, dtype, max_rows)
             n += 1

@@ -11,9 +11,11 @@ exactly one :class:`~quantkern.nn.QuantLinear`'s canonical tensors (zeros in the
 
 The forward has the replaced module's signature and semantics: ``forward(hidden_states [T, H],
 top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``; the model's own router and top-k run before it.
-Each routed expert is computed with the reference kernel (dequantize the expert, then matmul); the
-gating (``act(gate) * up``, gpt-oss's clamped SwiGLU) is the replaced module's own ``_apply_gate``.
-A grouped kernel is later work.
+The routing becomes (token, expert) pairs sorted by expert (:func:`quantkern.kernels.moe.route`); each
+projection is one grouped kernel call over all pairs (:mod:`quantkern.kernels.moe`: chosen per device,
+dtype and M bucket from the registry, like the dense layers' kernels; ``backend`` picks one), the
+gating (``act(gate) * up``, gpt-oss's clamped SwiGLU) is the replaced module's own ``_apply_gate``, and
+the routing weights scale each pair before the pairs are summed per token.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from torch import nn
 
 from ..core import QuantizedWeight, ScaleOverflowError, WeightScheme, dtype_overflow
 from ..formats.gptq import GPTQTensors, gptq_shapes, pack_gptq, packable, unpack_gptq
+from ..kernels.moe import EXPERTS_LAYOUT, route
 from ..kernels.reference import dequantize_gptq
+from ..kernels.registry import Backend, KernelCache, KernelSpec, QuantKernel, WeightTensors, check_same_device
 from ._scheme import SchemeAttributes
 
 
@@ -45,6 +49,70 @@ class StackedGPTQ(nn.Module):
         g_idx = (torch.arange(in_features, dtype=torch.int32, device=device) // gs).expand(e, -1).contiguous()
         self.register_buffer("g_idx", g_idx)
         self.register_buffer("bias", torch.zeros(e, out_features, dtype=dtype, device=device) if bias else None)
+        self._kernels = KernelCache()
+        self._backend = Backend.AUTO
+        self.name = ""
+
+    # --- kernels ----------------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        """The grouped kernel backend (``auto``: the first registered that fits); setting it forgets
+        the kernels chosen so far."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        self._backend = Backend.parse(value)
+        self._kernels.clear()
+
+    def kernel_spec(self) -> KernelSpec:
+        return KernelSpec(self.scheme, self.in_features, self.out_features, self.scales.dtype,
+                          self.bias is not None, layout=EXPERTS_LAYOUT, num_experts=self.num_experts)
+
+    def weight_tensors(self) -> WeightTensors:
+        return WeightTensors(self.kernel_spec(), self.name, qweight=self.qweight, qzeros=self.qzeros,
+                             scales=self.scales, g_idx=self.g_idx, bias=self.bias)
+
+    def describe(self) -> str:
+        return f"{self.name or 'StackedGPTQ'}{self.kernel_spec().describe()}"
+
+    def kernel_for(self, x: torch.Tensor) -> QuantKernel:
+        """The grouped kernel for ``x`` (``[R, K]``), chosen per (device, dtype, M bucket of ``R``)."""
+        k = self._kernels.lookup(x)
+        if k is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"{self.describe()}: no kernel is prepared for {x.device} / {x.dtype} with "
+                                   f"{x.shape[0]} rows inside torch.compile; call quantkern.nn.build_kernels(model, "
+                                   "device, dtype) before compiling")
+            check_same_device(self, x, self.named_buffers(recurse=False))
+            k = self._kernels.get(x, self.kernel_spec(), self.weight_tensors, self._backend, self.describe())
+        return k
+
+    def build_kernels(self, device, dtype: torch.dtype, max_rows: int | None = None) -> None:
+        """Choose and prepare the grouped kernels for every M bucket up to ``max_rows`` rows now."""
+        from ..kernels.registry import M_BUCKETS
+
+        rows = [b for b in M_BUCKETS if max_rows is None or b <= max_rows]
+        if max_rows is None or max_rows > M_BUCKETS[-1]:
+            rows.append(M_BUCKETS[-1] + 1)
+        elif max_rows not in rows:
+            rows.append(max_rows)
+        for m in rows:
+            self.kernel_for(torch.empty(m, self.in_features, device=device, dtype=dtype))
+
+    def grouped(self, x: torch.Tensor, rows: torch.Tensor | None, offsets: torch.Tensor) -> torch.Tensor:
+        """``[P, N]``: pair ``p`` is ``x[rows[p]] @ W[e] (+ bias[e])`` for the expert owning it (see
+        :mod:`quantkern.kernels.moe`)."""
+        x = x if x.is_contiguous() else x.contiguous()
+        return self.kernel_for(x).apply(x, rows, offsets)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernels.clear()  # buffers move or change dtype: prepared copies are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._kernels.clear()
 
     def set_expert(self, e: int, qw: QuantizedWeight) -> None:
         t = pack_gptq(qw)
@@ -54,6 +122,7 @@ class StackedGPTQ(nn.Module):
         self.qzeros[e].copy_(t.qzeros)
         self.scales[e].copy_(t.scales.to(self.scales.dtype))
         self.g_idx[e].copy_(t.g_idx)
+        self._kernels.clear()
 
     def tensors(self, e: int) -> GPTQTensors:
         return GPTQTensors(self.qweight[e], self.qzeros[e], self.scales[e], self.g_idx[e])
@@ -115,6 +184,7 @@ class QuantExperts(SchemeAttributes, nn.Module):
         self.layout = layout or STANDARD
         self.gate_up_proj = StackedGPTQ(num_experts, hidden_size, 2 * intermediate_size, self.scheme, bias, dtype, device)
         self.down_proj = StackedGPTQ(num_experts, intermediate_size, hidden_size, self.scheme, bias, dtype, device)
+        self.gate_up_proj.name, self.down_proj.name = f"{name}.gate_up_proj", f"{name}.down_proj"
         self.__dict__["_gate_owner"] = gate_owner  # not a submodule: holds no tensors, not in the state dict
 
     # --- construction ---------------------------------------------------------------------------
@@ -147,6 +217,7 @@ class QuantExperts(SchemeAttributes, nn.Module):
                 if err:
                     raise ScaleOverflowError(f"{where}: scales: {err}; keep them in float32")
                 proj.set_expert(j, qw)
+        mod.reset_kernels()
         if bias:
             with torch.no_grad():
                 mod.gate_up_proj.bias.copy_(getattr(experts, layout.gate_up_bias).detach().to(dtype))
@@ -196,6 +267,26 @@ class QuantExperts(SchemeAttributes, nn.Module):
             out = out + self.down_proj.bias[e].to(out.dtype)
         return out
 
+    # --- kernels ----------------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        """The grouped kernels' backend for both projections (see :class:`StackedGPTQ`)."""
+        return self.gate_up_proj.backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        self.gate_up_proj.backend = value
+        self.down_proj.backend = value
+
+    def reset_kernels(self) -> None:
+        """Forget the chosen kernels (call after changing buffers in place)."""
+        self.gate_up_proj._kernels.clear()
+        self.down_proj._kernels.clear()
+
+    def build_kernels(self, device, dtype: torch.dtype, max_rows: int | None = None) -> None:
+        self.gate_up_proj.build_kernels(device, dtype, max_rows)
+        self.down_proj.build_kernels(device, dtype, max_rows)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
                 top_k_weights: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if top_k_index is None:
@@ -207,14 +298,12 @@ class QuantExperts(SchemeAttributes, nn.Module):
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"{self.describe()}: input has {hidden_states.shape[-1]} features, "
                              f"expected {self.hidden_size}")
-        final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            hit = torch.unique(top_k_index).tolist()
-        for e in hit:
-            if e < 0 or e >= self.num_experts:  # e.g. the "no expert" index of expert parallelism
-                continue
-            token_idx, top_k_pos = torch.where(top_k_index == e)
-            out = self.expert_forward(e, hidden_states[token_idx])
-            out = out * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
+        x = hidden_states.reshape(-1, self.hidden_size)
+        idx = top_k_index.reshape(x.shape[0], -1)
+        r = route(idx, self.num_experts)
+        y = self.gate_up_proj.grouped(x, r.rows, r.offsets)
+        out = self.down_proj.grouped(self._apply_gate(y), None, r.offsets)
+        out = out * top_k_weights.reshape(-1)[r.order, None]
+        final = torch.zeros_like(x)
+        final.index_add_(0, r.rows, out.to(final.dtype))
+        return final.reshape(hidden_states.shape)
