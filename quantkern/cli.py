@@ -23,7 +23,9 @@ def _config(a):
         return RTNConfig(mse=a.mse, **common)
     if a.method == "gptq":
         return GPTQConfig(actorder=a.act_order, static_groups=a.static_groups, damp_percent=a.damp_percent,
-                          mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device, **common)
+                          mse=a.mse, nsamples=a.nsamples, seq_len=a.seq_len, device=a.device,
+                          expert_calibration=a.expert_calibration, expert_fallback=a.expert_fallback,
+                          min_expert_tokens=a.min_expert_tokens, **common)
     calib = dict(skip_layers=skip, device=a.device, overrides=overrides)
     if a.method == "awq":
         return AWQConfig(bits=a.bits, group_size=a.group_size, zero_point=not a.sym, **calib)
@@ -119,6 +121,14 @@ def _add_quantize(sub):
     p.add_argument("--override", action="append", default=None, metavar="PATTERN:KEY=VALUE[,...]",
                    help="per-layer settings for the modules matching PATTERN (repeatable, first match wins), "
                         "e.g. '*.down_proj:bits=8' or '*.self_attn.*:bits=8,group_size=64'")
+    g = p.add_argument_group("MoE experts (gptq)")
+    g.add_argument("--expert-calibration", choices=["routed", "all"], default="routed",
+                   help="each expert's statistics from the tokens routed to it (default) or from every token")
+    g.add_argument("--expert-fallback", choices=["all_tokens", "rtn"], default="all_tokens",
+                   help="for an expert routed fewer than --min-expert-tokens: calibrate it on every token "
+                        "(default) or round it with RTN")
+    g.add_argument("--min-expert-tokens", type=int, default=None,
+                   help="the fallback threshold (default: the projection's in_features)")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
     p.add_argument("--weight-only", action="store_true", help="fp8: weight-only (activations stay in bf16/fp16)")
     p.add_argument("--fp8-gptq", action="store_true", help="fp8: round the weights with GPTQ (needs calibration)")
@@ -360,13 +370,17 @@ def cmd_export(a) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantkern", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for add in (_add_quantize, _add_eval, _add_generate, _add_inspect, _add_export):
         add(sub)
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
         if getattr(a, "device", None) is not None:  # before any loading: a missing GPU is one line, early

@@ -164,3 +164,14 @@ def test_deeply_nested_config_is_one_line(ckpt, capsys):
     for cmd in (["eval", str(ckpt)], ["inspect", str(ckpt)], ["export", str(ckpt), "--format", "gptq", "--out", "x"]):
         assert main(cmd) == 2
         assert "config.json is nested too deeply" in _one_error_line(capsys, cmd[0])
+
+
+def test_moe_expert_options_reach_the_config():
+    from quantkern.cli import _config, build_parser
+
+    a = build_parser().parse_args(["quantize", "--out", "x", "--expert-calibration", "all", "--expert-fallback", "rtn",
+                                   "--min-expert-tokens", "7"])
+    c = _config(a)
+    assert (c.expert_calibration, c.expert_fallback, c.min_expert_tokens) == ("all", "rtn", 7)
+    d = _config(build_parser().parse_args(["quantize", "--out", "x"]))
+    assert (d.expert_calibration, d.expert_fallback, d.min_expert_tokens) == ("routed", "all_tokens", None)

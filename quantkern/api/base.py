@@ -152,7 +152,22 @@ class BaseQuantizer:
                        f"[quantkern] weight sites: {specs}\n"
                        f"[quantkern] weights {self.report['bytes_before'] / 2**20:.1f} MiB -> "
                        f"{self.report['bytes_after'] / 2**20:.1f} MiB in {self.report['seconds']:.1f} s")
+            if self.report.get("expert_tokens"):
+                tqdm.write(self.experts_summary())
         return self.model
+
+    def experts_summary(self) -> str:
+        """The MoE expert report in a few lines: routed calibration tokens per expert (fewest, median,
+        most, over every experts module) and each fallback with its reason."""
+        counts = sorted(t for ts in self.report.get("expert_tokens", {}).values() for t in ts)
+        if not counts:
+            return "[quantkern] experts: none calibrated"
+        fb = self.report.get("expert_fallbacks", {})
+        lines = [f"[quantkern] experts: {len(counts)} in {len(self.report['expert_tokens'])} modules, routed "
+                 f"calibration tokens per expert: fewest {counts[0]}, median {counts[len(counts) // 2]}, most "
+                 f"{counts[-1]}; {len(fb)} projection(s) with a fallback"]
+        lines += [f"[quantkern]   {site}: {why}" for site, why in fb.items()]
+        return "\n".join(lines)
 
     # -- the one-call door -------------------------------------------------------------------------
     def quantize(self, data=None, tokenizer=None, export_format: str | None = None) -> nn.Module:

@@ -127,36 +127,52 @@ class GPTQBlockDriver:
         (down). Gate/up are quantized first (one fused ``[2I, H]`` GPTQ per expert: the rows share the
         input), then the down projections on the gated outputs of the quantized gate/up. Meanwhile the
         module runs with exactly the dequantized weights; the :class:`QuantExperts` goes into ``done``.
-        A projection whose expert got fewer tokens than ``min_expert_tokens`` (default: its
-        in_features) is quantized with RTN, named in ``report["expert_fallbacks"]``."""
+
+        ``expert_calibration="all"``: every (non-padding) token feeds every expert's statistics (one
+        shared gate/up Hessian; each expert's down Hessian from its own gated outputs of all tokens),
+        while the block's outputs still follow the real routing. An expert routed fewer tokens than
+        ``min_expert_tokens`` (default: its in_features) is calibrated on all tokens
+        (``expert_fallback="all_tokens"``, the default) or quantized with RTN (``"rtn"``, and where the
+        whole calibration set has fewer tokens than that); ``report["expert_fallbacks"]`` names each."""
         c = self.config.for_layer(name)
         mod, lay = site.module, site.layout
         n_exp = site.num_experts
         tokens = [0] * n_exp
+        total = [0]
         mask_now: list = [None]
         losses: dict[str, float] = {}
         fallbacks = self.report.setdefault("expert_fallbacks", {})
 
-        def routed(args, kwargs):
+        def batch_rows(args, kwargs):
+            """This batch's (tokens [R, H], their top-k experts [R, k]), padding excluded."""
             x = args[0] if args else kwargs["hidden_states"]
             idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-            x2, idx2 = x.reshape(-1, x.shape[-1]), idx.reshape(x.reshape(-1, x.shape[-1]).shape[0], -1)
+            x2 = x.reshape(-1, x.shape[-1])
+            idx2 = idx.reshape(x2.shape[0], -1)
             m = mask_now[0]
-            keep = m.reshape(-1).to(x2.device) if m is not None and m.numel() == x2.shape[0] else None
-            for e in torch.unique(idx2).tolist():
-                if 0 <= e < n_exp:
-                    sel = (idx2 == e).any(-1)
-                    if keep is not None:
-                        sel &= keep
-                    if bool(sel.any()):
-                        yield e, x2[sel]
+            if m is not None and m.numel() == x2.shape[0]:
+                keep = m.reshape(-1).to(x2.device).bool()
+                x2, idx2 = x2[keep], idx2[keep]
+            return x2, idx2
 
-        def collect(gptqs, rows_fn, count: bool):
+        def collect(gptqs: dict, rows_fn, source: list, shared: GPTQ | None = None, count: bool = False):
+            """Run the block's calibration batches up to the experts module, adding to ``gptqs[e]``
+            ``rows_fn(e, rows)`` of the tokens routed to expert ``e`` (``source[e] == "routed"``) or of all
+            tokens (``"all"``); ``shared`` gets every token as is; ``count``: count the tokens."""
             def hook(m, args, kwargs):
-                for e, xe in routed(args, kwargs):
+                x2, idx2 = batch_rows(args, kwargs)
+                if count:
+                    total[0] += x2.shape[0]
+                for e in range(n_exp):
+                    sel = (idx2 == e).any(-1)
                     if count:
-                        tokens[e] += xe.shape[0]
-                    gptqs[e].add_batch(rows_fn(e, xe))
+                        tokens[e] += int(sel.sum())
+                    if source[e] == "all":
+                        gptqs[e].add_batch(rows_fn(e, x2))
+                    elif source[e] == "routed" and bool(sel.any()):
+                        gptqs[e].add_batch(rows_fn(e, x2[sel]))
+                if shared is not None and x2.shape[0]:
+                    shared.add_batch(x2)
                 raise StopForward
             h = mod.register_forward_pre_hook(hook, with_kwargs=True)
             try:
@@ -165,38 +181,69 @@ class GPTQBlockDriver:
             finally:
                 h.remove()
 
-        def sweep(pname: str, label: str, k: int) -> list:
+        def experts_gptq(pname: str, label: str, which) -> tuple:
             param = getattr(mod, pname)
-            gptqs = [GPTQ(linear_weight(param, e, lay), f"{name}.{e}.{label}") for e in range(n_exp)]
-            return param, gptqs
+            return param, {e: GPTQ(linear_weight(param, e, lay), f"{name}.{e}.{label}") for e in which}
 
-        def quantize_all(param, gptqs, label: str, k: int) -> list:
-            need = max(1, k if c.min_expert_tokens is None else c.min_expert_tokens)
+        def quantize_all(param, gptqs: dict, label: str, source: list) -> list:
             out, dense = [], []
-            for e, g in enumerate(gptqs):
+            for e in range(n_exp):
                 site_name = f"{name}.{e}.{label}"
                 with naming_layer(site_name):
-                    if tokens[e] < need:
-                        fallbacks[site_name] = (f"RTN: {tokens[e]} calibration token(s) routed to expert {e}, fewer "
-                                                f"than {need} ({'in_features' if c.min_expert_tokens is None else 'min_expert_tokens'})")
-                        logger.warning("quantkern: %s: %s", site_name, fallbacks[site_name])
+                    if source[e] == "rtn":
                         qw = quantize_rtn(linear_weight(param, e, lay), WeightScheme(c.bits, c.group_size, c.sym),
                                           c.torch_scale_dtype, mse=c.mse)
                     else:
+                        g = gptqs.pop(e)
                         qw, loss = g.quantize(c.scheme(), c.damp_percent, c.blocksize, c.static_groups, c.mse,
                                               c.torch_scale_dtype)
                         losses[site_name] = loss
-                g.free()
+                        g.free()
                 out.append(qw)
                 w = qw.dequantize(param.dtype)  # [out, in]: what the QuantExperts computes with
                 dense.append(w.t() if lay.transposed else w)
             param.data = torch.stack(dense).to(param.device).contiguous()  # runs dequantized from here on
             return out
 
-        # gate/up on the routed hidden states
-        param, gptqs = sweep(lay.gate_up, "gate_up_proj", site.hidden_size)
-        collect(gptqs, lambda e, xe: xe, count=True)
-        gate_up = quantize_all(param, gptqs, "gate_up_proj", site.hidden_size)
+        every = c.expert_calibration == "all"
+
+        def sources(label: str, k: int) -> list[str]:
+            """Per expert, where this projection's statistics come from: "routed", "all" or "rtn"."""
+            need = max(1, k if c.min_expert_tokens is None else c.min_expert_tokens)
+            why = "in_features" if c.min_expert_tokens is None else "min_expert_tokens"
+            out = []
+            for e in range(n_exp):
+                site_name = f"{name}.{e}.{label}"
+                if (total[0] if every else tokens[e]) >= need:
+                    out.append("all" if every else "routed")
+                    continue
+                if not every and c.expert_fallback == "all_tokens" and total[0] >= need:
+                    out.append("all")
+                    fallbacks[site_name] = (f"all tokens: {tokens[e]} calibration token(s) routed to expert {e}, "
+                                            f"fewer than {need} ({why}); calibrated on all {total[0]} tokens")
+                else:
+                    out.append("rtn")
+                    got = f"{total[0]} calibration token(s) in all" if every else \
+                        f"{tokens[e]} calibration token(s) routed to expert {e}"
+                    fallbacks[site_name] = f"RTN: {got}, fewer than {need} ({why})"
+                logger.warning("quantkern: %s: %s", site_name, fallbacks[site_name])
+            return out
+
+        # gate/up on the routed hidden states (or on all of them: one Hessian shared by every expert)
+        shared = GPTQ(linear_weight(getattr(mod, lay.gate_up), 0, lay), f"{name}.*.gate_up_proj") \
+            if every or c.expert_fallback == "all_tokens" else None
+        param, gptqs = experts_gptq(lay.gate_up, "gate_up_proj", [] if every else range(n_exp))
+        collect(gptqs, lambda e, xe: xe, ["none" if every else "routed"] * n_exp, shared, count=True)
+        source = sources("gate_up_proj", site.hidden_size)
+        for e in range(n_exp):
+            if source[e] == "all":
+                if e in gptqs:
+                    gptqs[e].free()
+                g = gptqs[e] = GPTQ(linear_weight(param, e, lay), f"{name}.{e}.gate_up_proj")
+                g.H, g.nsamples, g.input_amax = shared.H, shared.nsamples, shared.input_amax  # read-only
+        if shared is not None:
+            shared.free()
+        gate_up = quantize_all(param, gptqs, "gate_up_proj", source)
         del gptqs
 
         # down on the gated outputs of the quantized gate/up
@@ -207,9 +254,10 @@ class GPTQBlockDriver:
                 y = y + getattr(mod, lay.gate_up_bias)[e].to(y.dtype)
             return apply_gate(mod, y)
 
-        param, gptqs = sweep(lay.down, "down_proj", site.intermediate_size)
-        collect(gptqs, gated, count=False)
-        down = quantize_all(param, gptqs, "down_proj", site.intermediate_size)
+        source = sources("down_proj", site.intermediate_size)
+        param, gptqs = experts_gptq(lay.down, "down_proj", [e for e in range(n_exp) if source[e] != "rtn"])
+        collect(gptqs, gated, source)
+        down = quantize_all(param, gptqs, "down_proj", source)
         self.report.setdefault("expert_tokens", {})[name] = list(tokens)
         done[name] = QuantExperts.from_quantized(mod, lay, gate_up, down, dtype=c.torch_scale_dtype, name=name,
                                                  scheme=c.scheme())

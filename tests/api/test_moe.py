@@ -219,27 +219,91 @@ def starve_expert(model, e=3):
     return model
 
 
-def test_starved_expert_falls_back_to_rtn_and_is_named():
+def experts_tensors(model, layer=0):
+    m = model.model.layers[layer].mlp.experts
+    return {f"{p}.{t}": getattr(getattr(m, p), t).clone() for p in ("gate_up_proj", "down_proj")
+            for t in ("qweight", "qzeros", "scales", "g_idx")}
+
+
+def test_starved_expert_is_calibrated_on_all_tokens_and_named():
+    """The default fallback: an expert routed no token is calibrated on every token, exactly what
+    calibrate-all-experts gives that expert (layer 0, where both runs see the same block inputs)."""
     model = starve_expert(tiny_moe())
     q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False, actorder=True)
     q.quantize(calib(8))
     assert q.report["expert_tokens"]["model.layers.0.mlp.experts"][3] == 0
     fb = q.report["expert_fallbacks"]
     assert set(fb) == {f"model.layers.{i}.mlp.experts.3.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")}
+    assert fb["model.layers.0.mlp.experts.3.gate_up_proj"] == (
+        "all tokens: 0 calibration token(s) routed to expert 3, fewer than 64 (in_features); calibrated on all "
+        "256 tokens")
+    assert "model.layers.0.mlp.experts.3.gate_up_proj" in q.report["gptq_losses"]
+    summary = q.experts_summary()
+    assert "8 in 2 modules" in summary and "fewest 0" in summary and "4 projection(s) with a fallback" in summary
+    assert "model.layers.1.mlp.experts.3.down_proj: all tokens: 0 calibration token(s)" in summary
+    every = starve_expert(tiny_moe())
+    qk.GPTQQuantizer(every, bits=4, group_size=32, verbose=False, use_triton=False, actorder=True,
+                     expert_calibration="all").quantize(calib(8))
+    got, want = experts_tensors(model), experts_tensors(every)
+    for k in got:
+        assert torch.equal(got[k][3], want[k][3]), k
+        if k.endswith("qweight"):  # a routed expert's statistics differ between the two runs
+            assert not torch.equal(got[k][0], want[k][0]), k
+    with torch.no_grad():
+        assert torch.isfinite(model(ids()).logits).all()
+
+
+def test_calibrate_all_experts_ignores_the_routing_for_statistics_only():
+    """expert_calibration="all": every token feeds every expert's statistics, so layer 0's experts come
+    out the same under any router; the block outputs still follow the real routing (layer 1 differs)."""
+    runs = []
+    for starve in (False, True):
+        model = tiny_moe()
+        if starve:
+            starve_expert(model)
+        q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False,
+                             expert_calibration="all")
+        q.quantize(calib(8))
+        assert q.report["expert_fallbacks"] == {}
+        assert all(f"model.layers.{i}.mlp.experts.{e}.{p}" in q.report["gptq_losses"]
+                   for i in (0, 1) for e in range(4) for p in ("gate_up_proj", "down_proj"))
+        runs.append((experts_tensors(model, 0), experts_tensors(model, 1), q.report["expert_tokens"]))
+    (a0, a1, ta), (b0, b1, tb) = runs
+    assert all(torch.equal(a0[k], b0[k]) for k in a0)
+    assert any(not torch.equal(a1[k], b1[k]) for k in a1)
+    assert ta["model.layers.0.mlp.experts"][3] > 0 and tb["model.layers.0.mlp.experts"][3] == 0
+
+
+def test_rtn_fallback_and_thresholds_are_named():
+    model = starve_expert(tiny_moe())
+    q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False, actorder=True,
+                         expert_fallback="rtn")
+    q.quantize(calib(8))
+    fb = q.report["expert_fallbacks"]
+    assert set(fb) == {f"model.layers.{i}.mlp.experts.3.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")}
     assert fb["model.layers.0.mlp.experts.3.gate_up_proj"].startswith("RTN: 0 calibration token(s) routed to expert 3")
+    rtn = tiny_moe()
+    qk.RTNQuantizer(rtn, bits=4, group_size=32, verbose=False).quantize()
+    got, want = experts_tensors(model, 1), experts_tensors(rtn, 1)
+    assert all(torch.equal(got[k][3], want[k][3]) for k in got if not k.endswith("g_idx"))
     for m in model.modules():
         if isinstance(m, QuantExperts):
             for proj in (m.gate_up_proj, m.down_proj):
                 assert torch.isfinite(proj.scales).all() and (proj.scales > 0).all()
     with torch.no_grad():
         assert torch.isfinite(model(ids()).logits).all()
-    # a threshold: experts under it are named too (and 0 keeps GPTQ wherever a token came)
-    model = tiny_moe()
-    q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False, min_expert_tokens=10**6)
-    q.quantize(calib(4))
-    assert len(q.report["expert_fallbacks"]) == 2 * 4 * 2
-    with pytest.raises(ValueError, match="min_expert_tokens"):
-        qk.GPTQConfig(min_expert_tokens=-1)
+    # a threshold above the whole calibration set: every expert projection falls back to RTN, named
+    for kw in ({}, {"expert_calibration": "all"}):
+        model = tiny_moe()
+        q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False,
+                             min_expert_tokens=10**6, **kw)
+        q.quantize(calib(4))
+        fb = q.report["expert_fallbacks"]
+        assert len(fb) == 2 * 4 * 2 and all(v.startswith("RTN: ") and "fewer than 1000000 (min_expert_tokens)" in v
+                                            for v in fb.values())
+    for bad in ({"min_expert_tokens": -1}, {"expert_calibration": "some"}, {"expert_fallback": "dense"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            qk.GPTQConfig(**bad)
 
 
 def test_expert_calibration_excludes_padding():

@@ -251,30 +251,33 @@ def test_gptq_on_upcycled_smollm2_matches_dense_gptq(smollm2_moe, dense_gptq_ppl
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_starved_expert_is_named_and_the_fallback_keeps_the_bound(smollm2_moe, dense_gptq_ppl):
+@pytest.mark.parametrize("fallback", ["all_tokens", "rtn"])
+def test_starved_expert_is_named_and_the_fallback_keeps_the_bound(smollm2_moe, dense_gptq_ppl, fallback):
     """Calibration through a router skewed so that expert 3 gets no token in any layer: the report names
-    expert 3's projections of every layer (RTN fallback) and gives it 0 tokens. Perplexity stays within
-    the bound (upper side, see BOUND) both with the skewed router (as calibrated) and with the model's
-    own router, under which the RTN expert takes its quarter of the top-2 slots."""
+    expert 3's projections of every layer (with either fallback: calibrated on all tokens, or RTN) and
+    gives it 0 tokens. Perplexity stays within the bound (upper side, see BOUND) both with the skewed
+    router (as calibrated) and with the model's own router, under which the fallback expert takes its
+    quarter of the top-2 slots."""
     _, moe, calib, held = smollm2_moe
     starved = 3
     model = copy.deepcopy(moe)
     hooks = starve_expert(model, starved)
-    q = qk.GPTQQuantizer(model, **GPTQ)
+    q = qk.GPTQQuantizer(model, **GPTQ, expert_fallback=fallback)
     q.quantize(calib)
     n_layers = len(model.model.layers)
     assert_every_expert_quantized(model, q)
     fb = q.report["expert_fallbacks"]
     assert set(fb) == {f"model.layers.{i}.mlp.experts.{starved}.{p}" for i in range(n_layers)
                        for p in ("gate_up_proj", "down_proj")}
-    assert fb["model.layers.0.mlp.experts.3.down_proj"].startswith("RTN: 0 calibration token(s) routed to expert 3")
+    head = "RTN: 0" if fallback == "rtn" else "all tokens: 0"
+    assert fb["model.layers.0.mlp.experts.3.down_proj"].startswith(f"{head} calibration token(s) routed to expert 3")
     for tokens in q.report["expert_tokens"].values():
         assert tokens[starved] == 0 and min(t for e, t in enumerate(tokens) if e != starved) >= 1536
     p_skewed = ppl_with(model, held, hooks)
     counts, hooks = route_counts(model)
     p_routed = ppl_with(model, held, hooks)
     assert (counts[:, starved] > 0).all()  # the fallback expert is really used in the second measurement
-    print(f"\nSmolLM2 upcycled GPTQ, expert {starved} starved in calibration (RTN fallback): ppl {p_skewed:.4f} "
+    print(f"\nSmolLM2 upcycled GPTQ, expert {starved} starved in calibration ({fallback} fallback): ppl {p_skewed:.4f} "
           f"with the skewed router, {p_routed:.4f} with the model's router (dense GPTQ {dense_gptq_ppl:.4f})")
     assert p_skewed <= (1 + BOUND) * dense_gptq_ppl, (p_skewed, dense_gptq_ppl)
     assert p_routed <= (1 + BOUND) * dense_gptq_ppl, (p_routed, dense_gptq_ppl)
