@@ -33,3 +33,12 @@ def test_bench_e2e_tiny_on_cpu(tmp_path, extra):
                                                               ("W4 g128", "2")]
         assert all(float(r["tokens_per_s"]) > 0 for r in rows)
         assert [float(r["ratio_vs_bf16"]) for r in rows[:2]] == [1.0, 1.0]
+
+
+def test_moe_decode_tiny_on_cpu(tmp_path):
+    _load("moe_decode").main(["--tiny", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / next(p.name for p in tmp_path.glob("moe_decode_*_tiny.csv"))).open()))
+    variants = [r["variant"] for r in rows]
+    assert variants[:2] == ["fp32 (transformers)", "bf16 (transformers)"]
+    assert "W4 g128 RTN, grouped reference" in variants
+    assert all(float(r["ms_min"]) > 0 and r["cpu"] and r["torch"] for r in rows)
