@@ -95,15 +95,17 @@ def _quantized(kind, tiny_llama):
             parent, _, child = name.rpartition(".")
             setattr(m.get_submodule(parent), child, q)
         return m, dict(format="compressed-tensors")
-    assert kind == "moe"
+    assert kind in ("moe", "moe-compressed")
     from api.test_moe import calib, tiny_moe
 
-    m = tiny_moe("qwen3_moe")
-    qk.GPTQQuantizer(m, bits=4, group_size=32, actorder=True, verbose=False, use_triton=False).quantize(calib(8))
-    return m, dict(format="gptq")
+    m = tiny_moe("qwen3_moe" if kind == "moe" else "mixtral")  # (Mixtral: block_sparse_moe in its checkpoints)
+    ct = kind == "moe-compressed"
+    qk.GPTQQuantizer(m, bits=4, group_size=32, actorder=True, static_groups=ct, verbose=False,
+                     use_triton=False).quantize(calib(8))
+    return m, dict(format="compressed-tensors" if ct else "gptq")
 
 
-KINDS = ["gptq", "gptq_v2", "gptq-3bit-mixed", "awq", "compressed", "w8a8", "fp8", "moe"]
+KINDS = ["gptq", "gptq_v2", "gptq-3bit-mixed", "awq", "compressed", "w8a8", "fp8", "moe", "moe-compressed"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

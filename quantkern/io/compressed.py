@@ -19,6 +19,7 @@ has no module that holds them yet; such checkpoints are refused with a clear err
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
@@ -67,33 +68,53 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
     from ..nn import QuantLinear
     from .compressed_act import act_layers, act_scheme
 
+    from .experts import expert_prefix, expert_weights, quant_experts, rename, routers, stacked_keys
+
     QuantizationArgs, QuantizationScheme, QuantizationConfig, pack_to_int32, _ = _ct()
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    experts = quant_experts(model)
     others = act_layers(model)
-    if not layers and not others:
-        raise ValueError("the model has no QuantLinear / W8A8Linear / FP8Linear layers: quantize it before saving")
+    if not layers and not others and not experts:
+        raise ValueError("the model has no QuantLinear / QuantExperts / W8A8Linear / FP8Linear layers: quantize it "
+                         "before saving")
     sd = dense_state_dict(model)
+    renames = next(iter(experts.values())).layout.checkpoint_renames if experts else ()
+    if experts:  # the per-expert Linears replace the stacked tensors; keys take the checkpoint names
+        stacked = stacked_keys(model)
+        sd = {rename(k, renames): t for k, t in sd.items() if k not in stacked}
     groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, m in layers.items():
-        qw = m.to_quantized()
+
+    def pack(name: str, qw: QuantizedWeight) -> tuple:
         s = qw.scheme
-        k, n, mid = m.in_features, m.out_features, 1 << (s.bits - 1)
+        n, k = qw.codes.shape
+        mid = 1 << (s.bits - 1)
         symmetric = s.sym and bool((qw.zeros == mid).all())  # a "sym" layer with other zeros is stored asym
-        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
-            sd.pop(f"{name}.{suffix}")
         sd[f"{name}.weight_packed"] = pack_to_int32((qw.codes.cpu() - mid).to(torch.int8), s.bits)
         sd[f"{name}.weight_scale"] = qw.scales.cpu().t().contiguous()
         sd[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         if not symmetric:
             zp = (qw.zeros.cpu().t() - mid).to(torch.int8).contiguous()
             sd[f"{name}.weight_zero_point"] = pack_to_int32(zp, s.bits, packed_dim=0).contiguous()
-        groups[("pack-quantized", s.bits, s.group_size, symmetric)].append(name)
+        return ("pack-quantized", s.bits, s.group_size, symmetric)
+
+    for name, m in layers.items():
+        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+            sd.pop(rename(f"{name}.{suffix}", renames))
+        groups[pack(rename(name, renames), m.to_quantized())].append(rename(name, renames))
+    expert_targets: dict[tuple, list[str]] = defaultdict(list)  # one regex per experts module and scheme
+    for name, m in experts.items():
+        keys = {pack(lname, qw) for lname, qw in expert_weights(name, m)}
+        names = "|".join(re.escape(n) for n in m.layout.checkpoint_names)
+        for key in keys:
+            groups.setdefault(key, [])
+            expert_targets[key].append(rf"re:^{re.escape(expert_prefix(name, m.layout))}\.\d+\.({names})$")
     for name, (fmt, act) in others.items():
         groups[(fmt, act)].append(name)
-    dense = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    dense = [rename(n, renames) for n, m in model.named_modules() if type(m) is nn.Linear]
+    dense += [rename(n, renames) for n in routers(model)]  # kept dense, Linears in the original checkpoints
     config_groups = {}
     for i, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        targets = ["Linear"] if len(groups) == 1 else names
+        targets = ["Linear"] if len(groups) == 1 else names + expert_targets.get(key, [])
         if key[0] == "pack-quantized":
             _, bits, gs, symmetric = key
             args = _weight_args(WeightScheme(bits, gs, symmetric, False), symmetric)
@@ -154,19 +175,40 @@ def parse_compressed_config(qc: dict):
 def compressed_to_gptq(qc: dict, tensors: dict[str, torch.Tensor], model: nn.Module, dtype=None, backend="auto"):
     """Match the config's schemes to the skeleton's Linears, validate their tensors and convert them:
     pack-quantized to the GPTQ v2 layout (``{name: (scheme, tensors)}``), int-/float-quantized to a
-    W8A8Linear / FP8Linear built on the meta device (``{name: (module, tensors)}``). Returns
-    ``(that dict, {dense tensors})``."""
+    W8A8Linear / FP8Linear built on the meta device (``{name: (module, tensors)}``); fused MoE experts
+    stored as per-expert pack-quantized Linears under the original checkpoint names (as llm-compressor
+    writes them) to a QuantExperts (``{name: (module, tensors)}``). Returns ``(that dict, {dense
+    tensors})``."""
     from compressed_tensors.utils import match_named_modules
+    from compressed_tensors.utils.match import is_match
 
     from .compressed_act import ACT_FORMATS, build_act_layer, check_act_scheme
+    from .experts import checkpoint_renames, rename, stack_experts
 
-    unpack_from_int32 = _ct()[4]
     cfg = parse_compressed_config(qc)
-    quant, used = {}, set()
+    probe = nn.Linear(1, 1, device="meta")  # a stand-in per-expert Linear for the targets' class names
+
+    def expert_layer(lname: str, k: int, n: int):
+        if f"{lname}.bias" in tensors:
+            raise CheckpointTensorError(f"{lname}.bias: biases of quantized experts are not supported")
+        for gname, s in cfg.config_groups.items():
+            if is_match(lname, probe, s.targets, cfg.ignore):
+                if (s.format or cfg.format) != "pack-quantized":
+                    raise CheckpointTensorError(f"{lname}: config group {gname} is {s.format or cfg.format!r}; "
+                                                "quantized experts are read from pack-quantized groups only")
+                return _pack_quantized_layer(lname, gname, s.weights, k, n, tensors)
+        raise CheckpointTensorError(f"{lname}.weight_packed: packed weights for a module no config group targets")
+
+    quant, used = stack_experts(model, tensors, expert_layer, dtype, "weight_packed")
+    ignore = cfg.ignore
+    if quant:  # the rest of the checkpoint in the module tree's names (Mixtral: block_sparse_moe -> mlp)
+        renames = checkpoint_renames(model)
+        tensors = {rename(k, renames, reverse=True): t for k, t in tensors.items() if k not in used}
+        ignore = [rename(i, renames, reverse=True) for i in ignore]
+        used = set()
     for gname, s in cfg.config_groups.items():
-        w = s.weights
         fmt = s.format or cfg.format
-        for name, mod in match_named_modules(model, s.targets, cfg.ignore):
+        for name, mod in match_named_modules(model, s.targets, ignore):
             if not isinstance(mod, nn.Linear) or name in quant:
                 continue
             if fmt in ACT_FORMATS:
@@ -175,51 +217,58 @@ def compressed_to_gptq(qc: dict, tensors: dict[str, torch.Tensor], model: nn.Mod
                 quant[name] = (module, out)
                 used |= names
                 continue
-            k, n = mod.in_features, mod.out_features
-            gs = w.group_size if w.strategy == "group" else -1
-            act = f"{name}.weight_g_idx" in tensors
-            scheme = WeightScheme(w.num_bits, gs, bool(w.symmetric), act)
-            check_linear_scheme(name, scheme, k, n)
-            g = scheme.num_groups(k)
-            b, mid = w.num_bits, 1 << (w.num_bits - 1)
-            need = ["weight_packed", "weight_scale", "weight_shape"] + ([] if w.symmetric else ["weight_zero_point"])
-            for part in need:
-                if f"{name}.{part}" not in tensors:
-                    raise CheckpointTensorError(f"{name}.{part}: missing (config group {gname})")
-            check_tensor(f"{name}.weight_packed", tensors[f"{name}.weight_packed"], (torch.int32,),
-                         (n, -(-k * b // 32)))
-            check_tensor(f"{name}.weight_scale", tensors[f"{name}.weight_scale"], FLOAT_DTYPES, (n, g))
-            check_scales(f"{name}.weight_scale", tensors[f"{name}.weight_scale"])
-            shape = tensors[f"{name}.weight_shape"]
-            if shape.dtype not in (torch.int32, torch.int64) or shape.tolist() != [n, k]:
-                raise CheckpointTensorError(f"{name}.weight_shape: {shape.tolist()} does not match the module "
-                                            f"({n}, {k})")
-            codes = unpack_from_int32(tensors[f"{name}.weight_packed"], b, torch.Size([n, k])).to(torch.int32) + mid
-            if w.symmetric:
-                zeros = torch.full((g, n), mid, dtype=torch.int32)
-            else:
-                check_tensor(f"{name}.weight_zero_point", tensors[f"{name}.weight_zero_point"], (torch.int32,),
-                             (-(-n * b // 32), g))
-                zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], b, torch.Size([n, g]), packed_dim=0)
-                zeros = zp.to(torch.int32).t().contiguous() + mid
-            if act:
-                g_idx = tensors[f"{name}.weight_g_idx"]
-                check_tensor(f"{name}.weight_g_idx", g_idx, (torch.int32, torch.int64), (k,))
-                check_g_idx(f"{name}.weight_g_idx", g_idx, g)
-                g_idx = g_idx.to(torch.int32)
-            else:
-                g_idx = torch.arange(k, dtype=torch.int32) // (gs if gs != -1 else k)
-            scales = tensors[f"{name}.weight_scale"].t().contiguous()
-            t = pack_gptq(QuantizedWeight(codes, scales, zeros, g_idx, scheme))
-            out = {f"{name}.qweight": t.qweight, f"{name}.qzeros": t.qzeros, f"{name}.scales": t.scales,
-                   f"{name}.g_idx": t.g_idx}
-            if f"{name}.bias" in tensors:
-                check_bias(f"{name}.bias", tensors[f"{name}.bias"], n)
-                out[f"{name}.bias"] = tensors[f"{name}.bias"]
+            scheme, out, names = _pack_quantized_layer(name, gname, s.weights, mod.in_features, mod.out_features,
+                                                       tensors)
             quant[name] = (scheme, out)
-            used |= {f"{name}.{p}" for p in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
-                                             "weight_g_idx", "bias")}
+            used |= names
     stray = sorted(k for k in tensors if k.endswith(".weight_packed") and k not in used)
     if stray:
         raise CheckpointTensorError(f"{stray[0]}: packed weights for a module no config group targets")
     return quant, {k: t for k, t in tensors.items() if k not in used}
+
+
+def _pack_quantized_layer(name: str, gname: str, w, k: int, n: int, tensors: dict[str, torch.Tensor]):
+    """One pack-quantized Linear ``name`` (``k -> n``, config group ``gname`` with weight args ``w``):
+    its tensors validated and converted to the GPTQ v2 layout. Returns ``(scheme, {name.qweight, ...},
+    the checkpoint keys it reads)``."""
+    unpack_from_int32 = _ct()[4]
+    gs = w.group_size if w.strategy == "group" else -1
+    act = f"{name}.weight_g_idx" in tensors
+    scheme = WeightScheme(w.num_bits, gs, bool(w.symmetric), act)
+    check_linear_scheme(name, scheme, k, n)
+    g = scheme.num_groups(k)
+    b, mid = w.num_bits, 1 << (w.num_bits - 1)
+    need = ["weight_packed", "weight_scale", "weight_shape"] + ([] if w.symmetric else ["weight_zero_point"])
+    for part in need:
+        if f"{name}.{part}" not in tensors:
+            raise CheckpointTensorError(f"{name}.{part}: missing (config group {gname})")
+    check_tensor(f"{name}.weight_packed", tensors[f"{name}.weight_packed"], (torch.int32,), (n, -(-k * b // 32)))
+    check_tensor(f"{name}.weight_scale", tensors[f"{name}.weight_scale"], FLOAT_DTYPES, (n, g))
+    check_scales(f"{name}.weight_scale", tensors[f"{name}.weight_scale"])
+    shape = tensors[f"{name}.weight_shape"]
+    if shape.dtype not in (torch.int32, torch.int64) or shape.tolist() != [n, k]:
+        raise CheckpointTensorError(f"{name}.weight_shape: {shape.tolist()} does not match the module ({n}, {k})")
+    codes = unpack_from_int32(tensors[f"{name}.weight_packed"], b, torch.Size([n, k])).to(torch.int32) + mid
+    if w.symmetric:
+        zeros = torch.full((g, n), mid, dtype=torch.int32)
+    else:
+        check_tensor(f"{name}.weight_zero_point", tensors[f"{name}.weight_zero_point"], (torch.int32,),
+                     (-(-n * b // 32), g))
+        zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], b, torch.Size([n, g]), packed_dim=0)
+        zeros = zp.to(torch.int32).t().contiguous() + mid
+    if act:
+        g_idx = tensors[f"{name}.weight_g_idx"]
+        check_tensor(f"{name}.weight_g_idx", g_idx, (torch.int32, torch.int64), (k,))
+        check_g_idx(f"{name}.weight_g_idx", g_idx, g)
+        g_idx = g_idx.to(torch.int32)
+    else:
+        g_idx = torch.arange(k, dtype=torch.int32) // (gs if gs != -1 else k)
+    scales = tensors[f"{name}.weight_scale"].t().contiguous()
+    t = pack_gptq(QuantizedWeight(codes, scales, zeros, g_idx, scheme))
+    out = {f"{name}.qweight": t.qweight, f"{name}.qzeros": t.qzeros, f"{name}.scales": t.scales,
+           f"{name}.g_idx": t.g_idx}
+    if f"{name}.bias" in tensors:
+        check_bias(f"{name}.bias", tensors[f"{name}.bias"], n)
+        out[f"{name}.bias"] = tensors[f"{name}.bias"]
+    return scheme, out, {f"{name}.{p}" for p in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                                                 "weight_g_idx", "bias")}

@@ -30,7 +30,7 @@ FORMAT_KINDS = {
     "gptq": ("QuantLinear", "QuantExperts"),
     "awq": ("QuantLinear",),
     "gguf": ("QuantLinear",),
-    "compressed-tensors": ("QuantLinear", "W8A8Linear", "FP8Linear"),
+    "compressed-tensors": ("QuantLinear", "QuantExperts", "W8A8Linear", "FP8Linear"),
 }
 
 
@@ -59,17 +59,12 @@ def experts_export_problem(layout) -> str | None:
     return None
 
 
-def _ragged(p: LayerPlan) -> bool:
-    gs = p.scheme.group_size
-    return gs != -1 and p.in_features % gs != 0
-
-
 def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
     kinds = FORMAT_KINDS[fmt]
     if p.kind not in kinds:
         hint = "; save with format='compressed-tensors'" if p.kind in FORMAT_KINDS["compressed-tensors"] else ""
         if p.kind == "QuantExperts":
-            hint = " (quantized MoE experts are saved in format='gptq' only, for now)"
+            hint = " (quantized MoE experts are saved in format='gptq' or 'compressed-tensors')"
         return f"is a {p.kind}: format {fmt!r} cannot store it{hint}"
     if p.released:
         return ("had its canonical weights released for inference (release_canonical); load the checkpoint "
@@ -87,9 +82,11 @@ def _layer_problem(fmt: str, p: LayerPlan) -> str | None:
         if p.permuted_groups:
             reasons.append("AWQ GEMM has no g_idx: act-order with a permuted g_idx cannot be stored (quantize "
                            "with static_groups=True, which keeps groups in column order)")
-    elif fmt == "compressed-tensors":  # (QuantExperts never reach here: not one of its kinds)
-        if _ragged(p):
-            reasons.append(f"group_size={s.group_size} does not divide in_features={k}")
+    elif fmt == "compressed-tensors":
+        ins = (k, n) if p.kind == "QuantExperts" else (k,)  # experts: gate/up take H (k), down takes I (n)
+        for kk in ins:
+            if s.group_size != -1 and kk % s.group_size:
+                reasons.append(f"group_size={s.group_size} does not divide in_features={kk}")
         if p.permuted_groups:
             reasons.append("act-order with a permuted g_idx cannot be stored (quantize with actorder=True and "
                            "static_groups=True: groups in the original column order, as llm-compressor's "

@@ -161,10 +161,11 @@ def _inspect_dir(path: Path) -> dict:
     model = _skeleton(cfg, headers, info["problems"])
     modules = dict(model.named_modules()) if model is not None else None
     fused_quantized, renames = set(), ()
-    if modules is not None and method == "gptq":  # per-expert Linears of fused MoE experts (HF checkpoint names)
-        from .experts import expert_linears
+    if modules is not None and method in ("gptq", "compressed-tensors"):  # per-expert Linears of fused MoE
+        from .experts import expert_linears                                # experts (HF checkpoint names)
 
-        per_expert, fused_quantized, renames, counts = expert_linears(model, headers)
+        marker = "weight_packed" if method == "compressed-tensors" else "qweight"
+        per_expert, fused_quantized, renames, counts = expert_linears(model, headers, marker)
         modules.update(per_expert)
         if counts:
             info["experts"] = counts

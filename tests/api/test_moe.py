@@ -3,6 +3,7 @@ quantized into QuantExperts with RTN and GPTQ (routing-aware calibration), saved
 names and loaded back. Tiny random models of every MoE family the installed transformers has."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -322,16 +323,25 @@ def test_expert_calibration_excludes_padding():
 SAVABLE = [f for f in PRESENT if f != "gpt_oss"]
 
 
+PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"),
+         "compressed-tensors": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")}
+
+
+@pytest.mark.parametrize("fmt", list(PARTS))
 @pytest.mark.parametrize("family", SAVABLE)
-def test_gptq_checkpoint_per_expert_names_round_trip(family, tmp_path):
+def test_checkpoint_per_expert_names_round_trip(family, fmt, tmp_path):
+    """GPTQ and compressed-tensors: every expert under the original HF names (gate/up split back), the
+    routers listed as dense, inspect counts the experts, load_quantized gives bit-identical logits."""
     from safetensors import safe_open
 
     model = tiny_moe(family)
-    qk.GPTQQuantizer(model, bits=4, group_size=32, actorder=True, verbose=False, use_triton=False).quantize(calib(8))
+    ct = fmt == "compressed-tensors"  # (act-order with static groups: compressed-tensors has no permuted g_idx)
+    qk.GPTQQuantizer(model, bits=4, group_size=32, actorder=True, static_groups=ct, sym=not ct, verbose=False,
+                     use_triton=False).quantize(calib(8))
     x = ids()
     with torch.no_grad():
         want = model(x).logits
-    out = qk.save_quantized(model, tmp_path / "ckpt")
+    out = qk.save_quantized(model, tmp_path / "ckpt", format=fmt)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     last = 1  # the last block is an MoE block in every family here
@@ -339,12 +349,17 @@ def test_gptq_checkpoint_per_expert_names_round_trip(family, tmp_path):
     names = ("w1", "w3", "w2") if family in ("mixtral", "phimoe") else ("gate_proj", "up_proj", "down_proj")
     for e in range(4):
         for proj in names:
-            for part in ("qweight", "qzeros", "scales", "g_idx"):
+            for part in PARTS[fmt]:
                 assert f"model.layers.{last}.{moe}.experts.{e}.{proj}.{part}" in keys
     assert not any("gate_up_proj" in k for k in keys)
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert tuple(f.get_tensor(f"model.layers.{last}.{moe}.experts.0.{names[0]}.qweight").shape) == (64 * 4 // 32, 32)
-        assert tuple(f.get_tensor(f"model.layers.{last}.{moe}.experts.0.{names[2]}.qweight").shape) == (32 * 4 // 32, 64)
+    packed = f"model.layers.{last}.{moe}.experts.0.{{}}.{PARTS[fmt][0]}"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # gate [I=32, H=64], down [H, I], 4 bits
+        gate, down = (tuple(f.get_tensor(packed.format(names[j])).shape) for j in (0, 2))
+    assert (gate, down) == (((32, 64 * 4 // 32), (64, 32 * 4 // 32)) if ct else ((64 * 4 // 32, 32), (32 * 4 // 32, 64)))
+    if ct:
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        router = {f"model.layers.{last}.{moe}.{leaf}" for leaf in ("gate", "router")}
+        assert router & set(qc["ignore"]), qc["ignore"]  # the router: dense, a Linear in HF checkpoints
     from quantkern.io.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(out)
@@ -360,9 +375,9 @@ def test_gptq_checkpoint_per_expert_names_round_trip(family, tmp_path):
 def test_experts_refused_by_other_formats_and_families_without_names(tmp_path):
     model = tiny_moe()
     qk.RTNQuantizer(model, bits=4, group_size=32, verbose=False).quantize()
-    for fmt in ("awq", "compressed-tensors", "gguf"):
+    for fmt in ("awq", "gguf"):
         with pytest.raises(ValueError, match=r"QuantExperts: format .* cannot store it \(quantized MoE experts are "
-                                             r"saved in format='gptq' only"):
+                                             r"saved in format='gptq' or 'compressed-tensors'"):
             qk.save_quantized(model, tmp_path / fmt, format=fmt)
     with pytest.raises(ValueError, match="cannot store"):  # before calibration
         qk.GPTQQuantizer(tiny_moe(), bits=4, group_size=32, use_triton=False).prepare(export_format="awq")
