@@ -101,6 +101,39 @@ def search_scale(x: torch.Tensor, weight: torch.Tensor, scheme, scale_dtype: tor
         q = _per_segment(lambda ws, sch: fake_quantize_groups(ws, sch, scale_dtype), w * s, segs, 0)
         return float(((x / s) @ q.t() - ref).pow_(2).mean())  # x/s: cheaper than dividing [N, K] by s
 
+    return _grid_search(x_mean, w_mean, n_grid, duo_scaling, error)
+
+
+@torch.no_grad()
+def search_scale_routed(parts: list[tuple[torch.Tensor, torch.Tensor, WeightScheme]], scale_dtype: torch.dtype,
+                        x_mean: torch.Tensor, n_grid: int = 20, duo_scaling: bool = True
+                        ) -> tuple[torch.Tensor, float, float]:
+    """One input-channel scale for weights that read the same channels, each on its own rows: ``parts``
+    = ``[(x_i [T_i, K], w_i [N_i, K], scheme_i)]`` (MoE experts, each on the tokens routed to it; a shared
+    expert on all of them). ``x_mean``: ``mean|x|`` over every token. The error is the squared output
+    error summed over the parts, per output element. Returns ``(s [K] fp32, best_error, error_at_s=1)``."""
+    ws = [w.float() for _, w, _ in parts]
+    rows = sum(w.shape[0] for w in ws)
+    w_mean = (sum(_weight_mean(w, sch.group_size) * w.shape[0] for w, (_, _, sch) in zip(ws, parts)) / rows
+              ).clamp(min=1e-8)
+    refs = [x.float() @ w.t() for (x, _, _), w in zip(parts, ws)]
+    n_el = max(1, sum(r.numel() for r in refs))
+
+    def error(s: torch.Tensor) -> float:
+        total = 0.0
+        for (x, _, sch), w, ref in zip(parts, ws, refs):
+            if x.shape[0]:
+                q = fake_quantize_groups(w * s, sch, scale_dtype)
+                total += float(((x.float() / s) @ q.t() - ref).pow_(2).sum())
+        return total / n_el
+
+    return _grid_search(x_mean.float().clamp(min=1e-8), w_mean, n_grid, duo_scaling, error)
+
+
+def _grid_search(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, duo_scaling: bool, error
+                 ) -> tuple[torch.Tensor, float, float]:
+    """AWQ's grid over ``alpha`` in ``[0, 1)``: ``s = x_mean^a / w_mean^(1-a)`` (``duo_scaling``) or
+    ``x_mean^a``, normalised; the ``s`` with the smallest ``error(s)``. Returns ``(s, error, error(1))``."""
     ones = torch.ones_like(x_mean)
     best_s, best = ones, error(ones)
     rtn_err = best

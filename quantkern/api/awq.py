@@ -54,7 +54,9 @@ class AWQQuantizer(BlockwiseQuantizer):
         check_no_quantized_modules(self.model)
         self.blocks_name, self.blocks = find_decoder_blocks(self.model)
         self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name,
-                                 layer_config=c.for_layer)
+                                 experts=True, layer_config=c.for_layer)
+        for name in self.plan.experts:  # the family's spec must say which norm feeds the experts
+            self._experts_group(name.split(f"{self.blocks_name}.", 1)[1].split(".", 1)[1])
         self.install_catcher(self.blocks[0])
 
     def _convert(self) -> None:
@@ -65,10 +67,11 @@ class AWQQuantizer(BlockwiseQuantizer):
             device = block_device(block, self.calibration_device())  # placed by a device map: runs there
             prefix = f"{self.blocks_name}.{i}."
             targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
-            if targets:
+            experts = {n[len(prefix):]: s for n, s in self.plan.experts.items() if n.startswith(prefix)}
+            if targets or experts:
                 check_finite_inputs(inputs, prefix[:-1], f"{self.blocks_name}.{i - 1}" if i else None)
-            done, outputs = self._quantize_block(block, prefix, targets, inputs, device, errors) if targets \
-                else ({}, None)
+            done, outputs = self._quantize_block(block, prefix, targets, inputs, device, errors, experts) \
+                if targets or experts else ({}, None)
             if outputs is None:
                 outputs = run_block(block, inputs, device)
             inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
@@ -95,8 +98,20 @@ class AWQQuantizer(BlockwiseQuantizer):
             out.append((g, prev))
         return out
 
-    def _quantize_block(self, block, prefix, targets, inputs, device, errors) -> dict:
+    def _experts_group(self, name: str):
+        """The scale group whose first entry is the experts module ``name`` (relative to its block)."""
+        group = next((g for g in self.spec.groups if g.linears[0] == name), None)
+        if group is None:
+            raise ValueError(f"AWQ: the {type(self.model).__name__} scale spec names no norm feeding the MoE experts "
+                             f"{name!r}; add a ScaleGroup(norm, ({name!r}, ...)) to its file under quantkern/arch "
+                             "(see moe_scales), or keep the experts dense (skip_layers=['experts'])")
+        return group
+
+    def _quantize_block(self, block, prefix, targets, inputs, device, errors, experts=None) -> dict:
+        from .awq_experts import RoutedCapture, awq_experts
+
         c = self.config
+        experts = experts or {}
         schemes = {n: c.for_layer(prefix + n).scheme() for n in targets}
         groups = self._groups(block, prefix, targets)
         owner = {n: n for n in targets}  # Linear -> the Linear whose captured input it shares
@@ -113,8 +128,9 @@ class AWQQuantizer(BlockwiseQuantizer):
 
         # AutoAWQ's order: the float block's outputs feed the next block, from this same forward;
         # with propagate_quantized they come from the quantized block instead (one more forward)
-        fp_outputs = run_block(block, inputs, device, collect={n: targets[n] for n in feats}, on_input=on_input,
-                               keep_outputs=not c.propagate_quantized)
+        with RoutedCapture(block, list(experts), offload=c.offload) as routed:
+            fp_outputs = run_block(block, inputs, device, collect={n: targets[n] for n in feats}, on_input=on_input,
+                                   keep_outputs=not c.propagate_quantized, on_batch=routed.on_batch)
         x_all = {n: torch.cat(v) for n, v in feats.items() if v}
         feats.clear()
         bad = [prefix + n for n in x_all if not bool(torch.isfinite(sums[n]).all())]  # one sync per Linear
@@ -150,6 +166,10 @@ class AWQQuantizer(BlockwiseQuantizer):
             x_all[first] = x_all[first] / s.to(x_all[first].device)
 
         done = {}
+        for name, site in experts.items():  # before the clipping of a shared expert that shares their scale
+            x, idx = routed.take(name, device)
+            done[prefix + name] = awq_experts(self, block, prefix, name, site, self._experts_group(name), x, idx,
+                                              targets, x_all, owner, schemes, errors)
         for n, lin in targets.items():
             if c.clip and n not in self.spec.no_clip and owner[n] in x_all:
                 x = x_all[owner[n]][:c.clip_tokens]

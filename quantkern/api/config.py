@@ -179,22 +179,38 @@ class RTNConfig(WeightOnlyConfig):
 
 
 @dataclass(frozen=True)
-class GPTQConfig(WeightOnlyConfig):
+class ExpertCalibrationFields:
+    """How MoE experts are calibrated (GPTQ, AWQ): ``expert_calibration="routed"`` (default) gives each
+    expert the statistics of the tokens routed to it, ``"all"`` those of every token (the block's output
+    still follows the real routing). An expert projection routed fewer (non-padding) tokens than
+    ``min_expert_tokens`` (None: its in_features, below which a GPTQ Hessian is rank-deficient) gets
+    ``expert_fallback``: ``"all_tokens"`` (default: calibrated on every token) or ``"rtn"``; RTN also
+    where the whole calibration set is smaller than the threshold. ``report["expert_fallbacks"]`` names
+    each such projection and why, ``report["expert_tokens"]`` gives every expert's routed token count."""
+
+    min_expert_tokens: int | None = None
+    expert_calibration: str = "routed"
+    expert_fallback: str = "all_tokens"
+
+    def validate_expert_fields(self) -> None:
+        v = self.min_expert_tokens
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"min_expert_tokens must be None (in_features) or an int >= 0, got {v!r}")
+        if self.expert_calibration not in ("routed", "all"):
+            raise ValueError(f"expert_calibration must be 'routed' or 'all', got {self.expert_calibration!r}")
+        if self.expert_fallback not in ("all_tokens", "rtn"):
+            raise ValueError(f"expert_fallback must be 'all_tokens' or 'rtn', got {self.expert_fallback!r}")
+
+
+@dataclass(frozen=True)
+class GPTQConfig(ExpertCalibrationFields, WeightOnlyConfig):
     """GPTQ. ``actorder``: visit columns by decreasing Hessian diagonal; ``static_groups``: fix group
     parameters before the error propagation (so groups follow the original column order);
     ``damp_percent``: initial Hessian damping (raised automatically if Cholesky fails);
     ``true_sequential``: within a block, quantize Linears stage by stage, each calibrated on the outputs
     of the stages already quantized; ``mse``: clipping search for each group's range;
     ``nsamples`` / ``seq_len``: size of the calibration set built from text (ignored for token data);
-    ``batch_size``: calibration rows per forward.
-
-    MoE experts: ``expert_calibration="routed"`` (default) calibrates each expert on the tokens routed
-    to it, ``"all"`` on every token (the block's output still follows the real routing). An expert
-    projection routed fewer (non-padding) tokens than ``min_expert_tokens`` (None: its in_features,
-    below which its Hessian is rank-deficient) gets ``expert_fallback``: ``"all_tokens"`` (default:
-    calibrated on every token) or ``"rtn"``; RTN also where the whole calibration set is smaller than
-    the threshold. ``report["expert_fallbacks"]`` names each such projection and why,
-    ``report["expert_tokens"]`` gives every expert's routed token count."""
+    ``batch_size``: calibration rows per forward. MoE experts: see :class:`ExpertCalibrationFields`."""
 
     method: ClassVar[str] = "gptq"
     actorder: bool = False
@@ -206,22 +222,13 @@ class GPTQConfig(WeightOnlyConfig):
     nsamples: int = 128
     seq_len: int = 512
     batch_size: int = 8
-    min_expert_tokens: int | None = None
-    expert_calibration: str = "routed"
-    expert_fallback: str = "all_tokens"
     layer_keys: ClassVar[tuple[str, ...]] = ("bits", "group_size", "sym", "actorder", "static_groups", "mse",
                                              "damp_percent")
 
     def __post_init__(self):
         super().__post_init__()
         validate_damp_percent(self.damp_percent)
-        v = self.min_expert_tokens
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ValueError(f"min_expert_tokens must be None (in_features) or an int >= 0, got {v!r}")
-        if self.expert_calibration not in ("routed", "all"):
-            raise ValueError(f"expert_calibration must be 'routed' or 'all', got {self.expert_calibration!r}")
-        if self.expert_fallback not in ("all_tokens", "rtn"):
-            raise ValueError(f"expert_fallback must be 'all_tokens' or 'rtn', got {self.expert_fallback!r}")
+        self.validate_expert_fields()
         for name in ("blocksize", "nsamples", "seq_len", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
 from ..calibration import (BlockInput, InputCatcher, StopForward, check_finite_inputs, find_decoder_blocks,
-                           run_block)
+                           moe_inputs, run_block)
 from ..core import WeightScheme, naming_layer
 from ..devices import block_device
 from ..kernels.reference import dequantize_gptq
@@ -143,24 +143,12 @@ class GPTQBlockDriver:
         losses: dict[str, float] = {}
         fallbacks = self.report.setdefault("expert_fallbacks", {})
 
-        def batch_rows(args, kwargs):
-            """This batch's (tokens [R, H], their top-k experts [R, k]), padding excluded."""
-            x = args[0] if args else kwargs["hidden_states"]
-            idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-            x2 = x.reshape(-1, x.shape[-1])
-            idx2 = idx.reshape(x2.shape[0], -1)
-            m = mask_now[0]
-            if m is not None and m.numel() == x2.shape[0]:
-                keep = m.reshape(-1).to(x2.device).bool()
-                x2, idx2 = x2[keep], idx2[keep]
-            return x2, idx2
-
         def collect(gptqs: dict, rows_fn, source: list, shared: GPTQ | None = None, count: bool = False):
             """Run the block's calibration batches up to the experts module, adding to ``gptqs[e]``
             ``rows_fn(e, rows)`` of the tokens routed to expert ``e`` (``source[e] == "routed"``) or of all
             tokens (``"all"``); ``shared`` gets every token as is; ``count``: count the tokens."""
             def hook(m, args, kwargs):
-                x2, idx2 = batch_rows(args, kwargs)
+                x2, idx2 = moe_inputs(args, kwargs, mask_now[0])
                 if count:
                     total[0] += x2.shape[0]
                 for e in range(n_exp):

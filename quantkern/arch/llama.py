@@ -24,6 +24,17 @@ def llama_scales(norm_kind: str = NORM, mlp_norm: str = "post_attention_layernor
     )
 
 
+def moe_scales(consumers: tuple[str, ...] = ("mlp.experts",), extra: tuple[ScaleGroup, ...] = ()) -> ScaleSpec:
+    """The scale groups of a block with Llama-like attention and a sparse MoE block ``mlp``: the attention
+    groups, and one group whose first "Linear" is the fused experts module: ``post_attention_layernorm``
+    feeds the router (dense, scaled exactly), every expert's gate/up and the other ``consumers`` (a shared
+    expert's gate/up); AWQ of experts searches it with each expert's routed tokens
+    (:mod:`quantkern.api.awq_experts`) and each expert's down projection folds into its own up rows."""
+    attn = llama_scales().groups[:2]
+    return ScaleSpec(groups=attn + (ScaleGroup("post_attention_layernorm", consumers),) + extra,
+                     no_clip=("self_attn.q_proj", "self_attn.k_proj"))
+
+
 LLAMA = Architecture(
     "llama", ("llama",), blocks="model.layers", scales=llama_scales(), norms=NORMS, routers=(),
     gguf=GGUFNames("LLAMA", "llama", permute=(("attn_q", "num_attention_heads"), ("attn_k", "num_key_value_heads"))))

@@ -5,7 +5,7 @@ checkpoints name the sparse block ``block_sparse_moe`` and the experts' projecti
 from __future__ import annotations
 
 from .base import Architecture
-from .llama import NORMS
+from .llama import NORMS, moe_scales
 from .moe import ExpertsLayout
 
 MIXTRAL_EXPERTS = ExpertsLayout(checkpoint_names=("w1", "w3", "w2"),
@@ -15,6 +15,6 @@ PHIMOE_EXPERTS = ExpertsLayout(checkpoint_names=("w1", "w3", "w2"),
                                                    (".block_sparse_moe.router.", ".block_sparse_moe.gate.")))
 
 MIXTRAL = Architecture("mixtral", ("mixtral", "minimax"), blocks="model.layers", norms=NORMS, routers=("mlp.gate",),
-                       experts=MIXTRAL_EXPERTS)
+                       experts=MIXTRAL_EXPERTS, scales=moe_scales())
 PHIMOE = Architecture("phimoe", ("phimoe",), blocks="model.layers", norms=NORMS, routers=("mlp.router",),
-                      experts=PHIMOE_EXPERTS)
+                      experts=PHIMOE_EXPERTS, scales=moe_scales())

@@ -4,11 +4,14 @@ a shared expert scaled by ``mlp.shared_expert_gate`` (a ``Linear(H, 1)``, kept d
 
 from __future__ import annotations
 
-from .base import Architecture
-from .llama import NORMS
+from .base import LINEAR, Architecture, ScaleGroup
+from .llama import NORMS, moe_scales
 from .moe import STANDARD
 
 QWEN2_MOE = Architecture("qwen2_moe", ("qwen2_moe",), blocks="model.layers", norms=NORMS,
-                         routers=("mlp.gate", "mlp.shared_expert_gate"), experts=STANDARD)
+                         routers=("mlp.gate", "mlp.shared_expert_gate"), experts=STANDARD,
+                         scales=moe_scales(("mlp.experts", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                                           (ScaleGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",),
+                                                       LINEAR),)))
 QWEN3_MOE = Architecture("qwen3_moe", ("qwen3_moe",), blocks="model.layers", norms=NORMS + ("q_norm", "k_norm"),
-                         routers=("mlp.gate",), experts=STANDARD)
+                         routers=("mlp.gate",), experts=STANDARD, scales=moe_scales())

@@ -115,6 +115,19 @@ def block_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
+def moe_inputs(args, kwargs, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(hidden_states [R, H], top_k_index [R, k])`` a fused MoE experts module is called with (its
+    pre-hook's ``args`` / ``kwargs``), rows of padding (``token_mask``, when it covers them) removed."""
+    x = args[0] if args else kwargs["hidden_states"]
+    idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+    x2 = x.reshape(-1, x.shape[-1])
+    idx2 = idx.reshape(x2.shape[0], -1)
+    if token_mask is not None and token_mask.numel() == x2.shape[0]:
+        keep = token_mask.reshape(-1).to(x2.device).bool()
+        x2, idx2 = x2[keep], idx2[keep]
+    return x2, idx2
+
+
 def run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device | None = None,
               collect: dict[str, nn.Module] | None = None, on_input=None, keep_outputs: bool = True,
               stop_after: set[str] | None = None, on_batch=None) -> list[torch.Tensor]:

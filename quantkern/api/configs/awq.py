@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...core.spec import Spec
-from ..config import WeightOnlyConfig
+from ..config import ExpertCalibrationFields, WeightOnlyConfig
 from .common import CalibrationFields, PerLayer, validate_bool, validate_calibration_fields, validate_positive_int
 
 
 @dataclass(frozen=True)
-class AWQConfig(WeightOnlyConfig, CalibrationFields, PerLayer):
+class AWQConfig(ExpertCalibrationFields, WeightOnlyConfig, CalibrationFields, PerLayer):
     """AWQ: activation-aware scale search per group of Linears sharing an input, folded into the
     preceding norm / Linear, then a weight-clipping search, then RTN into the GPTQ packed layout.
 
@@ -21,7 +21,8 @@ class AWQConfig(WeightOnlyConfig, CalibrationFields, PerLayer):
     ``clip``: run the clipping search, shrinking ``max|w|`` by at most ``max_shrink``;
     ``max_search_tokens`` / ``clip_tokens``: token subsample sizes for the two searches (fixed seed);
     ``propagate_quantized``: calibrate each block on the quantized previous blocks' outputs (one more
-    forward per block) instead of the float ones (AutoAWQ's choice, the default)."""
+    forward per block) instead of the float ones (AutoAWQ's choice, the default). MoE experts: see
+    :class:`~quantkern.api.config.ExpertCalibrationFields` and :mod:`quantkern.api.awq_experts`."""
 
     method: ClassVar[str] = "awq"
     sym: bool | None = None
@@ -51,6 +52,7 @@ class AWQConfig(WeightOnlyConfig, CalibrationFields, PerLayer):
         if not (isinstance(self.max_shrink, (int, float)) and 0 <= self.max_shrink < 1):
             raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink!r}")
         validate_calibration_fields(self)
+        self.validate_expert_fields()
 
     def _fix_override(self, settings: dict) -> dict:
         if "zero_point" in settings:  # sym follows zero_point in a layer's config
