@@ -115,30 +115,13 @@ at::Tensor moe_gemm(const at::Tensor& x_in, const std::optional<at::Tensor>& row
     for (const int64_t e : active) check_src(sp + e * Kp, Kp, K, kOp);
 
   // each valid pair's activation row in its expert's padded k order, and its per-group sums
-  const at::Tensor x = (gather_reads(x_in.scalar_type()) ? x_in : x_in.to(at::kFloat)).contiguous();
-  const at::ScalarType at_t = kern.bf16 ? at::kBFloat16 : at::kFloat;
-  const bool direct = rp == nullptr && sp == nullptr && x.scalar_type() == at_t;  // x rows are usable as they are
-  at::Tensor xa = direct ? x : at::empty({pv, Kp}, x.options().dtype(at_t));
-  at::Tensor xsum = at::empty({pv, G}, x.options().dtype(at::kFloat));
-  float* xs = xsum.data_ptr<float>();
   const auto of = [&](int64_t i) {
     const int64_t p = p0 + i;
     const int64_t e = std::upper_bound(off + 1, off + E + 1, p) - (off + 1);  // the expert owning pair p
     return RowSource{rp ? rp[p] : p, sp ? sp + e * Kp : nullptr, gp + e * (G + 1)};
   };
-  const float* xp = nullptr;
-  const uint16_t* xh = nullptr;
-  if (kern.bf16) {
-    at::BFloat16* d = xa.data_ptr<at::BFloat16>() + (direct ? p0 * Kp : 0);
-    if (direct) group_sums(d, pv, Kp, G, vpw, of, xs);
-    else gather_rows(x, pv, Kp, G, vpw, of, d, xs);
-    xh = reinterpret_cast<const uint16_t*>(d);
-  } else {
-    float* d = xa.data_ptr<float>() + (direct ? p0 * Kp : 0);
-    if (direct) group_sums(d, pv, Kp, G, vpw, of, xs);
-    else gather_rows(x, pv, Kp, G, vpw, of, d, xs);
-    xp = d;
-  }
+  const PaddedActivations act = padded_activations(x_in, kern.bf16, rp == nullptr && sp == nullptr, p0, pv, Kp,
+                                                   G, vpw, of);
 
   // tasks: the column panels of every active expert, in that order
   const int64_t threads = at::get_num_threads();
@@ -147,7 +130,7 @@ at::Tensor moe_gemm(const at::Tensor& x_in, const std::optional<at::Tensor>& row
   for (const int64_t e : active)
     for (int64_t b0 = 0; b0 < NB; b0 += panel) tasks.push_back({e, b0, std::min(NB, b0 + panel)});
 
-  at::Tensor y = at::empty({P, Np}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({P, Np}, x_in.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   if (p0 > 0) y.narrow(0, 0, p0).zero_();
   if (off[E] < P) y.narrow(0, off[E], P - off[E]).zero_();
@@ -167,9 +150,9 @@ at::Tensor moe_gemm(const at::Tensor& x_in, const std::optional<at::Tensor>& row
         for (int64_t c = c0; c < c1; ++c) yr[c] = bp != nullptr && c < n ? bp[t.e * n + c] : 0.f;
       }
       const int64_t i0 = a - p0;  // row of the gathered activations
-      const GemmArgs args{xp ? xp + i0 * Kp : nullptr, xh ? xh + i0 * Kp : nullptr, xs + i0 * G,
-                          wp + t.e * NB * KW * 16, scp + t.e * G * Np, zsp + t.e * G * Np, gp + t.e * (G + 1),
-                          yp + a * Np, m, Kp, KW, G, Np};
+      const GemmArgs args{act.x ? act.x + i0 * Kp : nullptr, act.xh ? act.xh + i0 * Kp : nullptr,
+                          act.xs + i0 * G, wp + t.e * NB * KW * 16, scp + t.e * G * Np, zsp + t.e * G * Np,
+                          gp + t.e * (G + 1), yp + a * Np, m, Kp, KW, G, Np};
       run_panel(kern.fn, args, t.b0, t.b1);
     }
   });

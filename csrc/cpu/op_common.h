@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
@@ -117,6 +118,43 @@ void group_sums(const T* x, int64_t M, int64_t Kp, int64_t G, int64_t vpw, const
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(Kp, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) row_group_sums(x + i * Kp, of(i).gp, G, vpw, xs + i * G);
   });
+}
+
+// The activations of a call as the block kernels read them (GemmArgs::x / xh / xsum): `xa` holds M rows
+// of Kp values in the padded k order (fp32, or bf16 for the BF16 kernel), `xsum` their per-group sums.
+struct PaddedActivations {
+  at::Tensor xa, xsum;
+  const float* x = nullptr;      // fp32 rows (the fp32 kernels)
+  const uint16_t* xh = nullptr;  // bf16 rows (the BF16 kernel)
+  const float* xs = nullptr;
+};
+
+// Row i of the call (i in [0, M)) is x row of(i).row gathered by of(i).src. `in_order`: row i is x row
+// first + i and no row has a src, so x itself is read when it already has the kernel's dtype.
+template <class Of>
+PaddedActivations padded_activations(const at::Tensor& x_in, bool bf16, bool in_order, int64_t first, int64_t M,
+                                     int64_t Kp, int64_t G, int64_t vpw, const Of& of) {
+  const at::Tensor x = (gather_reads(x_in.scalar_type()) ? x_in : x_in.to(at::kFloat)).contiguous();
+  const at::ScalarType dt = bf16 ? at::kBFloat16 : at::kFloat;
+  const bool direct = in_order && x.scalar_type() == dt;
+  PaddedActivations a;
+  a.xa = direct ? x : at::empty({M, Kp}, x.options().dtype(dt));
+  a.xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+  float* xs = a.xsum.data_ptr<float>();
+  a.xs = xs;
+  const int64_t r0 = direct ? first * Kp : 0;
+  if (bf16) {
+    at::BFloat16* d = a.xa.data_ptr<at::BFloat16>() + r0;
+    if (direct) group_sums(d, M, Kp, G, vpw, of, xs);
+    else gather_rows(x, M, Kp, G, vpw, of, d, xs);
+    a.xh = reinterpret_cast<const uint16_t*>(d);
+  } else {
+    float* d = a.xa.data_ptr<float>() + r0;
+    if (direct) group_sums(d, M, Kp, G, vpw, of, xs);
+    else gather_rows(x, M, Kp, G, vpw, of, d, xs);
+    a.x = d;
+  }
+  return a;
 }
 
 // Cache blocking. Rows are taken 8 at a time (one register tile); the column blocks are grouped into

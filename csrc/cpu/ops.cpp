@@ -16,7 +16,6 @@
 // Shapes and dtypes are validated here with TORCH_CHECK before any pointer is touched.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -61,32 +60,12 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s
     TORCH_CHECK(K == Kp, kOp, ": x has ", K, " features but the packed weight expects ", Kp);
   }
 
-  // activations in the padded k order: fp32 for the fp32 kernels, bf16 (as is) for the BF16 kernel;
-  // read in place when they already are
-  const at::Tensor x = (gather_reads(x_in.scalar_type()) ? x_in : x_in.to(at::kFloat)).contiguous();
-  const at::ScalarType at_t = kern.bf16 ? at::kBFloat16 : at::kFloat;
-  const bool direct = sp == nullptr && x.scalar_type() == at_t;
-  const at::Tensor xa = direct ? x : at::empty({M, Kp}, x.options().dtype(at_t));
-  at::Tensor xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
-  float* xs = xsum.data_ptr<float>();
-  const auto of = [&](int64_t i) { return RowSource{i, sp, gp}; };
-  const float* xp = nullptr;
-  const uint16_t* xh = nullptr;
-  if (kern.bf16) {
-    at::BFloat16* d = xa.data_ptr<at::BFloat16>();
-    if (direct) group_sums(d, M, Kp, G, vpw, of, xs);
-    else gather_rows(x, M, Kp, G, vpw, of, d, xs);
-    xh = reinterpret_cast<const uint16_t*>(d);
-  } else {
-    float* d = xa.data_ptr<float>();
-    if (direct) group_sums(d, M, Kp, G, vpw, of, xs);
-    else gather_rows(x, M, Kp, G, vpw, of, d, xs);
-    xp = d;
-  }
-
-  at::Tensor y = at::zeros({M, Np}, x.options().dtype(at::kFloat));
-  const GemmArgs args{xp, xh, xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(), zs.data_ptr<float>(), gp,
-                      y.data_ptr<float>(), M, Kp, KW, G, Np};
+  // activations in the padded k order (read in place when they already are), per-group sums
+  const PaddedActivations act = padded_activations(x_in, kern.bf16, sp == nullptr, 0, M, Kp, G, vpw,
+                                                   [&](int64_t i) { return RowSource{i, sp, gp}; });
+  at::Tensor y = at::zeros({M, Np}, x_in.options().dtype(at::kFloat));
+  const GemmArgs args{act.x, act.xh, act.xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(),
+                      zs.data_ptr<float>(), gp, y.data_ptr<float>(), M, Kp, KW, G, Np};
   // panels of column blocks are the parallel tasks (op_common.h: panel_blocks)
   const int64_t panel = panel_blocks(KW, NB, at::get_num_threads());
   const int64_t panels = (NB + panel - 1) / panel;
