@@ -179,18 +179,28 @@ def routing_cases(t, num_experts, seed=0):
     return cases
 
 
-def grouped_oracle(proj, x, rows, offsets):
-    """Pair by pair: ``x[rows[p]] @ dequant(W[e]) + bias[e]`` in fp32 (zero beyond ``offsets[E]``)."""
+def expert_weights(proj):
+    """Every expert's dequantized weight ``[K, N]`` and bias (or 0) in fp32 on the CPU: the oracle's
+    operands, computed once per module (the module stays where it is)."""
+    return [(proj.dequantize(e, torch.float32).cpu(), proj.bias[e].float().cpu() if proj.bias is not None else 0)
+            for e in range(proj.num_experts)]
+
+
+def grouped_oracle(proj, x, rows, offsets, weights=None):
+    """Pair by pair: ``x[rows[p]] @ dequant(W[e]) + bias[e]`` in fp32 (zero beyond ``offsets[E]``), on
+    the CPU. ``weights``: :func:`expert_weights` of ``proj``, where the caller keeps them."""
+    weights = weights or expert_weights(proj)
+    x, offsets = x.cpu(), offsets.cpu()
+    rows = rows.cpu() if rows is not None else None
     p_all = rows.numel() if rows is not None else x.shape[0]
     out = torch.zeros(p_all, proj.out_features)
     off = offsets.tolist()
-    for e in range(proj.num_experts):
+    for e, (w, b) in enumerate(weights):
         if off[e] == off[e + 1]:
             continue
-        w = proj.dequantize(e, torch.float32)
         r = torch.arange(off[e], off[e + 1])
         xe = x[rows[r]] if rows is not None else x[r]
-        out[r] = xe.float() @ w + (proj.bias[e].float() if proj.bias is not None else 0)
+        out[r] = xe.float() @ w + b
     return out
 
 
@@ -239,6 +249,7 @@ class GroupedConformance:
         for si, scheme in enumerate(self.SCHEMES):
             for dtype in self.DTYPES:
                 proj = stacked_experts(self.NUM_EXPERTS, scheme, dtype, self.backend, seed=si).to(self.device)
+                weights = expert_weights(proj)  # once: moving the module would drop its prepared kernels
                 k = scheme[4]
                 for t in self.TS:
                     x = torch.randn(t, k, generator=torch.Generator().manual_seed(t)).to(dtype).to(self.device)
@@ -248,9 +259,7 @@ class GroupedConformance:
                         for rows, inp in ((r.rows, x), (None, xp)):
                             y = proj.grouped(inp, rows, r.offsets)
                             assert proj.kernel_for(inp).backend is self.backend, (scheme, dtype, t, case)
-                            want = grouped_oracle(proj.cpu(), inp.cpu(), None if rows is None else rows.cpu(),
-                                                  r.offsets.cpu())
-                            proj.to(self.device)
+                            want = grouped_oracle(proj, inp, rows, r.offsets, weights)
                             assert y.dtype == dtype and tuple(y.shape) == tuple(want.shape), (case, y.shape)
                             y = y.float().cpu()
                             n_valid = int(r.offsets[-1])

@@ -1,7 +1,7 @@
 // AVX2 + FMA fused dequant-matmul (layout: gemm_kernels.h). A 16-column block is two ymm halves;
 // codes are decoded with shift + mask + convert (vpermps on ymm indexes only 8 entries, too few for
-// a 4-bit table). Compiled for AVX2 through the target pragma only; ops.cpp calls it only when the
-// CPU reports avx2 + fma.
+// a 4-bit table). Compiled for AVX2 through the target pragma only; the ops (op_common.h) call it
+// only when the CPU reports avx2 + fma.
 #include <immintrin.h>
 
 #include <utility>

@@ -10,7 +10,7 @@
 // over NACC accumulators (by j) so the FMA latency is hidden.
 //
 // Compiled for AVX-512 through the target pragma only (the rest of the library is built for the
-// baseline ISA); ops.cpp calls these only when the CPU reports avx512f + avx512bw.
+// baseline ISA); the ops (op_common.h) call these only when the CPU reports avx512f + avx512bw.
 #include <immintrin.h>
 
 #include <utility>

@@ -11,8 +11,8 @@
 // fp32 accumulation; the 128 offset adds magnitude to the running sums, which is accounted for in the
 // tests' tolerance).
 //
-// Compiled for AVX-512 BF16 through the target pragma only; ops.cpp calls it only when the CPU
-// reports avx512bf16 (and the AVX-512 subsets the fp32 kernels need).
+// Compiled for AVX-512 BF16 through the target pragma only; the ops (op_common.h) call it only when
+// the CPU reports avx512bf16 (and the AVX-512 subsets the fp32 kernels need).
 #include <immintrin.h>
 
 #include <utility>

@@ -41,11 +41,12 @@ struct GemmArgs {
   int64_t M, Kp, KW, G, Np;
 };
 
-// Computes y[m0:m1, b*16 : b*16+16] (one column block, a few rows; ops.cpp schedules the blocks).
+// Computes y[m0:m1, b*16 : b*16+16] (one column block, a few rows; the ops schedule the blocks:
+// op_common.h, ops.cpp, moe.cpp).
 using BlockFn = void (*)(const GemmArgs&, int64_t b, int64_t m0, int64_t m1);
 
 // Each returns nullptr for an unsupported container width. Only call the AVX2 / AVX-512 ones after
-// checking the CPU supports them (ops.cpp: best_isa()).
+// checking the CPU supports them (op_common.h: best_isa(), choose_kernel()).
 BlockFn block_fn_scalar(int cb);
 BlockFn block_fn_avx2(int cb);
 BlockFn block_fn_avx512(int cb);

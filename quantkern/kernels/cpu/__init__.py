@@ -1,5 +1,7 @@
 """C++ CPU kernels: build / JIT loader (:mod:`.build`), private layout (:mod:`.layout`), ops
-(:mod:`.ops`) and the ``Backend.CPU`` kernel (:mod:`.backend`). Importing this package registers the
-backend; it never builds anything."""
+(:mod:`.ops`), the ``Backend.CPU`` kernel (:mod:`.backend`) and its grouped expert kernel
+(:mod:`.moe`). Importing this package registers both; it never builds anything."""
 
-from . import backend  # noqa: F401  (registers Backend.CPU)
+from . import backend, moe  # registering Backend.CPU for the "gptq" and "gptq_experts" layouts
+
+__all__ = ["backend", "moe"]

@@ -128,3 +128,49 @@ def unpack_cpu(p: CpuPackedWeight) -> torch.Tensor:
     out = torch.zeros(k, cp.shape[1], dtype=torch.int64)
     out[src[valid]] = cp[valid]
     return out[:, : p.out_features].t().to(torch.int32).contiguous()
+
+
+@dataclass
+class CpuPackedExperts(CpuPackedWeight):
+    """The layout of :class:`CpuPackedWeight` stacked over ``E`` experts of one shape (the grouped op
+    ``quantkern_cpu::moe_gemm``, csrc/cpu/moe.cpp): ``w`` int32 [E, NB, KW, 16]; ``scales`` / ``zs``
+    fp32 [E, G, NB*16]; ``gptr`` int32 [E, G+1] (each expert its own group boundaries); ``src`` int64
+    [E, KW*vpw] or None (None only when every expert's padded order is the identity)."""
+
+    @property
+    def num_experts(self) -> int:
+        return self.w.shape[0]
+
+
+def pack_cpu_experts(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                     bits: int, in_features: int) -> CpuPackedExperts:
+    """Repack the stacked GPTQ buffers of ``E`` experts (``qweight [E, K*b/32, N]``, ``qzeros [E, G,
+    N*b/32]``, ``scales [E, G, N]``, ``g_idx [E, K]``, v2 zeros) expert by expert with
+    :func:`pack_cpu_from_gptq` and stack the results.
+
+    Act-order experts may pad their groups to different lengths: every expert is padded to the longest
+    (zero code words appended to its last group, read against the zero padding slot of ``src``), so
+    all share ``KW``; ``src`` is then given for every expert (the identity ones included)."""
+    e = qweight.shape[0]
+    if e < 1 or not (qzeros.shape[0] == scales.shape[0] == g_idx.shape[0] == e):
+        raise ValueError(f"expert counts do not match: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
+                         f"scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)}")
+    parts = [pack_cpu_from_gptq(qweight[i], qzeros[i], scales[i], g_idx[i], bits, in_features) for i in range(e)]
+    first = parts[0]
+    kw = max(p.w.shape[1] for p in parts)
+    vpw, k = first.vpw, in_features
+    need_src = any(p.src is not None or p.w.shape[1] != kw for p in parts)
+    ws, gptrs, srcs = [], [], []
+    for p in parts:
+        pad = kw - p.w.shape[1]
+        ws.append(torch.nn.functional.pad(p.w, (0, 0, 0, pad)) if pad else p.w)
+        gptr = p.gptr.clone()
+        gptr[-1] = kw  # the appended rows belong to the last group
+        gptrs.append(gptr)
+        if need_src:
+            src = p.src if p.src is not None else torch.arange(k, dtype=torch.int64)
+            srcs.append(torch.cat([src, torch.full((kw * vpw - src.numel(),), k, dtype=torch.int64)]))
+    return CpuPackedExperts(w=torch.stack(ws), scales=torch.stack([p.scales for p in parts]),
+                            zs=torch.stack([p.zs for p in parts]), gptr=torch.stack(gptrs),
+                            src=torch.stack(srcs) if need_src else None, cb=first.cb, in_features=k,
+                            out_features=first.out_features)

@@ -1,4 +1,4 @@
-"""Python face of the ``quantkern_cpu`` torch.library ops (defined in csrc/cpu/ops.cpp).
+"""Python face of the ``quantkern_cpu`` torch.library ops (defined in csrc/cpu/ops.cpp and csrc/cpu/moe.cpp).
 
 Call :func:`quantkern.kernels.cpu.build.load` first; it registers the fake (meta) implementations
 below once the C++ schemas exist, so the ops trace under ``torch.compile`` / FakeTensor mode.
@@ -20,6 +20,10 @@ def register_fakes() -> None:
     @torch.library.register_fake("quantkern_cpu::gemm")
     def _gemm_fake(x, w, scales, zs, gptr, src, cb, n, bias, isa):
         return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("quantkern_cpu::moe_gemm")
+    def _moe_gemm_fake(x, rows, offsets, w, scales, zs, gptr, src, cb, n, bias, isa):
+        return x.new_empty(rows.shape[0] if rows is not None else x.shape[0], n)
 
     _registered = True
 
@@ -47,3 +51,12 @@ def gemm(x: torch.Tensor, packed, bias: torch.Tensor | None = None, isa: str | i
     p = packed
     return torch.ops.quantkern_cpu.gemm(x, p.w, p.scales, p.zs, p.gptr, p.src, p.cb, p.out_features, bias,
                                         isa_level(isa))
+
+
+def moe_gemm(x: torch.Tensor, rows: torch.Tensor | None, offsets: torch.Tensor, packed,
+             bias: torch.Tensor | None = None, isa: str | int | None = None) -> torch.Tensor:
+    """The grouped projection (:mod:`quantkern.kernels.moe`) ``-> [P, N]`` in ``x.dtype`` for a
+    :class:`~.layout.CpuPackedExperts`; ``bias`` ``[E, N]`` or None."""
+    p = packed
+    return torch.ops.quantkern_cpu.moe_gemm(x, rows, offsets, p.w, p.scales, p.zs, p.gptr, p.src, p.cb,
+                                            p.out_features, bias, isa_level(isa))
