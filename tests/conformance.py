@@ -179,18 +179,26 @@ def routing_cases(t, num_experts, seed=0):
     return cases
 
 
-def grouped_oracle(proj, x, rows, offsets):
-    """Pair by pair: ``x[rows[p]] @ dequant(W[e]) + bias[e]`` in fp32 (zero beyond ``offsets[E]``)."""
+def oracle_weights(proj):
+    """Every expert of ``proj`` dequantized, with its bias, in fp32 on the CPU: ``[(W [K, N], bias [N] or 0)]``."""
+    return [(proj.dequantize(e, torch.float32).cpu(), proj.bias[e].float().cpu() if proj.bias is not None else 0)
+            for e in range(proj.num_experts)]
+
+
+def grouped_oracle(proj, x, rows, offsets, weights=None):
+    """Pair by pair: ``x[rows[p]] @ dequant(W[e]) + bias[e]`` in fp32 (zero beyond ``offsets[E]``), on the CPU
+    (``x``, ``rows`` and ``offsets`` CPU tensors); ``weights``: :func:`oracle_weights` of ``proj``, if
+    already computed."""
+    weights = weights if weights is not None else oracle_weights(proj)
     p_all = rows.numel() if rows is not None else x.shape[0]
     out = torch.zeros(p_all, proj.out_features)
     off = offsets.tolist()
-    for e in range(proj.num_experts):
+    for e, (w, b) in enumerate(weights):
         if off[e] == off[e + 1]:
             continue
-        w = proj.dequantize(e, torch.float32)
         r = torch.arange(off[e], off[e + 1])
         xe = x[rows[r]] if rows is not None else x[r]
-        out[r] = xe.float() @ w + (proj.bias[e].float() if proj.bias is not None else 0)
+        out[r] = xe.float() @ w + b
     return out
 
 
@@ -238,7 +246,9 @@ class GroupedConformance:
         self._skip()
         for si, scheme in enumerate(self.SCHEMES):
             for dtype in self.DTYPES:
-                proj = stacked_experts(self.NUM_EXPERTS, scheme, dtype, self.backend, seed=si).to(self.device)
+                proj = stacked_experts(self.NUM_EXPERTS, scheme, dtype, self.backend, seed=si)
+                dense = oracle_weights(proj)  # once per projection, on the CPU
+                proj.to(self.device)
                 k = scheme[4]
                 for t in self.TS:
                     x = torch.randn(t, k, generator=torch.Generator().manual_seed(t)).to(dtype).to(self.device)
@@ -248,9 +258,8 @@ class GroupedConformance:
                         for rows, inp in ((r.rows, x), (None, xp)):
                             y = proj.grouped(inp, rows, r.offsets)
                             assert proj.kernel_for(inp).backend is self.backend, (scheme, dtype, t, case)
-                            want = grouped_oracle(proj.cpu(), inp.cpu(), None if rows is None else rows.cpu(),
-                                                  r.offsets.cpu())
-                            proj.to(self.device)
+                            want = grouped_oracle(proj, inp.cpu(), None if rows is None else rows.cpu(),
+                                                  r.offsets.cpu(), dense)
                             assert y.dtype == dtype and tuple(y.shape) == tuple(want.shape), (case, y.shape)
                             y = y.float().cpu()
                             n_valid = int(r.offsets[-1])
