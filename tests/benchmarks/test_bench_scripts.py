@@ -33,3 +33,19 @@ def test_bench_e2e_tiny_on_cpu(tmp_path, extra):
                                                               ("W4 g128", "2")]
         assert all(float(r["tokens_per_s"]) > 0 for r in rows)
         assert [float(r["ratio_vs_bf16"]) for r in rows[:2]] == [1.0, 1.0]
+
+
+def test_moe_kernels_smoke_on_cpu(tmp_path, capsys):
+    """The MoE benchmark skips cleanly without CUDA; its CPU smoke run writes a row a point."""
+    bench = _load("moe_kernels")
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    if "no CUDA GPU" not in capsys.readouterr().out:
+        pytest.skip("a GPU is present: the skip path is not taken")
+    assert bench.main(["--device", "cpu", "--tokens", "1,3", "--hidden", "64", "--intermediate", "32", "--experts",
+                       "4", "--top-k", "2", "--group-size", "32", "--backends", "reference", "--reps", "1",
+                       "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("moe_kernels_*.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["T"], r["projection"]) for r in rows] == [("1", "gate_up"), ("1", "down"), ("3", "gate_up"),
+                                                         ("3", "down")]
+    assert all(float(r["time_us"]) > 0 and float(r["rel_err"]) == 0 for r in rows)
