@@ -13,7 +13,8 @@ Expert ``e`` with ``c_e`` pairs needs ``ceil(c_e / BLOCK_M)`` row blocks; summed
 ``offsets[E]`` (the "no expert" index) take at most one more block than their share of ``P``: the
 bound covers both. Each program builds the block -> expert map itself from ``offsets`` (a vector load
 of ``E + 1`` ints and a ``tl.cumsum`` of the per-expert block counts, a few hundred bytes that stay
-in L2): it finds its expert by counting the experts whose blocks end at or before its block index,
+in L2, then ``offsets[e]`` / ``offsets[e + 1]`` of its own expert as scalars): it finds its expert
+by counting the experts whose blocks end at or before its block index,
 so empty experts own no block and cost nothing, and every block holds pairs of one expert only
 (its weight pointers are fixed for the whole K loop). Programs past the last expert block write
 zero rows for the invalid tail (pairs ``offsets[E] .. P - 1``), the remaining ones return at once:
