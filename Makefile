@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 # Triton kernels run on a CPU only through the interpreter, which must be switched on before triton
 # is first imported; those tests run in their own process so no other test sees the interpreter.
-TRITON_TESTS := tests/kernels/test_triton_kernels.py tests/api/test_smoothquant.py
+TRITON_TESTS := tests/kernels/test_triton_kernels.py tests/kernels/test_triton_moe.py tests/api/test_smoothquant.py
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider $(TRITON_TESTS)

@@ -18,21 +18,24 @@
 #                   which would make every later load wait forever: it is removed. After a failed build,
 #                   QUANTKERN_CUDA_JIT=0 keeps the later steps from building again.
 #   cuda_tests 70, triton_tests 85, other_tests 40
-#                   the gpu-marked tests that are not slow (triton: 134 of 246), one pytest run per backend
+#                   the gpu-marked tests that are not slow (triton: the dense kernels', then the MoE kernel's
+#                   conformance grid), one pytest run per backend
 #                   (no -x, no plugins: the image has no pytest-timeout), -v so a killed run still shows
 #                   every test it finished
-#   memcheck 35, racecheck 30
+#   memcheck 30, racecheck 25
 #                   compute-sanitizer on benchmarks/sanitize_kernels.py (each CUDA kernel variant once,
 #                   small awkward shapes); skipped with the reason when compute-sanitizer is missing
-#   gemm 55         bench_gemm.py, decode-first points, each CSV row written as it is measured
-#   e2e 40          bench_e2e.py decode (eager, batch 1), each row written as it is measured
+#   gemm 40         bench_gemm.py, decode-first points, each CSV row written as it is measured
+#   moe 30          moe_kernels.py: the Triton grouped MoE kernel vs the reference on a Qwen3-30B-A3B layer
+#                   (H 2048, I 768, 128 experts, top-8, W4 g128) at T = 1, 16, 256, a CSV row a point
+#   e2e 35          bench_e2e.py decode (eager, batch 1), each row written as it is measured
 #
 # Needs nothing beyond the GPU image (torch, triton, transformers, ninja, an nvcc for the JIT build): the
 # project runs from the checkout through PYTHONPATH, no install. On a machine without a GPU every GPU
 # step is skipped with its reason and the script exits 0 in seconds (tests/benchmarks/test_gpu_session.py).
 set -u
 OUT=${OUT:-benchmarks/results/gpu-session}
-ALL_STEPS="probe env build cuda_tests triton_tests other_tests memcheck racecheck gemm e2e"
+ALL_STEPS="probe env build cuda_tests triton_tests other_tests memcheck racecheck gemm moe e2e"
 STEPS=${STEPS:-$ALL_STEPS}
 BUDGET_S=${BUDGET_S:-540}
 PY=${PY:-python3}
@@ -50,7 +53,7 @@ lim() {  # a step's limit: its share (of 540) of BUDGET_S, at least 1 s; the sha
     echo "$v"
 }
 L_PROBE=$(lim 15) L_ENV=$(lim 20) L_BUILD=$(lim 150) L_CUDA=$(lim 70) L_TRITON=$(lim 85) L_OTHER=$(lim 40)
-L_MEMCHECK=$(lim 35) L_RACECHECK=$(lim 30) L_GEMM=$(lim 55) L_E2E=$(lim 40)
+L_MEMCHECK=$(lim 30) L_RACECHECK=$(lim 25) L_GEMM=$(lim 40) L_MOE=$(lim 30) L_E2E=$(lim 35)
 
 wanted() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 record() { echo "$1" | tee -a "$OUT/summary.txt"; }
@@ -154,7 +157,8 @@ fi
 
 PYTEST=("$PY" -m pytest -v --tb=short -rfEs -m "gpu and not slow" -p no:cacheprovider)
 step cuda_tests "$L_CUDA" "${GPU_WHY:-$EXT_WHY}" "${PYTEST[@]}" tests/kernels/test_cuda_kernels.py
-step triton_tests "$L_TRITON" "$GPU_WHY" "${PYTEST[@]}" tests/kernels/test_triton_kernels.py tests/api/test_smoothquant.py
+step triton_tests "$L_TRITON" "$GPU_WHY" "${PYTEST[@]}" tests/kernels/test_triton_kernels.py tests/api/test_smoothquant.py \
+    tests/kernels/test_triton_moe.py
 step other_tests "$L_OTHER" "$GPU_WHY" "${PYTEST[@]}" tests/test_devices.py tests/api/test_fp8.py tests/io/test_io_gptq.py \
     tests/test_env.py
 SAN=("$SANITIZER" --error-exitcode 1)
@@ -163,6 +167,7 @@ step racecheck "$L_RACECHECK" "${GPU_WHY:-${EXT_WHY:-$SAN_WHY}}" "${SAN[@]}" --t
     benchmarks/sanitize_kernels.py
 step gemm "$L_GEMM" "$GPU_WHY" "$PY" benchmarks/bench_gemm.py --shape 4096x4096 --shape 4096x14336 --m 1,16,256,4096 \
     --bits 4,8 --dtypes fp16 --methods cuda,triton,torch_int4 --reps 20 --quick --out "$OUT"
+step moe "$L_MOE" "$GPU_WHY" "$PY" benchmarks/moe_kernels.py --tokens 1,16,256 --reps 20 --out "$OUT"
 step e2e "$L_E2E" "$GPU_WHY" "$PY" benchmarks/bench_e2e.py --batch 1 --prompt 32 --tokens 32 --compile none --out "$OUT"
 record "total $(($(date +%s) - T0))s of a ${BUDGET_S}s budget; results in $OUT"
 exit 0

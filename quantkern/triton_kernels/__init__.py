@@ -4,8 +4,9 @@ Importing this package imports triton (``quantkern.kernels.triton_backend`` does
 per file: :mod:`.gemm_wna16` (tensor-core GEMM, M > 16) and :mod:`.gemv_wna16` (split-K decode,
 M <= 16), both registered as ``torch.library`` ops (``quantkern::gemm_wna16_triton``,
 ``quantkern::gemv_wna16_triton``) with fake implementations; a whole Linear (act-order permutation
-and the choice by M included) is the one op ``quantkern::wna16_linear_triton``. The weight layout they read is
-:mod:`.layout`. On a CPU the kernels run only under ``TRITON_INTERPRET=1`` set *before* triton is
+and the choice by M included) is the one op ``quantkern::wna16_linear_triton``. :mod:`.moe_wna16` is the
+grouped GEMM of MoE experts (every expert of one projection in one launch, ``quantkern::moe_wna16_triton``).
+The weight layout they read is :mod:`.layout`. On a CPU the kernels run only under ``TRITON_INTERPRET=1`` set *before* triton is
 imported (for tests); then bf16 ``tl.dot`` operands are upcast to fp32 (an interpreter bug, see
 :func:`._checks.dot_in_fp32`).
 """
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from ._tuning import GEMM_CONFIGS, GEMV_CONFIGS, interpreting, tuned_configs
+from ._tuning import GEMM_CONFIGS, GEMV_CONFIGS, MOE_CONFIGS, interpreting, tuned_configs
 from .gemm_wna16 import _gemm_wna16_kernel, gemm_wna16, gemm_wna16_triton
 from .gemv_wna16 import gemv_wna16, gemv_wna16_triton
-from .layout import TritonWeight, from_gptq, pack_k_words, pack_triton_weight, unpack_k_words
+from .layout import (TritonExperts, TritonWeight, experts_from_gptq, from_gptq, pack_k_words, pack_triton_weight,
+                     unpack_k_words)
+from .moe_wna16 import moe_wna16, moe_wna16_matmul, moe_wna16_triton
 
 DECODE_MAX_M = 16  # the split-K decode kernel runs M <= 16, the tensor-core GEMM above
 
@@ -71,7 +74,8 @@ def wna16_matmul(x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None = N
 
 
 __all__ = [
-    "DECODE_MAX_M", "GEMM_CONFIGS", "GEMV_CONFIGS", "TritonWeight", "from_gptq", "gemm_wna16",
-    "gemm_wna16_triton", "gemv_wna16", "gemv_wna16_triton", "interpreting", "kernels_interpreted",
-    "pack_k_words", "pack_triton_weight", "tuned_configs", "unpack_k_words", "wna16_linear_triton", "wna16_matmul",
+    "DECODE_MAX_M", "GEMM_CONFIGS", "GEMV_CONFIGS", "MOE_CONFIGS", "TritonExperts", "TritonWeight", "experts_from_gptq",
+    "from_gptq", "gemm_wna16", "gemm_wna16_triton", "gemv_wna16", "gemv_wna16_triton", "interpreting",
+    "kernels_interpreted", "moe_wna16", "moe_wna16_matmul", "moe_wna16_triton", "pack_k_words", "pack_triton_weight",
+    "tuned_configs", "unpack_k_words", "wna16_linear_triton", "wna16_matmul",
 ]

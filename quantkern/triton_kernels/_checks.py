@@ -83,3 +83,32 @@ def dot_in_fp32(x: torch.Tensor) -> bool:
     result is, if anything, closer to the fp32 reference). Its fp32 -> bf16 cast also truncates
     instead of rounding, so interpreted bf16 outputs carry up to one bf16 ulp of error."""
     return x.dtype == torch.bfloat16 and interpreting()
+
+
+def check_moe_inputs(x, rows, offsets, qweight, scales, zeros, g_idx, perm, bias, bits, group_size,
+                     zero_point) -> tuple[int, int, int, int]:
+    """Validate the arguments of the grouped MoE op (layout: :class:`.layout.TritonExperts`); return
+    ``(P, N, K, E)``. Expert 0's slices go through :func:`check_inputs` (every dense rule), the expert
+    dim and the routing (``rows`` int ``[P]`` or None, ``offsets`` int64 ``[E + 1]``) are checked here.
+    Reads no tensor value (no host sync)."""
+    if qweight.dim() != 3 or qweight.shape[0] < 1:
+        raise ValueError(f"qweight must be int32 [E, R, N] with E >= 1, got {qweight.dtype} {tuple(qweight.shape)}")
+    e = qweight.shape[0]
+    zeros_stacked = zero_point < 0
+    for name, t, dims in (("scales", scales, 3), ("g_idx", g_idx, 2), ("zeros", zeros if zeros_stacked else None, 3),
+                          ("perm", perm, 2), ("bias", bias, 2)):
+        if t is not None and (t.dim() != dims or t.shape[0] != e):
+            raise ValueError(f"{name} must be {dims}-D with {e} experts on dim 0 (like qweight), got {tuple(t.shape)}")
+    _, n, k = check_inputs(x, qweight[0], scales[0], zeros[0] if zeros_stacked else zeros, g_idx[0],
+                           None if bias is None else bias[0], bits, group_size, zero_point)
+    if perm is not None and (perm.dtype != torch.int32 or tuple(perm.shape) != (e, k) or perm.stride(1) != 1):
+        raise ValueError(f"perm must be int32 [{e}, {k}], got {perm.dtype} {tuple(perm.shape)}")
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (e + 1,) or not offsets.is_contiguous():
+        raise ValueError(f"offsets must be int64 [{e + 1}] (E + 1), got {offsets.dtype} {tuple(offsets.shape)}")
+    if rows is not None and (rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1
+                             or not rows.is_contiguous()):
+        raise ValueError(f"rows must be a contiguous 1-D int32 / int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
+    routing = [t for t in (rows, offsets, perm) if t is not None]
+    if any(t.device != x.device for t in routing):
+        raise RuntimeError(f"the routing must be on {x.device}; got {sorted({str(t.device) for t in routing})}")
+    return (rows.numel() if rows is not None else x.shape[0]), n, k, e

@@ -82,3 +82,40 @@ def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
         return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.jit
+def accumulate_tile(a, acc, x_sum, qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg,
+                    stride_zg, BITS: tl.constexpr, GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                    ZERO_POINT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One K tile of a tensor-core GEMM: ``acc += a @ W[k0 : k0 + BLOCK_K]`` in the launch's group mode.
+
+    ``a`` [BLOCK_M, BLOCK_K]: the activation tile (0 past K and on masked rows); ``offs_k`` =
+    ``k0 + arange(BLOCK_K)``. Returns ``(acc, x_sum)``: in mode 0 ``x_sum`` gathers ``sum(a)`` per row
+    and the zero point / scale are applied once by :func:`finish_tile`; modes 1 and 2 leave it alone.
+    """
+    if GROUP_MODE == 2:
+        w = load_dequant_gathered(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg,
+                                  stride_zg, BITS, ZERO_POINT)
+        acc = dot_acc(a, w, acc, DOT_FP32)
+    else:
+        q = load_codes(qw_ptr, offs_n, K, N, k0, stride_qk, BITS, offs_k.shape[0])
+        if GROUP_MODE == 1:
+            s, z = load_group(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+            part = dot_acc(a, q, tl.zeros(acc.shape, dtype=tl.float32), DOT_FP32)
+            a_sum = tl.sum(a.to(tl.float32), axis=1)
+            acc += (part - a_sum[:, None] * z[None, :]) * s[None, :]
+        else:
+            acc = dot_acc(a, q, acc, DOT_FP32)
+            x_sum += tl.sum(a.to(tl.float32), axis=1)
+    return acc, x_sum
+
+
+@triton.jit
+def finish_tile(acc, x_sum, s_ptr, z_ptr, offs_n, N, stride_sg, stride_zg, GROUP_MODE: tl.constexpr,
+                ZERO_POINT: tl.constexpr):
+    """The end of :func:`accumulate_tile`'s K loop: mode 0 applies ``(acc - sum(x) z) * s`` here."""
+    if GROUP_MODE == 0:
+        s, z = load_group(s_ptr, z_ptr, 0, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
+        acc = (acc - x_sum[:, None] * z[None, :]) * s[None, :]
+    return acc

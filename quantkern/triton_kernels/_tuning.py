@@ -55,6 +55,19 @@ GEMV_CONFIGS = [
     _cfg(16, 256, 64, 8, 3, split_k=2),
 ]
 
+# Grouped MoE GEMM (every expert in one launch): BLOCK_M is a tile of one expert's pairs, so the
+# small tiles serve decode (a pair or two an expert) and the large ones prefill; pruned by the mean
+# number of pairs an active expert gets.
+MOE_CONFIGS = [
+    _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 128, 64, 4, 4),
+    _cfg(32, 64, 128, 4, 4),
+    _cfg(32, 128, 64, 4, 4),
+    _cfg(64, 64, 128, 4, 3),
+    _cfg(64, 128, 64, 4, 3),
+    _cfg(128, 128, 64, 8, 3),
+]
+
 _GEMM_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 _GEMV_KEYS = _GEMM_KEYS + ("SPLIT_K",)
 

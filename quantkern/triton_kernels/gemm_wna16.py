@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_inputs, dot_in_fp32, group_mode
-from ._dequant import dot_acc, load_codes, load_dequant_gathered, load_group
+from ._dequant import accumulate_tile, finish_tile
 from ._tuning import GEMM_CONFIGS, bucket_m, check_block_k, pick_config, prune, validate_config
 
 GROUP_M = 8  # row tiles per launch band (L2 reuse of weight tiles)
@@ -55,23 +55,9 @@ def _gemm_wna16_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        if GROUP_MODE == 2:
-            w = load_dequant_gathered(qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk, stride_sg,
-                                      stride_zg, BITS, ZERO_POINT)
-            acc = dot_acc(a, w, acc, DOT_FP32)
-        else:
-            q = load_codes(qw_ptr, offs_n, K, N, k0, stride_qk, BITS, BLOCK_K)
-            if GROUP_MODE == 1:
-                s, z = load_group(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
-                part = dot_acc(a, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32)
-                a_sum = tl.sum(a.to(tl.float32), axis=1)
-                acc += (part - a_sum[:, None] * z[None, :]) * s[None, :]
-            else:
-                acc = dot_acc(a, q, acc, DOT_FP32)
-                x_sum += tl.sum(a.to(tl.float32), axis=1)
-    if GROUP_MODE == 0:
-        s, z = load_group(s_ptr, z_ptr, 0, offs_n, N, stride_sg, stride_zg, ZERO_POINT)
-        acc = (acc - x_sum[:, None] * z[None, :]) * s[None, :]
+        acc, x_sum = accumulate_tile(a, acc, x_sum, qw_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, K, N, k0, stride_qk,
+                                     stride_sg, stride_zg, BITS, GROUP_MODE, GROUP_SIZE, ZERO_POINT, DOT_FP32)
+    acc = finish_tile(acc, x_sum, s_ptr, z_ptr, offs_n, N, stride_sg, stride_zg, GROUP_MODE, ZERO_POINT)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]

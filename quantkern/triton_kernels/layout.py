@@ -203,3 +203,69 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
             zero_point=z0 if constant_zero else -1, in_features=in_features, out_features=n)
     codes = unpack_rows(qweight, bits, in_features).t()
     return pack_triton_weight(codes, scales, zeros, g_idx, bits, group_size, sort_act_order)
+
+
+@dataclass
+class TritonExperts:
+    """The weights of ``num_experts`` Linears of one shape in the Triton layout, stacked on a leading dim:
+    what the grouped MoE kernel (:mod:`.moe_wna16`) reads. Each field is a :class:`TritonWeight`'s with
+    an expert dim in front, unified over the experts so that one launch serves them all:
+
+    - ``qweight`` int32 ``[E, R, N]``; ``scales`` ``[E, G, N]``; ``g_idx`` int32 ``[E, K]`` (kernel order);
+    - ``zeros``: uint8 ``[E, G, N]``, or empty when every expert's zeros equal one ``zero_point``;
+    - ``perm``: int32 ``[E, K]`` (expert ``e``'s kernel column ``k`` reads activation column
+      ``perm[e, k]``; the identity for an expert whose ``g_idx`` was already sorted) or None when no
+      expert was sorted;
+    - ``group_size``: the experts' common layout group size, 0 (gathered) when they differ.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    perm: torch.Tensor | None
+    bits: int
+    group_size: int
+    zero_point: int
+    in_features: int
+    out_features: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.qweight.shape[0]
+
+    def expert(self, e: int) -> TritonWeight:
+        """Expert ``e`` as a dense :class:`TritonWeight` (views; tests and debugging)."""
+        return TritonWeight(self.qweight[e], self.scales[e], self.zeros[e] if self.zero_point < 0 else self.zeros,
+                            self.g_idx[e], None if self.perm is None else self.perm[e].long(), self.bits,
+                            self.group_size, self.zero_point, self.in_features, self.out_features)
+
+
+def experts_from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                      bits: int, in_features: int, group_size: int = 0) -> TritonExperts:
+    """Repack stacked GPTQ tensors (``qweight [E, K*b/32, N]``, ``qzeros [E, G, N*b/32]`` v2,
+    ``scales [E, G, N]``, ``g_idx [E, K]``) into :class:`TritonExperts`: :func:`from_gptq` per expert
+    (act-order experts get K sorted by group), then stacked. For 2 / 4 / 8 bits without act-order
+    every expert reuses its GPTQ words, so the stacked ``qweight`` (and ``scales``) are kept as they
+    are, with no copy."""
+    e = qweight.shape[0]
+    ws = [from_gptq(qweight[i], qzeros[i], scales[i], g_idx[i], bits, in_features, group_size) for i in range(e)]
+    shared = qweight.is_contiguous() and all(w.qweight.data_ptr() == qweight[i].data_ptr() for i, w in enumerate(ws))
+    qw = qweight if shared else torch.stack([w.qweight for w in ws])
+    points = {w.zero_point for w in ws}
+    if len(points) == 1 and min(points) >= 0:
+        zeros, zero_point = ws[0].zeros, ws[0].zero_point
+    else:
+        zeros = torch.stack([w.zeros if w.zero_point < 0 else
+                             torch.full(w.scales.shape, w.zero_point, dtype=torch.uint8, device=w.scales.device)
+                             for w in ws])
+        zero_point = -1
+    sizes = {w.group_size for w in ws}
+    perm = None
+    if any(w.perm is not None for w in ws):
+        ident = torch.arange(in_features, device=qweight.device)
+        perm = torch.stack([ident if w.perm is None else w.perm for w in ws]).to(torch.int32)
+    return TritonExperts(qweight=qw, scales=scales.contiguous(), zeros=zeros,
+                         g_idx=torch.stack([w.g_idx for w in ws]).contiguous(), perm=perm, bits=bits,
+                         group_size=sizes.pop() if len(sizes) == 1 else 0, zero_point=zero_point,
+                         in_features=in_features, out_features=ws[0].out_features)

@@ -42,3 +42,19 @@ def test_moe_decode_tiny_on_cpu(tmp_path):
     assert variants[:2] == ["fp32 (transformers)", "bf16 (transformers)"]
     assert "W4 g128 RTN, grouped reference" in variants
     assert all(float(r["ms_min"]) > 0 and r["cpu"] and r["torch"] for r in rows)
+
+
+def test_moe_kernels_smoke_on_cpu(tmp_path, capsys):
+    """The MoE benchmark skips cleanly without CUDA; its CPU smoke run writes a row a point."""
+    bench = _load("moe_kernels")
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    if "no CUDA GPU" not in capsys.readouterr().out:
+        pytest.skip("a GPU is present: the skip path is not taken")
+    assert bench.main(["--device", "cpu", "--tokens", "1,3", "--hidden", "64", "--intermediate", "32", "--experts",
+                       "4", "--top-k", "2", "--group-size", "32", "--backends", "reference", "--reps", "1",
+                       "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("moe_kernels_*.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["T"], r["projection"]) for r in rows] == [("1", "gate_up"), ("1", "down"), ("3", "gate_up"),
+                                                         ("3", "down")]
+    assert all(float(r["time_us"]) > 0 and float(r["rel_err"]) == 0 for r in rows)

@@ -20,8 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
-STEPS = ["probe", "env", "build", "cuda_tests", "triton_tests", "other_tests", "memcheck", "racecheck", "gemm", "e2e"]
-GPU_STEPS = ["cuda_tests", "triton_tests", "other_tests", "memcheck", "racecheck", "gemm", "e2e"]
+STEPS = ["probe", "env", "build", "cuda_tests", "triton_tests", "other_tests", "memcheck", "racecheck", "gemm", "moe",
+         "e2e"]
+GPU_STEPS = ["cuda_tests", "triton_tests", "other_tests", "memcheck", "racecheck", "gemm", "moe", "e2e"]
 LINE = re.compile(r"^(\w+) (?:rc=(\d+) (\d+)s \(limit (\d+)s\)(.*)|skipped \(limit (\d+)s\): (.+))$")
 
 
@@ -106,7 +107,7 @@ def test_hung_build_is_bounded_its_lock_removed_and_dependants_skip(tmp_path):
     assert not (tmp_path / "ext" / "quantkern_cuda_kernels" / "lock").exists()
     for name in ("cuda_tests", "memcheck", "racecheck"):  # they need the extension
         assert "did not build" in steps[name]["skipped"], summary
-    for name in ("triton_tests", "other_tests", "gemm", "e2e"):  # they do not, and must not rebuild it
+    for name in ("triton_tests", "other_tests", "gemm", "moe", "e2e"):  # they do not, and must not rebuild it
         assert steps[name]["rc"] == 0, summary
         assert "QUANTKERN_CUDA_JIT=0" in (tmp_path / "out" / f"{name}.log").read_text()
     assert "-m pytest -v --tb=short -rfEs -m gpu and not slow" in (tmp_path / "out" / "triton_tests.log").read_text()
