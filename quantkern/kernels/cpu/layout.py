@@ -89,13 +89,17 @@ def pack_cpu(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
 
     nb = -(-n // BLOCK_N)
     npad = nb * BLOCK_N
-    cp = torch.zeros(kp, npad, dtype=torch.int64)
-    cp[pos, :n] = codes.t().cpu()[order].to(torch.int64)
-    cp = cp.view(kp // vpw, vpw, npad)
-    words = torch.zeros(kp // vpw, npad, dtype=torch.int64)
-    for j in range(vpw):
-        words |= cp[:, j] << code_shift(cb, j)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    ct = codes.t().cpu().to(torch.int32)
+    if identity and npad == n:  # no reordering, no padding: pack in place of a scatter
+        cp = ct.reshape(kp // vpw, vpw, npad)
+    else:
+        cp = torch.zeros(kp, npad, dtype=torch.int32)
+        cp[pos, :n] = ct if identity else ct[order]
+        cp = cp.view(kp // vpw, vpw, npad)
+    # int32 words: the shifts wrap into the sign bit as two's complement, which is the bit pattern wanted
+    words = cp[:, 0] << code_shift(cb, 0)
+    for j in range(1, vpw):
+        words = words | (cp[:, j] << code_shift(cb, j))
     w = words.view(kp // vpw, nb, BLOCK_N).permute(1, 0, 2).contiguous()
 
     s = torch.zeros(ng, npad, dtype=torch.float32)
