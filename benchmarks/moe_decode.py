@@ -37,6 +37,7 @@ import quantkern as qk
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests)
 from bench_cpu import PROMPT, cpu_name, decode_steps, smollm2_path, write_csv  # noqa: E402
 from quantkern.kernels.registry import registered_kernels
+from quantkern.models import upcycle_to_moe
 from quantkern.nn.quant_experts import QuantExperts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,7 +81,7 @@ def smollm2_moe():
     tok = AutoTokenizer.from_pretrained(path, gguf_file=name)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     # at batch 1 every step runs top-k = 2 experts whatever the router: the random one will do
-    moe = qk.models.upcycle_to_moe(dense, num_experts=4, top_k=2, router="random")
+    moe = upcycle_to_moe(dense, num_experts=4, top_k=2, router="random")
     del dense
     return "SmolLM2-135M upcycled (4 experts, top-2)", moe, ids
 

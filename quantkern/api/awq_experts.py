@@ -25,8 +25,6 @@ token. Layouts whose gating is not ``act(gate) * up`` (gpt-oss's clamped SwiGLU)
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..algorithms import quantize_rtn
@@ -37,9 +35,6 @@ from ..arch.moe import is_router_name, linear_weight, split_gate_up
 from ..calibration import moe_inputs
 from ..core import WeightScheme, naming_layer
 from ..nn.quant_experts import QuantExperts, apply_gate
-
-logger = logging.getLogger("quantkern")
-
 
 class RoutedCapture:
     """Pre-hooks on a block's experts modules keeping each batch's inputs and routing (padding removed;
@@ -93,32 +88,13 @@ def awq_experts(q, block, prefix: str, name: str, site, group, x: torch.Tensor, 
     rtn_scheme = WeightScheme(scheme.bits, scheme.group_size, scheme.sym)
     mod, lay = site.module, site.layout
     n_exp, h_size, i_size = site.num_experts, site.hidden_size, site.intermediate_size
-    every = c.expert_calibration == "all"
     sel = [(idx == e).any(-1) for e in range(n_exp)]
     tokens = [int(s.sum()) for s in sel]
     q.report.setdefault("expert_tokens", {})[prefix + name] = tokens
     fallbacks = q.report.setdefault("expert_fallbacks", {})
 
-    def sources(label: str, k: int) -> list[str]:
-        need = max(1, k if c.min_expert_tokens is None else c.min_expert_tokens)
-        why = "in_features" if c.min_expert_tokens is None else "min_expert_tokens"
-        out = []
-        for e in range(n_exp):
-            site_name = f"{prefix}{name}.{e}.{label}"
-            if (x.shape[0] if every else tokens[e]) >= need:
-                out.append("all" if every else "routed")
-            elif not every and c.expert_fallback == "all_tokens" and x.shape[0] >= need:
-                out.append("all")
-                fallbacks[site_name] = (f"all tokens: {tokens[e]} calibration token(s) routed to expert {e}, fewer "
-                                        f"than {need} ({why}); calibrated on all {x.shape[0]} tokens")
-            else:
-                out.append("rtn")
-                fallbacks[site_name] = f"RTN: {tokens[e]} calibration token(s) routed to expert {e}, fewer than {need} ({why})"
-            if site_name in fallbacks:
-                logger.warning("quantkern: %s: %s", site_name, fallbacks[site_name])
-        return out
-
-    src_gu, src_dn = sources("gate_up_proj", h_size), sources("down_proj", i_size)
+    src_gu, src_dn = (c.expert_sources(prefix + name, label, k, tokens, x.shape[0], fallbacks)
+                      for label, k in (("gate_up_proj", h_size), ("down_proj", i_size)))
     xs, idxs = _subsample(x, idx, max(c.max_search_tokens, c.clip_tokens))
     routed = [xs[(idxs == e).any(-1)] for e in range(n_exp)]
     rows = [xs if src == "all" else routed[e] for e, src in enumerate(src_gu)]

@@ -192,6 +192,35 @@ class ExpertCalibrationFields:
     expert_calibration: str = "routed"
     expert_fallback: str = "all_tokens"
 
+    def expert_sources(self, name: str, label: str, in_features: int, tokens: list[int], total: int,
+                       fallbacks: dict[str, str]) -> list[str]:
+        """Where each expert's ``label`` projection (``in_features`` inputs) of experts module ``name``
+        takes its statistics from: ``"routed"``, ``"all"`` (every token) or ``"rtn"`` (none), given the
+        routed ``tokens`` per expert and the ``total`` calibration tokens. Each fallback is added to
+        ``fallbacks`` (site name -> why) and logged."""
+        import logging
+
+        need = max(1, in_features if self.min_expert_tokens is None else self.min_expert_tokens)
+        why = "in_features" if self.min_expert_tokens is None else "min_expert_tokens"
+        every = self.expert_calibration == "all"
+        out = []
+        for e, got in enumerate(tokens):
+            site = f"{name}.{e}.{label}"
+            if (total if every else got) >= need:
+                out.append("all" if every else "routed")
+                continue
+            if not every and self.expert_fallback == "all_tokens" and total >= need:
+                out.append("all")
+                fallbacks[site] = (f"all tokens: {got} calibration token(s) routed to expert {e}, fewer than {need} "
+                                   f"({why}); calibrated on all {total} tokens")
+            else:
+                out.append("rtn")
+                what = f"{total} calibration token(s) in all" if every else \
+                    f"{got} calibration token(s) routed to expert {e}"
+                fallbacks[site] = f"RTN: {what}, fewer than {need} ({why})"
+            logging.getLogger("quantkern").warning("quantkern: %s: %s", site, fallbacks[site])
+        return out
+
     def validate_expert_fields(self) -> None:
         v = self.min_expert_tokens
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):

@@ -196,26 +196,7 @@ class GPTQBlockDriver:
         every = c.expert_calibration == "all"
 
         def sources(label: str, k: int) -> list[str]:
-            """Per expert, where this projection's statistics come from: "routed", "all" or "rtn"."""
-            need = max(1, k if c.min_expert_tokens is None else c.min_expert_tokens)
-            why = "in_features" if c.min_expert_tokens is None else "min_expert_tokens"
-            out = []
-            for e in range(n_exp):
-                site_name = f"{name}.{e}.{label}"
-                if (total[0] if every else tokens[e]) >= need:
-                    out.append("all" if every else "routed")
-                    continue
-                if not every and c.expert_fallback == "all_tokens" and total[0] >= need:
-                    out.append("all")
-                    fallbacks[site_name] = (f"all tokens: {tokens[e]} calibration token(s) routed to expert {e}, "
-                                            f"fewer than {need} ({why}); calibrated on all {total[0]} tokens")
-                else:
-                    out.append("rtn")
-                    got = f"{total[0]} calibration token(s) in all" if every else \
-                        f"{tokens[e]} calibration token(s) routed to expert {e}"
-                    fallbacks[site_name] = f"RTN: {got}, fewer than {need} ({why})"
-                logger.warning("quantkern: %s: %s", site_name, fallbacks[site_name])
-            return out
+            return c.expert_sources(name, label, k, tokens, total[0], fallbacks)
 
         # gate/up on the routed hidden states (or on all of them: one Hessian shared by every expert)
         shared = GPTQ(linear_weight(getattr(mod, lay.gate_up), 0, lay), f"{name}.*.gate_up_proj") \

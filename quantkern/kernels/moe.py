@@ -17,7 +17,9 @@ routing on the host except the kernels that loop over experts there (the referen
 
 Backends register here like the dense ones (selection per device, dtype and M bucket by
 :class:`~quantkern.kernels.registry.KernelCache`); the reference (per expert: dequantize + matmul,
-the ``quantkern::moe_wna16_ref`` op) always fits. The Triton backend's
+the ``quantkern::moe_wna16_ref`` op) always fits. The CPU backend's
+:class:`~quantkern.kernels.cpu.moe.CpuGroupedKernel` runs the selected experts in one C++ call
+(``quantkern_cpu::moe_gemm``); the Triton backend's
 :class:`~quantkern.kernels.triton_backend.TritonGroupedKernel` runs every expert in one fused launch
 (:mod:`quantkern.triton_kernels.moe_wna16`, the ``quantkern::moe_wna16_triton`` op).
 """

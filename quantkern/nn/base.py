@@ -21,17 +21,16 @@ from ..kernels.registry import Backend, KernelCache, KernelSpec, QuantKernel, We
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class QuantModule(nn.Module):
-    """Base of the quantized linear modules (see the module docstring). Subclasses set
-    ``in_features`` / ``out_features`` and implement :meth:`kernel_spec` and :meth:`weight_tensors`."""
+class KernelOwner:
+    """The kernel choice a module that runs registered kernels shares (mixed into an ``nn.Module``):
+    ``backend``, :meth:`kernel_for`, :meth:`build_kernels`, :meth:`reset_kernels`, and the prepared
+    kernels forgotten when the buffers move, change dtype or are loaded. Subclasses implement
+    :meth:`kernel_spec`, :meth:`weight_tensors` and :meth:`describe`, and set ``in_features``."""
 
-    def __init__(self, backend: Backend | str = Backend.AUTO):
-        super().__init__()
+    def _init_kernels(self, backend) -> None:
         self._kernels = KernelCache()
-        self.name = ""
         self.backend = backend
 
-    # --- what kernels see ---------------------------------------------------------------------------
     def kernel_spec(self) -> KernelSpec:
         raise NotImplementedError
 
@@ -49,10 +48,6 @@ class QuantModule(nn.Module):
         self._backend = Backend.parse(value)
         self._kernels.clear()
 
-    def describe(self) -> str:
-        return f"{self.name or type(self).__name__}{self.kernel_spec().describe()}"
-
-    # --- execution ------------------------------------------------------------------------------------
     def kernel_for(self, x: torch.Tensor) -> QuantKernel:
         """The kernel that runs ``x`` (``[M, K]``): chosen once per (device, dtype, M bucket) and prepared
         (repacked) once per (device, dtype, backend)."""
@@ -84,6 +79,32 @@ class QuantModule(nn.Module):
         """Forget the chosen kernels (call after changing buffers in place)."""
         self._kernels.clear()
 
+    # --- the kernels follow the buffers ---------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        self._kernels.clear()  # buffers move or change dtype: prepared copies are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        n_err = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) == n_err:
+            self._kernels.clear()  # the buffers kernels were prepared from were replaced
+
+
+class QuantModule(KernelOwner, nn.Module):
+    """Base of the quantized linear modules (see the module docstring). Subclasses set
+    ``in_features`` / ``out_features`` and implement :meth:`kernel_spec` and :meth:`weight_tensors`."""
+
+    def __init__(self, backend: Backend | str = Backend.AUTO):
+        super().__init__()
+        self.name = ""
+        self._init_kernels(backend)
+
+    def describe(self) -> str:
+        return f"{self.name or type(self).__name__}{self.kernel_spec().describe()}"
+
     #: refuse non-float activations in :meth:`check_input` (False: leave the dtype to the kernels' answers)
     float_inputs_only = True
 
@@ -111,19 +132,6 @@ class QuantModule(nn.Module):
             y = kernel.apply(x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    # --- the kernels follow the buffers ---------------------------------------------------------------
-    def _apply(self, fn, *args, **kwargs):
-        self._kernels.clear()  # buffers move or change dtype: prepared copies are stale
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        n_err = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if len(error_msgs) == n_err:
-            self._kernels.clear()  # the buffers kernels were prepared from were replaced
-
 
 class _FrozenWeightLinear(torch.autograd.Function):
     """The kernel's forward, differentiable in the input only: the quantized weights are frozen (buffers),
@@ -150,11 +158,9 @@ def build_kernels(model: nn.Module, device=None, dtype: torch.dtype | None = Non
     so that ``torch.compile`` traces them without choosing any. Returns the number of modules."""
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    from .quant_experts import StackedGPTQ
-
     n = 0
     for m in model.modules():
-        if isinstance(m, (QuantModule, StackedGPTQ)):
+        if isinstance(m, KernelOwner):
             dev = device if device is not None else next(iter(m.buffers())).device
             m.build_kernels(dev, dtype, max_rows)
             n += 1

@@ -29,11 +29,12 @@ from ..core import QuantizedWeight, ScaleOverflowError, WeightScheme, dtype_over
 from ..formats.gptq import GPTQTensors, gptq_shapes, pack_gptq, packable, unpack_gptq
 from ..kernels.moe import EXPERTS_LAYOUT, route
 from ..kernels.reference import dequantize_gptq
-from ..kernels.registry import Backend, KernelCache, KernelSpec, QuantKernel, WeightTensors, check_same_device
+from ..kernels.registry import Backend, KernelSpec, WeightTensors
 from ._scheme import SchemeAttributes
+from .base import KernelOwner
 
 
-class StackedGPTQ(nn.Module):
+class StackedGPTQ(KernelOwner, nn.Module):
     """The canonical GPTQ tensors of ``num_experts`` Linears of one shape, stacked on a leading dim."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, scheme: WeightScheme,
@@ -49,22 +50,10 @@ class StackedGPTQ(nn.Module):
         g_idx = (torch.arange(in_features, dtype=torch.int32, device=device) // gs).expand(e, -1).contiguous()
         self.register_buffer("g_idx", g_idx)
         self.register_buffer("bias", torch.zeros(e, out_features, dtype=dtype, device=device) if bias else None)
-        self._kernels = KernelCache()
-        self._backend = Backend.AUTO
         self.name = ""
+        self._init_kernels(Backend.AUTO)
 
-    # --- kernels ----------------------------------------------------------------------------------
-    @property
-    def backend(self) -> Backend:
-        """The grouped kernel backend (``auto``: the first registered that fits); setting it forgets
-        the kernels chosen so far."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value) -> None:
-        self._backend = Backend.parse(value)
-        self._kernels.clear()
-
+    # --- kernels (KernelOwner) --------------------------------------------------------------------
     def kernel_spec(self) -> KernelSpec:
         return KernelSpec(self.scheme, self.in_features, self.out_features, self.scales.dtype,
                           self.bias is not None, layout=EXPERTS_LAYOUT, num_experts=self.num_experts)
@@ -76,43 +65,11 @@ class StackedGPTQ(nn.Module):
     def describe(self) -> str:
         return f"{self.name or 'StackedGPTQ'}{self.kernel_spec().describe()}"
 
-    def kernel_for(self, x: torch.Tensor) -> QuantKernel:
-        """The grouped kernel for ``x`` (``[R, K]``), chosen per (device, dtype, M bucket of ``R``)."""
-        k = self._kernels.lookup(x)
-        if k is None:
-            if torch.compiler.is_compiling():
-                raise RuntimeError(f"{self.describe()}: no kernel is prepared for {x.device} / {x.dtype} with "
-                                   f"{x.shape[0]} rows inside torch.compile; call quantkern.nn.build_kernels(model, "
-                                   "device, dtype) before compiling")
-            check_same_device(self, x, self.named_buffers(recurse=False))
-            k = self._kernels.get(x, self.kernel_spec(), self.weight_tensors, self._backend, self.describe())
-        return k
-
-    def build_kernels(self, device, dtype: torch.dtype, max_rows: int | None = None) -> None:
-        """Choose and prepare the grouped kernels for every M bucket up to ``max_rows`` rows now."""
-        from ..kernels.registry import M_BUCKETS
-
-        rows = [b for b in M_BUCKETS if max_rows is None or b <= max_rows]
-        if max_rows is None or max_rows > M_BUCKETS[-1]:
-            rows.append(M_BUCKETS[-1] + 1)
-        elif max_rows not in rows:
-            rows.append(max_rows)
-        for m in rows:
-            self.kernel_for(torch.empty(m, self.in_features, device=device, dtype=dtype))
-
     def grouped(self, x: torch.Tensor, rows: torch.Tensor | None, offsets: torch.Tensor) -> torch.Tensor:
         """``[P, N]``: pair ``p`` is ``x[rows[p]] @ W[e] (+ bias[e])`` for the expert owning it (see
         :mod:`quantkern.kernels.moe`)."""
         x = x if x.is_contiguous() else x.contiguous()
         return self.kernel_for(x).apply(x, rows, offsets)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._kernels.clear()  # buffers move or change dtype: prepared copies are stale
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._kernels.clear()
 
     def set_expert(self, e: int, qw: QuantizedWeight) -> None:
         t = pack_gptq(qw)
@@ -122,7 +79,7 @@ class StackedGPTQ(nn.Module):
         self.qzeros[e].copy_(t.qzeros)
         self.scales[e].copy_(t.scales.to(self.scales.dtype))
         self.g_idx[e].copy_(t.g_idx)
-        self._kernels.clear()
+        self.reset_kernels()
 
     def tensors(self, e: int) -> GPTQTensors:
         return GPTQTensors(self.qweight[e], self.qzeros[e], self.scales[e], self.g_idx[e])
@@ -280,8 +237,8 @@ class QuantExperts(SchemeAttributes, nn.Module):
 
     def reset_kernels(self) -> None:
         """Forget the chosen kernels (call after changing buffers in place)."""
-        self.gate_up_proj._kernels.clear()
-        self.down_proj._kernels.clear()
+        self.gate_up_proj.reset_kernels()
+        self.down_proj.reset_kernels()
 
     def build_kernels(self, device, dtype: torch.dtype, max_rows: int | None = None) -> None:
         self.gate_up_proj.build_kernels(device, dtype, max_rows)
