@@ -69,6 +69,31 @@ class RoutedCapture:
         return torch.cat([x for x, _ in rows]).to(device), torch.cat([i for _, i in rows]).to(device)
 
 
+def fold_moe_input_scale(block, group, layout, s: torch.Tensor, writable=lambda t: None) -> None:
+    """Divide the output of the norm ``group.prev`` of ``block`` by ``s`` and multiply the input channels
+    of everything that reads it by ``s``: the fused experts ``group.linears[0]`` (every expert's gate/up),
+    the routers beside them (dense: their logits, so the routing, are unchanged) and the other Linears of
+    the group (a shared expert's gate/up). The block computes the same function afterwards.
+    ``writable(t)`` is called before each tensor is written (the quantizer's snapshot)."""
+    name = group.linears[0]
+    mod = block.get_submodule(name)
+    norm = block.get_submodule(group.prev)
+    parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+    routers = [m for leaf, m in parent.named_children() if is_router_name(leaf, parent)
+               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    linears = [block.get_submodule(n) for n in group.linears[1:] if n in dict(block.named_modules())]
+    gu = getattr(mod, layout.gate_up)
+    for t in [norm.weight, getattr(norm, "bias", None), gu] + [m.weight for m in routers + linears]:
+        if t is not None:
+            writable(t)
+    with torch.no_grad():
+        fold_into_norm(norm.weight.data, getattr(norm, "bias", None), s.to(norm.weight.device),
+                       offset=1.0 if group.prev_kind == GEMMA_NORM else 0.0)
+        for m in routers + linears:
+            scale_input_channels(m.weight.data, s.to(m.weight.device))
+        gu.data.mul_((s[None, :, None] if layout.transposed else s[None, None, :]).to(gu))
+
+
 def _subsample(x: torch.Tensor, idx: torch.Tensor, n: int, seed: int = 0):
     if x.shape[0] <= n:
         return x, idx
@@ -101,25 +126,13 @@ def awq_experts(q, block, prefix: str, name: str, site, group, x: torch.Tensor, 
     gu_param, dn_param = getattr(mod, lay.gate_up), getattr(mod, lay.down)
 
     # 1. one scale for every reader of the norm, folded into it
-    shared = [n for n in group.linears[1:] if n in targets]
+    shared = [n for n in group.linears[1:] if n in targets]  # (all of group.linears[1:] are scaled)
     parts = [(rows[e][:c.max_search_tokens], linear_weight(gu_param, e, lay).detach(), scheme)
              for e in range(n_exp) if src_gu[e] != "rtn"]
     parts += [(xs[:c.max_search_tokens], targets[n].weight.detach(), schemes[n]) for n in shared]
     s, err, rtn_err = search_scale_routed(parts, c.torch_scale_dtype, x.abs().mean(0), c.n_grid, c.duo_scaling)
     errors[prefix + ",".join((name, *shared))] = (err, rtn_err)
-    norm = block.get_submodule(group.prev)
-    parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-    routers = [m for leaf, m in parent.named_children() if is_router_name(leaf, parent)
-               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
-    for t in [norm.weight, getattr(norm, "bias", None), gu_param] + [m.weight for m in routers] + \
-            [targets[n].weight for n in shared]:
-        q.writable(t)
-    with torch.no_grad():
-        fold_into_norm(norm.weight.data, getattr(norm, "bias", None), s.to(norm.weight.device),
-                       offset=1.0 if group.prev_kind == GEMMA_NORM else 0.0)
-        for m in routers + [targets[n] for n in shared]:
-            scale_input_channels(m.weight.data, s.to(m.weight.device))
-        gu_param.data.mul_((s[None, :, None] if lay.transposed else s[None, None, :]).to(gu_param))
+    fold_moe_input_scale(block, group, lay, s, q.writable)
     for n in shared:
         x_all[owner[n]] = x_all[owner[n]] / s.to(x_all[owner[n]].device)
     xs, rows, routed = xs / s, [r / s for r in rows], [r / s for r in routed]

@@ -14,7 +14,10 @@ PHIMOE_EXPERTS = ExpertsLayout(checkpoint_names=("w1", "w3", "w2"),
                                checkpoint_renames=((".mlp.", ".block_sparse_moe."),
                                                    (".block_sparse_moe.router.", ".block_sparse_moe.gate.")))
 
-MIXTRAL = Architecture("mixtral", ("mixtral", "minimax"), blocks="model.layers", norms=NORMS, routers=("mlp.gate",),
+MIXTRAL = Architecture("mixtral", ("mixtral",), blocks="model.layers", norms=NORMS, routers=("mlp.gate",),
                        experts=MIXTRAL_EXPERTS, scales=moe_scales())
+#: MiniMax: Mixtral's MoE blocks, but lightning (linear) attention in most layers: no AWQ scale groups
+MINIMAX = Architecture("minimax", ("minimax",), blocks="model.layers", norms=NORMS, routers=("mlp.gate",),
+                       experts=MIXTRAL_EXPERTS)
 PHIMOE = Architecture("phimoe", ("phimoe",), blocks="model.layers", norms=NORMS, routers=("mlp.router",),
                       experts=PHIMOE_EXPERTS, scales=moe_scales())

@@ -24,7 +24,7 @@ def register(arch: Architecture) -> Architecture:
 
 
 for _arch in (llama.LLAMA, llama.LLAMA_LIKE, llama.OLMO2, qwen3.QWEN3, gemma.GEMMA, gemma.GEMMA2, gemma.GEMMA3,
-              gpt2.GPT2, opt.OPT, qwen_moe.QWEN2_MOE, qwen_moe.QWEN3_MOE, mixtral.MIXTRAL, mixtral.PHIMOE,
+              gpt2.GPT2, opt.OPT, qwen_moe.QWEN2_MOE, qwen_moe.QWEN3_MOE, mixtral.MIXTRAL, mixtral.MINIMAX, mixtral.PHIMOE,
               deepseek.DEEPSEEK, deepseek.GLM4_MOE, olmoe.OLMOE, gpt_oss.GPT_OSS,
               others.PHI, others.LAYERS_PRE_POST, others.COHERE, others.INTERNLM2, others.GPTJ, others.GPT_BIGCODE,
               others.BLOOM, others.FALCON, others.GPT_NEOX):

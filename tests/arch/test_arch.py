@@ -100,6 +100,14 @@ def test_scale_groups_name_block_modules_with_matching_shapes(family):
                 where = f"{arch.name} block {i}: {grp}"
                 assert grp.prev in modules and all(n in modules for n in grp.linears), where
                 prev, lins = modules[grp.prev], [modules[n] for n in grp.linears]
+                layout = arch.experts_layout(lins[0])
+                if layout is not None:  # the norm feeding a sparse MoE block: experts, routers, shared expert
+                    from quantkern.api.awq_experts import fold_moe_input_scale
+
+                    h = experts_shape(lins[0], layout)[1]
+                    assert prev.weight.shape == (h,) and all(m.in_features == h for m in lins[1:]), where
+                    fold_moe_input_scale(block, grp, layout, torch.rand(h, generator=g) + 0.5)
+                    continue
                 assert all(isinstance(m, nn.Linear) for m in lins), where
                 k = lins[0].in_features
                 assert all(m.in_features == k for m in lins), where
