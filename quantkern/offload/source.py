@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -108,6 +109,31 @@ class SourceCheckpoint:
         if dtype is None:
             return raw
         return {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in raw.items()}
+
+    @contextmanager
+    def reader(self, dtype: torch.dtype | None = None):
+        """``get(name)`` for many single-tensor reads (one expert's tensors at a time): each file is
+        opened once for the ``with`` block; floating tensors are cast to ``dtype``. ``KeyError`` names a
+        tensor the checkpoint lacks."""
+        handles: dict[Path, object] = {}
+
+        def get(name: str) -> torch.Tensor:
+            if name not in self.headers:
+                raise KeyError(f"the source checkpoint {self.path} lacks tensor {name!r}")
+            if self._cache is not None:
+                t = self._cache[name]
+            else:
+                f = self.headers[name][0]
+                if f not in handles:
+                    handles[f] = open_safetensors(f).__enter__()
+                t = handles[f].get_tensor(name)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        try:
+            yield get
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
 
     def fingerprint(self) -> dict:
         """Identity of the source without reading it all: ``config.json`` hash, and per weight file its

@@ -3,7 +3,9 @@
 Layout of ``<out>.partial/`` (``.`` + out name + ``.partial`` in the output's parent):
 
 - ``manifest.json``: the run's identity (source fingerprint, quantization config, calibration hash,
-  dtype, checkpoint format, shard plan) and the finished blocks. Rewritten atomically after each block.
+  dtype, checkpoint format, shard plan), the finished blocks and each one's report (GPTQ losses, MoE
+  expert tokens and fallbacks), so a resumed run reports every block. Rewritten atomically after
+  each block.
 - ``model-000NN-of-000MM.safetensors``: finished shards, already under their final names.
 - ``acts-000KK.safetensors``: the calibration hidden states after block KK (the inputs of block KK+1),
   so a resumed run starts there without recomputing earlier blocks. At most two exist at a time, and
@@ -101,6 +103,7 @@ class RunState:
         self.identity = json.loads(json.dumps(identity))  # normalise tuples etc. as JSON would
         self.finished: list[int] = []
         self.shards: dict[str, dict] = {}  # file name -> {"keys": [...], "bytes": n}
+        self.reports: dict[str, dict] = {}  # block index (str) -> that block's report
         mpath = self.work / MANIFEST
         if self.work.exists() and not resume:
             shutil.rmtree(self.work)
@@ -118,6 +121,7 @@ class RunState:
                     "(--no-resume) to discard it and start over.")
             self.finished = sorted(int(b) for b in m.get("finished", []))
             self.shards = dict(m.get("shards", {}))
+            self.reports = dict(m.get("reports", {}))
         else:
             self.work.mkdir(parents=True, exist_ok=True)
         for f in self.work.glob(".*.tmp-*"):  # half-written files of a killed run
@@ -129,7 +133,7 @@ class RunState:
 
     def save_manifest(self) -> None:
         data = {"version": STATE_VERSION, "identity": self.identity, "finished": self.finished,
-                "shards": self.shards}
+                "shards": self.shards, "reports": self.reports}
         atomic_write_bytes(self.work / MANIFEST, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
     def write_shard(self, name: str, tensors: dict[str, torch.Tensor] | None = None, specs=None, get=None) -> None:
@@ -143,14 +147,16 @@ class RunState:
         self.shards[name] = {"keys": sorted(specs), "bytes": n}
 
     def commit_block(self, block: int, shard: str | None, tensors: dict[str, torch.Tensor] | None,
-                     acts: list[torch.Tensor] | None) -> None:
-        """Write block ``block``'s shard and the activations after it, then mark it finished and drop
-        the previous activations (only now: until the manifest names this block, they are the resume
-        point)."""
+                     acts: list[torch.Tensor] | None, report: dict | None = None) -> None:
+        """Write block ``block``'s shard and the activations after it, then mark it finished (with its
+        JSON-able ``report``) and drop the previous activations (only now: until the manifest names
+        this block, they are the resume point)."""
         if shard is not None:
             self.write_shard(shard, tensors)
         if acts is not None:
             save_tensors({f"h{j}": h for j, h in enumerate(acts)}, self.work / acts_name(block))
+        if report is not None:
+            self.reports[str(block)] = json.loads(json.dumps(report))
         self.finished = sorted(set(self.finished) | {block})
         self.save_manifest()
         for f in self.work.glob("acts-*.safetensors"):

@@ -7,6 +7,12 @@ the source safetensors, moved to the compute device, quantized with the very cod
 back to the meta device. Peak memory ≈ one block + its GPTQ statistics + the calibration activations
 (+ the embeddings during capture), whatever the number of blocks.
 
+MoE blocks (fused experts of transformers 5) are read from a source that stores the experts fused or
+per expert under the original HF names (:mod:`.blocks`), quantized as in memory (GPTQ: routing-aware,
+one Hessian per expert; RTN: ``rtn_experts``) and written per expert under the HF names, as
+``save_quantized`` writes them (the family's key renames, e.g. Mixtral's ``block_sparse_moe``, apply to
+every key of the checkpoint).
+
 Calibration activations live on the CPU (moved to the device one batch at a time by ``run_block``)
 unless ``max_memory`` says the device holds them next to a block. Progress is kept in a work
 directory (:mod:`.state`), so a killed run started again with the same arguments continues after the
@@ -28,13 +34,18 @@ from tqdm.auto import tqdm
 
 from ..algorithms import quantize_rtn
 from ..api import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer
+from ..api.quantizers import rtn_experts
 from ..api.targets import set_module
+from ..arch import architecture_for
 from ..calibration import BlockInput, InputCatcher, group_batches, normalize_calibration_data
 from ..io.files import SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_FILES, check_destination, parse_size
 from ..io.load import build_skeleton
 from ..io.hf import dense_state_dict, hf_config_dict, write_side_files
+from ..io.experts import quant_experts, rename
 from ..io.save import gptq_quantization_config, gptq_tensors
 from ..nn import QuantLinear
+from ..nn.quant_experts import QuantExperts
+from .blocks import load_block, plan_block
 from .source import SourceCheckpoint, resolve_model_dir
 from .state import RunState, StreamStateError
 
@@ -102,6 +113,50 @@ def _materialise(root: nn.Module, tensors: dict[str, torch.Tensor], device: torc
         raise ValueError(f"the source checkpoint lacks {where} tensor(s) {left[:4]}")
 
 
+class _BlockView(nn.Module):
+    """Block ``block`` of the model under its full path (``model.layers.3``) with the model's config:
+    what :func:`~quantkern.io.save.gptq_tensors` needs to name (and rename) its tensors as it does for
+    the whole model. Holds no other module."""
+
+    def __init__(self, config, path: str, block: nn.Module):
+        super().__init__()
+        self.config = config
+        parent = self
+        *dirs, leaf = path.split(".")
+        for d in dirs:
+            child = nn.Module()
+            parent.add_module(d, child)
+            parent = child
+        parent.add_module(leaf, block)
+
+    def get_output_embeddings(self):
+        return None
+
+    def get_input_embeddings(self):
+        return None
+
+
+def _block_tensors(model: nn.Module, path: str, block: nn.Module, quantized: bool, fmt: str, renames
+                   ) -> dict[str, torch.Tensor]:
+    """Block ``block``'s checkpoint tensors under their full checkpoint names, as ``save_quantized``
+    writes them for the whole model: quantized experts per expert under the HF names, and every key
+    renamed with ``renames`` (the family's, applied by the in-memory save to every key as soon as the
+    model holds quantized experts) — also in a block without quantized experts of its own."""
+    view = _BlockView(model.config, path, block)
+    sd = gptq_tensors(view, fmt)[0] if quantized else dense_state_dict(view)
+    if renames and not quant_experts(block):  # else experts_to_checkpoint renamed the keys already
+        sd = {rename(k, renames): t for k, t in sd.items()}
+    return sd
+
+
+def _block_report(q, prefix: str, losses: dict) -> dict:
+    """The report entries of the block at ``prefix`` (GPTQ losses, MoE expert tokens / fallbacks)."""
+    out = {"gptq_losses": {k: v for k, v in losses.items() if k.startswith(prefix)}}
+    for key in ("expert_tokens", "expert_fallbacks"):
+        out[key] = {k: v for k, v in q.report.get(key, {}).items() if k.startswith(prefix)}
+    return out
+
+
 def _plan_rest_shards(source: SourceCheckpoint, names: list[str], itemsize: int, limit: int) -> list[list[str]]:
     shards, size = [[]], 0
     for n in names:
@@ -117,7 +172,8 @@ def _plan_rest_shards(source: SourceCheckpoint, names: list[str], itemsize: int,
 def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibration_data=None, out_dir=None, *,
                        device=None, offload: str = "disk", resume: bool = True, max_memory=None, dtype=None,
                        tokenizer=None, checkpoint_format: str | None = None, max_shard_size="1GB",
-                       verbose: bool = True, callback=None, overwrite: bool = False) -> Path:
+                       verbose: bool = True, callback=None, overwrite: bool = False,
+                       report: dict | None = None) -> Path:
     """Quantize the dense safetensors checkpoint ``model_dir_or_id`` (a directory or a Hugging Face id)
     block by block into a GPTQ checkpoint at ``out_dir``; returns ``out_dir``.
 
@@ -141,6 +197,14 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
       since a v1 zero of -1 cannot be ruled out before every block is done), "gptq" or "gptq_v2".
     - ``callback(info)``: called after every finished block with ``{"block", "num_blocks",
       "seconds", "eta_seconds"}``.
+    - ``report``: a dict filled, as ``GPTQQuantizer.report`` is in memory, with ``gptq_losses`` (GPTQ)
+      and, for MoE models under GPTQ, ``expert_tokens`` / ``expert_fallbacks``; blocks of an
+      interrupted run are reported from its work directory.
+
+    MoE models: fused experts (transformers 5) are read from a source that stores them fused or per
+    expert under the original HF names (see :mod:`.blocks`; a missing expert tensor is named before any
+    block is processed), quantized as ``GPTQQuantizer`` / ``RTNQuantizer`` do, and written per expert
+    under the HF names like ``save_quantized``.
 
     The output has one shard per block plus shards for the other tensors, an index, ``config.json``
     with ``quantization_config`` and ``quantize_config.json``; it loads with ``load_quantized``.
@@ -169,11 +233,9 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
          else RTNQuantizer(model, config, verbose=False))
     # RTN plans like GPTQ here (within the blocks): the output head is written dense either way
     GPTQQuantizer.plan_blocks(q)  # validates every Linear's shape on the skeleton, before any data is read
-    if q.plan.experts:
-        raise ValueError(f"streaming (offload) quantization does not handle MoE experts yet ({len(q.plan.experts)} "
-                         f"experts modules, e.g. {next(iter(q.plan.experts))}); load the model and quantize it in "
-                         "memory with GPTQQuantizer / RTNQuantizer")
     blocks, bname, n_blocks = q.blocks, q.blocks_name, len(q.blocks)
+    # the in-memory save renames every key (Mixtral: .mlp. -> .block_sparse_moe.) once experts are quantized
+    renames = next(iter(q.plan.experts.values())).layout.checkpoint_renames if q.plan.experts else ()
 
     # which tensors go where: the dense rest first, then one shard per block (final names from the start)
     out_w = _output_weight_name(model)
@@ -183,12 +245,14 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
     missing = [k for k in rest_names if k not in source.headers]
     if missing:
         raise ValueError(f"the source checkpoint {source.path} lacks {missing[:4]}")
+    arch = architecture_for(model)  # every block's tensors found in the headers before any work
+    sources = [plan_block(blocks[i], f"{bname}.{i}.", arch, source, f"block {i}") for i in range(n_blocks)]
     itemsize = torch.empty(0, dtype=cdtype).element_size()
     rest = _plan_rest_shards(source, rest_names, itemsize, parse_size(max_shard_size))
     total = len(rest) + n_blocks
     shard = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-    _check_budget(q, blocks[0], batches, itemsize, device, max_memory, use_gptq)
-    acts_device = _acts_device(q, blocks[0], batches, itemsize, device, max_memory) if use_gptq else None
+    _check_budget(q, batches, itemsize, device, max_memory, use_gptq)
+    acts_device = _acts_device(q, batches, itemsize, device, max_memory) if use_gptq else None
 
     identity = {"model": source.fingerprint(), "config": config.to_dict(), "dtype": str(cdtype),
                 "calibration": calibration_hash(batches) if use_gptq else None, "checkpoint_format": fmt,
@@ -199,8 +263,10 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
         raise StreamStateError(f"{state.work}: finished blocks {state.finished} are not a prefix; start over")
     for j, names in enumerate(rest):
         if shard[j] not in state.shards:  # one tensor in memory at a time (embeddings can be GBs)
-            specs = {n: (cdtype if source.is_floating(n) else source.torch_dtype(n), source.shape(n)) for n in names}
-            state.write_shard(shard[j], specs=specs, get=lambda n: source.load([n], cdtype)[n])
+            src_of = {rename(n, renames): n for n in names}
+            specs = {k: (cdtype if source.is_floating(n) else source.torch_dtype(n), source.shape(n))
+                     for k, n in src_of.items()}
+            state.write_shard(shard[j], specs=specs, get=lambda k: source.load([src_of[k]], cdtype)[src_of[k]])
             state.save_manifest()
     _release_memory()
 
@@ -214,36 +280,31 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
     if resumed and verbose:
         tqdm.write(f"[quantkern] resuming {out_dir.name}: {start}/{n_blocks} blocks already done")
 
-    losses: dict[str, float] = {}
     t_run = time.perf_counter()
     bar = tqdm(total=n_blocks, initial=start, desc="quantizing blocks", disable=not verbose)
     for i in range(start, n_blocks):
         t0 = time.perf_counter()
         block = blocks[i]
         prefix = f"{bname}.{i}."
-        names = [prefix + k for k in block.state_dict()]
-        _materialise(block, {k[len(prefix):]: t for k, t in source.load(names, cdtype).items()}, device,
-                     f"block {i}")
-        if use_gptq:
-            inputs, done = q.quantize_block(i, inputs, device, losses)
-        else:
-            done = {}
-            for n, m in q.plan.quantize.items():
-                if n.startswith(prefix):
-                    lc = config.for_layer(n)
-                    done[n] = q.make_quant_linear(m, quantize_rtn(m.weight, lc.scheme(), lc.torch_scale_dtype,
-                                                                  mse=lc.mse), n)
+        _materialise(block, load_block(sources[i], source, cdtype), device, f"block {i}")
+        losses: dict[str, float] = {}
+        with torch.no_grad():
+            if use_gptq:
+                inputs, done = q.quantize_block(i, inputs, device, losses)
+            else:
+                done = _rtn_block(q, config, prefix)
         for name, ql in done.items():
             set_module(model, name, ql)
-        sd = gptq_tensors(block, fmt)[0] if done else dense_state_dict(block)
+        sd = _block_tensors(model, prefix[:-1], block, bool(done), fmt, renames)
         last = i == n_blocks - 1
-        state.commit_block(i, shard[len(rest) + i], {prefix + k: t for k, t in sd.items()},
-                           [inp.hidden for inp in inputs] if use_gptq and not last else None)
-        # release the block: its modules (QuantLinears now, kept as meta placeholders) and the dense
-        # Linears they replaced, which the plan still references
+        state.commit_block(i, shard[len(rest) + i], sd,
+                           [inp.hidden for inp in inputs] if use_gptq and not last else None,
+                           _block_report(q, prefix, losses))
+        # release the block: its modules (QuantLinears / QuantExperts now, kept as meta placeholders)
+        # and the dense modules they replaced, which the plan still references
         block.to("meta")
         for name in done:
-            q.plan.quantize[name].to("meta")
+            (q.plan.quantize[name] if name in q.plan.quantize else q.plan.experts[name].module).to("meta")
         del sd, done
         _release_memory()
         dt = time.perf_counter() - t0
@@ -254,8 +315,43 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
             callback({"block": i, "num_blocks": n_blocks, "seconds": dt, "eta_seconds": eta})
     bar.close()
     inputs = None
-    _finish_files(model, q, config, fmt, source, state, tokenizer)
+    _merge_reports(q, state, n_blocks, use_gptq, report)
+    if verbose and q.report.get("expert_tokens"):
+        tqdm.write(q.experts_summary())
+    _finish_files(model, q, config, fmt, source, state, tokenizer, use_gptq)
     return state.finish(out_dir, overwrite)
+
+
+def _rtn_block(q, config, prefix: str) -> dict[str, nn.Module]:
+    """RTN of the block at ``prefix`` (materialised), as ``RTNQuantizer`` does: ``{name: QuantLinear /
+    QuantExperts}``, not yet swapped in."""
+    done: dict[str, nn.Module] = {}
+    for n, m in q.plan.quantize.items():
+        if n.startswith(prefix):
+            lc = config.for_layer(n)
+            done[n] = q.make_quant_linear(m, quantize_rtn(m.weight, lc.scheme(), lc.torch_scale_dtype, mse=lc.mse), n)
+    for n, site in q.plan.experts.items():
+        if n.startswith(prefix):
+            lc = config.for_layer(n)
+            gate_up, down = rtn_experts(site, n, lc.scheme(), lc.torch_scale_dtype, lc.mse)
+            done[n] = QuantExperts.from_quantized(site.module, site.layout, gate_up, down, dtype=lc.torch_scale_dtype,
+                                                  name=n)
+    return done
+
+
+def _merge_reports(q, state, n_blocks: int, use_gptq: bool, report: dict | None) -> None:
+    """Every block's report (this run's and an interrupted one's, from the manifest) into ``q.report``
+    and ``report``, keyed as the in-memory quantizer keys them."""
+    merged: dict[str, dict] = {"gptq_losses": {}, "expert_tokens": {}, "expert_fallbacks": {}}
+    for i in range(n_blocks):
+        for key, entries in state.reports.get(str(i), {}).items():
+            merged.setdefault(key, {}).update(entries)
+    keys = (["gptq_losses"] if use_gptq else []) + (["expert_tokens", "expert_fallbacks"]
+                                                     if use_gptq and q.plan.experts else [])
+    for key in keys:
+        q.report[key] = merged[key]
+        if report is not None:
+            report[key] = merged[key]
 
 
 def _capture(model, bname, source, batches, rest_names, out_w, device, acts_device, cdtype) -> list[BlockInput]:
@@ -287,35 +383,98 @@ def _block_bytes(block: nn.Module, itemsize: int) -> int:
     return sum(p.numel() for p in block.parameters()) * itemsize
 
 
-def _check_budget(q, block, batches, itemsize, device, max_memory, use_gptq) -> None:
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _hidden_size(q) -> int:
+    lin = next(iter(q.plan.quantize.values()), None)
+    if lin is not None:
+        return lin.in_features
+    site = next(iter(q.plan.experts.values()), None)
+    return site.hidden_size if site is not None else int(getattr(q.model.config, "hidden_size", 0) or 0)
+
+
+def _experts_bytes(site, itemsize: int, use_gptq: bool, bits: int) -> dict[str, int]:
+    """What quantizing one fused experts module holds beyond the block's weights, at its peak.
+
+    GPTQ (see ``GPTQBlockDriver._quantize_experts``): gate/up first, with one ``H x H`` fp32 Hessian
+    per expert at once plus the shared all-token one, one expert's factorisation workspace, and, as
+    experts are done, their int32 codes and dequantized weights (stacked at the end); then down with
+    ``E x I x I`` fp32 Hessians while gate/up's codes are held. RTN: every expert's int32 codes."""
+    e, h, i = site.num_experts, site.hidden_size, site.intermediate_size
+    gu, dn = e * 2 * i * h, e * h * i
+    codes = 4 * (gu + dn) + (gu + dn) * bits // 8  # int32 codes of every expert + the packed QuantExperts
+    if not use_gptq:
+        return {"codes": codes}
+    def ws(k, n):  # one expert's GPTQ: H and its inverse factor copies, W in fp32
+        return 4 * (2 * k * k + 2 * n * k)
+    gate_up = max(4 * (e + 1) * h * h, (4 + 2 * itemsize) * gu) + ws(h, 2 * i)
+    down = 4 * gu + max(4 * e * i * i, (4 + 2 * itemsize) * dn) + ws(i, h)
+    return {"hessians_gate_up": 4 * (e + 1) * h * h, "hessians_down": 4 * e * i * i,
+            "peak": max(gate_up, down, codes)}
+
+
+def _block_need(q, i: int, batches, itemsize: int, use_gptq: bool) -> tuple[int, str]:
+    """Bytes block ``i`` needs on the compute device (its weights, the experts' included; GPTQ's
+    statistics: ~3 K^2 fp32 for the widest Linear, or the experts' per-expert Hessians, whichever is
+    larger, as the experts are quantized after the Linears; one batch in flight) and a breakdown."""
+    prefix = f"{q.blocks_name}.{i}."
+    weights = _block_bytes(q.blocks[i], itemsize)
+    lins = [m for n, m in q.plan.quantize.items() if n.startswith(prefix)]
+    sites = {n: s for n, s in q.plan.experts.items() if n.startswith(prefix)}
+    widest = max((m.in_features for m in lins), default=0)
+    stats = 3 * 4 * widest * widest if use_gptq else 4 * max((m.in_features * m.out_features for m in lins), default=0)
+    detail = []
+    for n, site in sites.items():
+        b = _experts_bytes(site, itemsize, use_gptq, q.config.for_layer(n).bits)
+        stats = max(stats, b["peak"] if use_gptq else b["codes"])
+        if use_gptq:
+            detail.append(f"{site.num_experts} experts: {b['hessians_gate_up'] / 2**20:.1f} MiB of {site.hidden_size}^2 "
+                          f"gate/up Hessians, then {b['hessians_down'] / 2**20:.1f} MiB of "
+                          f"{site.intermediate_size}^2 down Hessians")
+    batch = 0
+    if use_gptq and batches:
+        t = max(b.input_ids.numel() for b in batches)
+        batch = 8 * t * _hidden_size(q) * itemsize  # one batch in flight, a few intermediates
+        for site in sites.values():  # the routed (token, expert) pairs' gate/up and gated outputs
+            k = int(getattr(q.model.config, "num_experts_per_tok", None) or site.num_experts)
+            batch += 3 * t * k * site.intermediate_size * itemsize + 2 * 4 * t * site.hidden_size
+    what = (f"block {i}: weights {_size(weights)} + {'GPTQ statistics' if use_gptq else 'RTN codes'} "
+            f"{_size(stats)}" + (f" ({'; '.join(detail)})" if detail else "") + (f" + one batch {_size(batch)}" if batch else ""))
+    return weights + stats + batch, what
+
+
+def _largest_need(q, batches, itemsize, use_gptq) -> tuple[int, str, int]:
+    """``(need, breakdown, weights)`` of the block that needs the most (MoE blocks after dense ones,
+    e.g. DeepSeek's first dense layers, need more than block 0)."""
+    needs = [(*_block_need(q, i, batches, itemsize, use_gptq), _block_bytes(q.blocks[i], itemsize))
+             for i in range(len(q.blocks))]
+    return max(needs, key=lambda x: x[0])
+
+
+def _check_budget(q, batches, itemsize, device, max_memory, use_gptq) -> None:
     budget = _budget(max_memory, device)
     if budget is None:
         return
-    # weights, plus GPTQ's Hessian and its factorisation workspace for the widest Linear (fp32, ~3 K²)
-    widest = max((m.in_features for n, m in q.plan.quantize.items() if n.startswith(q.blocks_name + ".0.")),
-                 default=0)
-    need = _block_bytes(block, itemsize) + (3 * 4 * widest * widest if use_gptq else 0)
-    if use_gptq and batches:
-        b = max(batches, key=lambda x: x.input_ids.numel())
-        hidden = next(m.in_features for m in q.plan.quantize.values())
-        need += 8 * b.input_ids.numel() * hidden * itemsize  # one batch in flight, a few intermediates
+    need, what, _ = _largest_need(q, batches, itemsize, use_gptq)
     if need > budget:
-        raise ValueError(f"max_memory for {device} is {budget / 2**30:.2f} GiB but one decoder block needs about "
-                         f"{need / 2**30:.2f} GiB (weights + GPTQ statistics + one batch); raise max_memory")
+        raise ValueError(f"max_memory for {device} is {_size(budget)} but one decoder block needs about "
+                         f"{_size(need)} ({what}); raise max_memory")
 
 
-def _acts_device(q, block, batches, itemsize, device, max_memory) -> torch.device:
-    """Keep all calibration activations on the device only when they fit next to a block."""
+def _acts_device(q, batches, itemsize, device, max_memory) -> torch.device:
+    """Keep all calibration activations on the device only when they fit next to the largest block."""
     cpu = torch.device("cpu")
     budget = _budget(max_memory, device)
     if device.type == "cpu" or budget is None:
         return cpu
-    hidden = next(m.in_features for m in q.plan.quantize.values())
-    acts = 2 * sum(b.input_ids.numel() for b in batches) * hidden * itemsize  # inputs + outputs of a block
-    return device if acts + 2 * _block_bytes(block, itemsize) <= budget else cpu
+    acts = 2 * sum(b.input_ids.numel() for b in batches) * _hidden_size(q) * itemsize  # inputs + outputs of a block
+    need, _, weights = _largest_need(q, batches, itemsize, True)
+    return device if acts + max(2 * weights, need) <= budget else cpu
 
 
-def _finish_files(model, q, config, fmt, source, state, tokenizer) -> None:
+def _finish_files(model, q, config, fmt, source, state, tokenizer, use_gptq: bool = True) -> None:
     """Index, ``config.json``, ``quantize_config.json``, generation config and tokenizer files."""
     import json
 
@@ -325,6 +484,14 @@ def _finish_files(model, q, config, fmt, source, state, tokenizer) -> None:
                          scheme.act_order, bias=lin.bias is not None, dtype=config.torch_scale_dtype,
                          backend=config.backend, device="meta")
         set_module(model, name, ql)
+    for name, site in q.plan.experts.items():  # and meta QuantExperts for the written experts modules
+        lc = config.for_layer(name)
+        scheme = lc.scheme()
+        act_order = scheme.act_order if use_gptq else False  # RTN experts carry no act-order (rtn_experts)
+        qe = QuantExperts(site.num_experts, site.hidden_size, site.intermediate_size, scheme.bits, scheme.group_size,
+                          scheme.sym, act_order, layout=site.layout, bias=site.layout.gate_up_bias is not None,
+                          dtype=lc.torch_scale_dtype, device="meta", name=name)
+        set_module(model, name, qe)
     model.quantkern_config = config.to_dict()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     qcfg = gptq_quantization_config(model, layers, fmt)
