@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -153,9 +154,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.6), squeeze=False)
     for ax, m in zip(axes[0], models):
         sel = [r for r in rows if r["model"] == m]
-        ax.barh([r["variant"] for r in sel], [r["speedup_vs_fp32"] for r in sel])
+        ax.barh([r["variant"] for r in sel], [float(r["speedup_vs_fp32"]) for r in sel])
         ax.axvline(1, color="k", lw=0.8)
-        ax.set(xlabel="decode step speed-up over fp32 (min over steps)", title=m)
+        ax.set(xlabel="decode step speed-up over fp32 (min over steps)")
+        ax.set_title(textwrap.fill(m, 40), fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
     h = rows[0]
     fig.suptitle(f"{h['cpu']}, {h['threads']} threads, torch {h['torch']}, transformers {h['transformers']}",
@@ -173,7 +175,13 @@ def main(argv=None) -> None:
     ap.add_argument("--no-qwen", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="a tiny Qwen3-MoE only, 2 steps (a smoke test of the script)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--plot", type=Path, default=None, help="only redraw the plot of a CSV this script wrote")
     args = ap.parse_args(argv)
+    if args.plot is not None:
+        import csv
+
+        plot(list(csv.DictReader(args.plot.open())), args.plot.with_suffix(".png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
