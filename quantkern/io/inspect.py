@@ -350,6 +350,11 @@ def format_inspection(info: dict, layers: bool = False) -> str:
         lines.append(f"layers:     {info.get('num_quantized_layers', 0)} quantized, "
                      f"{info.get('num_tensors', 0)} tensors "
                      f"in {len(info.get('files', []))} file(s)")
+        for prefix, n in (info.get("experts") or {}).items():  # fused MoE experts stored per expert
+            per = [la for la in info.get("layers", []) if la["name"].startswith(prefix + ".")]
+            schemes = sorted({la["scheme"] for la in per if la.get("scheme")})
+            lines.append(f"experts:    {prefix}: {n} experts, {len(per)} expert Linears, "
+                         f"{', '.join(schemes) or 'scheme unknown'}")
         mix = Counter(la["scheme"] for la in info.get("layers", []) if la.get("scheme"))
         if len(mix) > 1:
             lines.append("per layer:  " + ", ".join(f"{d} x{n}" for d, n in mix.most_common()))

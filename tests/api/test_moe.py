@@ -365,6 +365,10 @@ def test_checkpoint_per_expert_names_round_trip(family, fmt, tmp_path):
     info = inspect_checkpoint(out)
     assert info["consistent"], info["problems"]
     assert info["experts"][f"model.layers.{last}.{moe}.experts"] == 4
+    from quantkern.io import format_inspection
+
+    assert (f"experts:    model.layers.{last}.{moe}.experts: 4 experts, 12 expert Linears, W4 g32 "
+            f"{'asym' if ct else 'sym act-order'}") in format_inspection(info)
     loaded = qk.load_quantized(out)
     assert n_experts_modules(loaded) == n_experts_modules(model)
     with torch.no_grad():
