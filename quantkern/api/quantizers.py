@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from .registry import register_quantizer
 from .targets import ExpertsSite, plan_targets
 
 logger = logging.getLogger("quantkern")
+
+#: ``(experts module, expert index)`` of a Linear inside a per-expert ``ModuleList`` (``...experts.3.w1``)
+_EXPERT_LINEAR = re.compile(r"^(.*\.experts)\.(\d+)\.[^.]+$")
 
 
 def _warn_if_no_gpu(use_triton: bool) -> None:
@@ -342,8 +346,21 @@ class GPTQQuantizer(GPTQBlockDriver, BaseQuantizer):
     def _quantize_layer(self, g: GPTQ, mod: nn.Linear, name: str):
         c = self.config.for_layer(name)
         loss = None
-        if g.nsamples == 0:  # never reached by calibration (e.g. an unused MoE expert)
-            logger.warning("quantkern: %s saw no calibration tokens; quantized with RTN", name)
+        expert = _EXPERT_LINEAR.match(name)  # a Linear of a per-expert ModuleList (older / custom MoE code)
+        if expert:
+            tokens = self.report.setdefault("expert_tokens", {}).setdefault(expert[1], [])
+            e = int(expert[2])
+            tokens.extend([0] * (e + 1 - len(tokens)))
+            tokens[e] = max(tokens[e], g.nsamples)
+            need = max(1, mod.in_features if c.min_expert_tokens is None else c.min_expert_tokens)
+            if g.nsamples < need:  # its router sent it too few tokens: RTN, named (the all-tokens
+                self.report.setdefault("expert_fallbacks", {})[name] = (  # fallback needs fused experts)
+                    f"RTN: {g.nsamples} calibration token(s) routed to expert {e}, fewer than {need} "
+                    f"({'in_features' if c.min_expert_tokens is None else 'min_expert_tokens'})")
+                logger.warning("quantkern: %s: %s", name, self.report["expert_fallbacks"][name])
+        if g.nsamples == 0 or (expert and name in self.report.get("expert_fallbacks", {})):
+            if not expert:  # never reached by calibration
+                logger.warning("quantkern: %s saw no calibration tokens; quantized with RTN", name)
             qw = quantize_rtn(mod.weight, WeightScheme(c.bits, c.group_size, c.sym), c.torch_scale_dtype)
         else:
             qw, loss = g.quantize(c.scheme(), c.damp_percent, c.blocksize, c.static_groups, c.mse,

@@ -122,11 +122,15 @@ class Architecture:
     # -- MoE -----------------------------------------------------------------------------------------
     def is_router(self, name: str, mod: nn.Module, model: nn.Module) -> bool:
         """Whether module ``name`` is an MoE router (kept dense): one of ``routers`` in a decoder block
-        for a known family, else :func:`generic_is_router`."""
+        for a known family, else :func:`generic_is_router`; in any family a ``gate`` / ``router`` beside
+        ``experts`` too (custom MoE code on a dense family's blocks)."""
         if self.routers is None or self.blocks is None:
             return generic_is_router(name, mod, model)
         m = re.fullmatch(re.escape(self.blocks) + r"\.\d+\.(.+)", name)
-        return m is not None and m.group(1) in self.routers
+        if m is not None and m.group(1) in self.routers:
+            return True
+        parent, _, leaf = name.rpartition(".")
+        return is_router_name(leaf, model.get_submodule(parent) if parent else model)
 
     def experts_layout(self, mod: nn.Module) -> ExpertsLayout | None:
         """The layout of ``mod`` if it is a fused 3-D experts module, else None (see :func:`.moe.experts_layout`)."""

@@ -464,3 +464,51 @@ def test_non_finite_expert_weights_are_named_before_calibration():
     q = qk.RTNQuantizer(tiny_moe("qwen2_moe"), bits=4, group_size=32, verbose=False)
     q.prepare()
     assert dict(q.plan.skipped)["model.layers.0.mlp.shared_expert_gate"] == "MoE router (Linear), kept dense"
+
+
+class _ListMoE(nn.Module):
+    """Older transformers / custom code: a router ``gate`` and per-expert ``nn.Linear`` MLPs in a
+    ``ModuleList``; top-1 routing, an expert computed only on its tokens."""
+
+    def __init__(self, h, i, n_exp, never=None):
+        super().__init__()
+        self.gate = nn.Linear(h, n_exp, bias=False)
+        self.experts = nn.ModuleList(nn.ModuleDict(dict(w1=nn.Linear(h, i, bias=False), w2=nn.Linear(i, h, bias=False)))
+                                     for _ in range(n_exp))
+        self.never = never
+
+    def forward(self, x):
+        logits = self.gate(x)
+        if self.never is not None:
+            logits[..., self.never] = float("-inf")
+        idx = logits.argmax(-1)
+        out = torch.zeros_like(x)
+        for e, ex in enumerate(self.experts):
+            sel = idx == e
+            if sel.any():
+                out[sel] = ex["w2"](torch.nn.functional.silu(ex["w1"](x[sel])))
+        return out
+
+
+def test_per_expert_linear_lists_are_sites_with_routed_tokens_reported(tiny_llama):
+    """Experts as a ModuleList of Linears are quantized as Linears, each calibrated on the tokens its
+    router sent it; the tokens per expert are reported and an expert that got too few is RTN, named."""
+    model = copy.deepcopy(tiny_llama)
+    h = model.config.hidden_size
+    for layer in model.model.layers:
+        layer.mlp = _ListMoE(h, 64, 4, never=2)
+    q = qk.GPTQQuantizer(model, bits=4, group_size=32, verbose=False, use_triton=False)
+    q.quantize(calib(8))
+    n_layers = len(model.model.layers)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, qk.QuantLinear)}
+    assert {f"model.layers.{i}.mlp.experts.{e}.{w}" for i in range(n_layers) for e in range(4)
+            for w in ("w1", "w2")} <= quantized
+    assert not any(n.endswith("mlp.gate") for n in quantized)  # the router stays dense
+    tokens = q.report["expert_tokens"]
+    assert set(tokens) == {f"model.layers.{i}.mlp.experts" for i in range(n_layers)}
+    assert all(t[2] == 0 and sum(t) == 8 * 32 for t in tokens.values())  # top-1 of every calibration token
+    fb = q.report["expert_fallbacks"]
+    assert {f"model.layers.{i}.mlp.experts.2.{w}" for i in range(n_layers) for w in ("w1", "w2")} <= set(fb)
+    assert fb["model.layers.0.mlp.experts.2.w1"].startswith("RTN: 0 calibration token(s) routed to expert 2")
+    with torch.no_grad():
+        assert torch.isfinite(model(ids()).logits).all()
