@@ -206,7 +206,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
 
 
 @dataclass
-class TritonExperts:
+class TritonExperts(TritonWeight):
     """The weights of ``num_experts`` Linears of one shape in the Triton layout, stacked on a leading dim:
     what the grouped MoE kernel (:mod:`.moe_wna16`) reads. Each field is a :class:`TritonWeight`'s with
     an expert dim in front, unified over the experts so that one launch serves them all:
@@ -219,20 +219,13 @@ class TritonExperts:
     - ``group_size``: the experts' common layout group size, 0 (gathered) when they differ.
     """
 
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    g_idx: torch.Tensor
-    perm: torch.Tensor | None
-    bits: int
-    group_size: int
-    zero_point: int
-    in_features: int
-    out_features: int
-
     @property
     def num_experts(self) -> int:
         return self.qweight.shape[0]
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[1]
 
     def expert(self, e: int) -> TritonWeight:
         """Expert ``e`` as a dense :class:`TritonWeight` (views; tests and debugging)."""
