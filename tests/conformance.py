@@ -66,7 +66,22 @@ def random_qweight(k, n, bits, group_size, sym, act_order, scale_dtype=torch.flo
     return QuantizedWeight(codes, scales, zeros, g_idx, scheme)
 
 
-class BackendConformance:
+class Skippable:
+    """``available()`` says why the backend cannot run here (None: it can); ``_skip()`` skips then."""
+
+    @classmethod
+    def available(cls) -> str | None:
+        return None
+
+    def _skip(self):
+        import pytest
+
+        why = self.available()
+        if why:
+            pytest.skip(why)
+
+
+class BackendConformance(Skippable):
     """The checks every GPTQ-layout kernel backend passes: subclass it as ``TestXxx`` with ``backend``
     (a :class:`~quantkern.kernels.Backend`) and, where the backend runs elsewhere or slower, ``device``,
     ``MS``, ``DTYPES`` or ``SCHEMES``; ``available()`` returns why the backend cannot run here (the
@@ -87,17 +102,6 @@ class BackendConformance:
     SCHEMES = ((4, 32, False, False, 200, 72), (3, -1, True, True, 96, 160), (8, 64, True, False, 100, 44),
                (2, 16, False, True, 112, 48))
     OP: str | None = None  # the op name the forward dispatches, where the subclass pins it
-
-    @classmethod
-    def available(cls) -> str | None:
-        return None
-
-    def _skip(self):
-        import pytest
-
-        why = self.available()
-        if why:
-            pytest.skip(why)
 
     def layer(self, scheme, dtype, seed=0):
         from quantkern import QuantLinear
@@ -204,7 +208,7 @@ def grouped_oracle(proj, x, rows, offsets, weights=None):
     return out
 
 
-class GroupedConformance:
+class GroupedConformance(Skippable):
     """The checks every grouped expert kernel (layout ``"gptq_experts"``, :mod:`quantkern.kernels.moe`)
     passes: subclass it as ``TestXxx`` with ``backend`` and, where the backend runs elsewhere or
     slower, ``device``, ``TS``, ``DTYPES``, ``SCHEMES`` or ``NUM_EXPERTS``; ``available()`` returns why
@@ -228,18 +232,6 @@ class GroupedConformance:
     SCHEMES = ((4, 32, False, False, 96, 72), (3, -1, True, True, 64, 96), (8, 48, True, False, 100, 44),
                (2, 16, False, True, 80, 48))
     OP: str | None = None
-
-    @classmethod
-    def available(cls) -> str | None:
-        return None
-
-    def _skip(self):
-        import pytest
-
-        why = self.available()
-        if why:
-            pytest.skip(why)
-
     tolerance = staticmethod(BackendConformance.tolerance)
 
     def test_awkward_shapes_and_routings_match_the_oracle(self):
