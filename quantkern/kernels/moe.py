@@ -31,13 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from .reference import gptq_gemm_reference
+from .reference_backend import ReferenceKernel
 from .registry import Backend, QuantKernel, register_kernel
 
 #: the :attr:`~quantkern.kernels.registry.KernelSpec.layout` of stacked experts
 EXPERTS_LAYOUT = "gptq_experts"
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 @dataclass(frozen=True)
 class Routing:
@@ -111,9 +109,7 @@ class GroupedReferenceKernel(QuantKernel):
 
     @classmethod
     def can_implement(cls, spec, shape, device, dtype):
-        if dtype not in _FLOAT_DTYPES:
-            return False, f"activation dtype {dtype} is not one of fp32 / fp16 / bf16"
-        return True, None
+        return ReferenceKernel.can_implement(spec, shape, device, dtype)
 
     def __init__(self, tensors, dtype):
         super().__init__(tensors, dtype)
