@@ -13,14 +13,13 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..algorithms import quantize_rtn
 from ..algorithms.awq import (apply_clip, fold_into_linear_outputs, fold_into_norm, scale_input_channels,
                               search_clip, search_scale)
 from ..arch import GEMMA_NORM, LINEAR, scale_spec_for
-from ..calibration import BlockInput, check_finite_inputs, find_decoder_blocks, run_block
-from ..devices import block_device
+from ..calibration import find_decoder_blocks, run_block
+from ..calibration.loop import run_blocks
 from ..kernels.reference import dequantize_gptq
 from .calibrated import BlockwiseQuantizer, check_no_quantized_modules
 from .configs import AWQConfig
@@ -49,6 +48,11 @@ class AWQQuantizer(BlockwiseQuantizer):
     group's output MSE with the chosen scales and with ``s = 1`` (plain RTN)."""
 
     def _prepare(self) -> None:
+        self.plan_blocks()
+        self.install_catcher(self.blocks[0])
+
+    def plan_blocks(self) -> None:
+        """The scale spec, the decoder blocks and the plan inside them, validated (no data needed)."""
         c = self.config
         self.spec = scale_spec_for(self.model)
         check_no_quantized_modules(self.model)
@@ -57,27 +61,11 @@ class AWQQuantizer(BlockwiseQuantizer):
                                  experts=True, layer_config=c.for_layer)
         for name in self.plan.experts:  # the family's spec must say which norm feeds the experts
             self._experts_group(name.split(f"{self.blocks_name}.", 1)[1].split(".", 1)[1])
-        self.install_catcher(self.blocks[0])
 
     def _convert(self) -> None:
-        inputs = self.take_inputs()
-        errors: dict[str, tuple[float, float]] = {}
-        for i in tqdm(range(len(self.blocks)), desc="AWQ blocks", disable=not self.verbose):
-            block = self.blocks[i]
-            device = block_device(block, self.calibration_device())  # placed by a device map: runs there
-            prefix = f"{self.blocks_name}.{i}."
-            targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
-            experts = {n[len(prefix):]: s for n, s in self.plan.experts.items() if n.startswith(prefix)}
-            if targets or experts:
-                check_finite_inputs(inputs, prefix[:-1], f"{self.blocks_name}.{i - 1}" if i else None)
-            done, outputs = self._quantize_block(block, prefix, targets, inputs, device, errors, experts) \
-                if targets or experts else ({}, None)
-            if outputs is None:
-                outputs = run_block(block, inputs, device)
-            inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
-            for name, ql in done.items():
-                self.replace_module(name, ql)
-        self.report["awq_errors"] = errors
+        self.report["awq_errors"] = {}
+        run_blocks(self, self.blocks, self.take_inputs(), self.calibration_device(), self.replace_module,
+                   desc="AWQ blocks", verbose=self.verbose)
 
     def _groups(self, block: nn.Module, prefix: str, targets: dict[str, nn.Linear]):
         """The spec's groups that apply to this block: all Linears present and quantized, and for a
@@ -107,11 +95,14 @@ class AWQQuantizer(BlockwiseQuantizer):
                              "(see moe_scales), or keep the experts dense (skip_layers=['experts'])")
         return group
 
-    def _quantize_block(self, block, prefix, targets, inputs, device, errors, experts=None) -> dict:
+    def process_block(self, block, prefix, targets, experts, inputs, device):
+        """AWQ of one block (the :class:`~quantkern.calibration.loop.BlockProcessor` method): one observing
+        forward, the scale search and fold per group, the experts, clipping and RTN per Linear. Returns the
+        float outputs of that forward (AutoAWQ's order), or None with ``propagate_quantized``."""
         from .awq_experts import RoutedCapture, awq_experts
 
         c = self.config
-        experts = experts or {}
+        errors = self.report.setdefault("awq_errors", {})
         schemes = {n: c.for_layer(prefix + n).scheme() for n in targets}
         groups = self._groups(block, prefix, targets)
         owner = {n: n for n in targets}  # Linear -> the Linear whose captured input it shares

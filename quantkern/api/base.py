@@ -178,7 +178,7 @@ class BaseQuantizer:
         batches = None
         if self.needs_data:
             # validate the data before prepare() touches the model
-            items = normalize_calibration_data(data, tokenizer)
+            items = self.calibration_items(data, tokenizer)
             self.check_calibration_ids(items)
             batches = group_batches(items, self.calibration_batch_size())
         elif data is not None:
@@ -195,6 +195,11 @@ class BaseQuantizer:
         except BaseException as e:
             self._abort(e)
             raise
+
+    def calibration_items(self, data, tokenizer=None) -> list:
+        """``data`` as calibration items (see :func:`~quantkern.calibration.normalize_calibration_data`),
+        as this method takes them (subclasses cut them to their config's limits)."""
+        return normalize_calibration_data(data, tokenizer)
 
     # -- validation and the restore guarantee ---------------------------------------------------------
     def check_calibration_ids(self, batches) -> None:

@@ -54,9 +54,9 @@ from torch import nn
 from .._version import __version__
 from ..algorithms.gptq import GPTQ
 from ..algorithms.sensitivity import Option, allocate, candidate_errors
-from ..calibration import BlockInput, group_batches, normalize_calibration_data, run_block
+from ..calibration import group_batches, normalize_calibration_data, run_block
+from ..calibration.loop import run_blocks
 from ..core import WeightScheme
-from ..devices import block_device
 from ..formats.sizes import SIZED_FORMATS, bits_per_weight, overhead_bytes, stored_bytes
 from ..io.export_rules import can_store
 from ..io.files import parse_size
@@ -541,47 +541,46 @@ class _SensitivityPass(GPTQQuantizer):
         return errors
 
     def _measure(self, inputs, candidates, fisher, config) -> dict[str, list[float | None]]:
-        from tqdm.auto import tqdm
+        self._measuring = (candidates, fisher, config, "rtn" if isinstance(config, RTNConfig) else "gptq")
+        self._errors: dict[str, list[float | None]] = {}
+        run_blocks(self, self.blocks, inputs, self.calibration_device(), replace=None, desc="sensitivity",
+                   verbose=self.verbose)
+        return self._errors
 
-        device = self.calibration_device()
-        method = "rtn" if isinstance(config, RTNConfig) else "gptq"
-        out: dict[str, list[float | None]] = {}
-        for i in tqdm(range(len(self.blocks)), desc="sensitivity", disable=not self.verbose):
-            block = self.blocks[i]
-            dev = block_device(block, device)
-            prefix = f"{self.blocks_name}.{i}."
-            targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
-            gptq = {n: GPTQ(m.weight, prefix + n) for n, m in targets.items()}
-            # one Hessian per input tensor: Linears fed the same input (q/k/v, gate/up) share it
-            share = {}
-            for stage, shared in (self._stages(block, targets, inputs[0]) if targets else []):
-                first = next(iter(stage))
-                for n in stage:
-                    share[n] = first if shared else n
-            collect = {n: targets[n] for n in set(share.values())}
-            outputs = run_block(block, inputs, dev, collect=collect, on_input=lambda n, x: gptq[n].add_batch(x))
-            for n, src in share.items():
-                if src != n:
-                    g, f = gptq[n], gptq[src]
-                    g.H, g.nsamples, g.input_amax = f.H, f.nsamples, f.input_amax  # (read-only)
-            for n, m in targets.items():
-                name = prefix + n
-                c = config.for_layer(name)
-                k, nout = m.in_features, m.out_features
-                ok = [j for j, s in enumerate(candidates) if linear_problem(k, nout, s.bits, s.group_size) is None]
-                g = gptq.pop(n)
-                if g.nsamples == 0:
-                    raise RuntimeError(f"{name} saw no calibration tokens; the sensitivity needs every planned "
-                                       "Linear to be reached (skip it, or calibrate on more data)")
-                errs = candidate_errors(g, [_with_order(candidates[j], c) for j in ok], act_order=c.actorder
-                                        if method == "gptq" else False,
-                                        damp_percent=getattr(c, "damp_percent", 0.01),
-                                        static_groups=getattr(c, "static_groups", False), mse=c.mse,
-                                        scale_dtype=c.torch_scale_dtype, row_weights=fisher.get(name),
-                                        method=method)
-                row: list[float | None] = [None] * len(candidates)
-                for j, e in zip(ok, errs):
-                    row[j] = e
-                out[name] = row
-            inputs = [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)]
-        return out
+    def process_block(self, block, prefix, targets, experts, inputs, device):
+        """The measuring :class:`~quantkern.calibration.loop.BlockProcessor`: one Hessian per input tensor,
+        every candidate's output error per Linear; nothing quantized, the float outputs returned."""
+        candidates, fisher, config, method = self._measuring
+        gptq = {n: GPTQ(m.weight, prefix + n) for n, m in targets.items()}
+        # one Hessian per input tensor: Linears fed the same input (q/k/v, gate/up) share it
+        share = {}
+        for stage, shared in (self._stages(block, targets, inputs[0]) if targets else []):
+            first = next(iter(stage))
+            for n in stage:
+                share[n] = first if shared else n
+        collect = {n: targets[n] for n in set(share.values())}
+        outputs = run_block(block, inputs, device, collect=collect, on_input=lambda n, x: gptq[n].add_batch(x))
+        for n, src in share.items():
+            if src != n:
+                g, f = gptq[n], gptq[src]
+                g.H, g.nsamples, g.input_amax = f.H, f.nsamples, f.input_amax  # (read-only)
+        for n, m in targets.items():
+            name = prefix + n
+            c = config.for_layer(name)
+            k, nout = m.in_features, m.out_features
+            ok = [j for j, s in enumerate(candidates) if linear_problem(k, nout, s.bits, s.group_size) is None]
+            g = gptq.pop(n)
+            if g.nsamples == 0:
+                raise RuntimeError(f"{name} saw no calibration tokens; the sensitivity needs every planned "
+                                   "Linear to be reached (skip it, or calibrate on more data)")
+            errs = candidate_errors(g, [_with_order(candidates[j], c) for j in ok], act_order=c.actorder
+                                    if method == "gptq" else False,
+                                    damp_percent=getattr(c, "damp_percent", 0.01),
+                                    static_groups=getattr(c, "static_groups", False), mse=c.mse,
+                                    scale_dtype=c.torch_scale_dtype, row_weights=fisher.get(name),
+                                    method=method)
+            row: list[float | None] = [None] * len(candidates)
+            for j, e in zip(ok, errs):
+                row[j] = e
+            self._errors[name] = row
+        return {}, outputs

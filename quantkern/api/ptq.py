@@ -38,7 +38,8 @@ class PTQQuantizer(W8A8Quantizer):
                   "mse": dict(fp8=c.act_dtype != "int8")}.get(c.observer, {})
         return make_observer(c.observer, **kwargs)
 
-    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
+    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "", observer=None
+                    ) -> nn.Module:
         if self.config.weight_dtype == "int8":
             return W8A8Linear.from_linear(lin, input_scale=static_input_scale(act_amax, INT8_MAX))
         return FP8Linear.from_linear(lin, act="static", input_scale=static_input_scale(act_amax, FP8_MAX))

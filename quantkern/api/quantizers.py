@@ -10,14 +10,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import GPTQ, quantize_rtn
-from ..calibration import (BlockInput, InputCatcher, StopForward, check_finite_inputs, find_decoder_blocks,
-                           moe_inputs, run_block)
+from ..calibration import BlockInput, InputCatcher, StopForward, find_decoder_blocks, moe_inputs, run_block
+from ..calibration.loop import run_blocks
 from ..core import WeightScheme, naming_layer
-from ..devices import block_device
 from ..kernels.reference import dequantize_gptq
 from ..kernels.registry import warn_once
 from ..arch.moe import linear_weight
-from ..nn import QuantLinear
 from ..nn.quant_experts import QuantExperts, apply_gate
 from .base import BaseQuantizer
 from .config import GPTQConfig, RTNConfig
@@ -52,43 +50,26 @@ def rtn_experts(site: ExpertsSite, name: str, scheme: WeightScheme, scale_dtype,
 
 
 class GPTQBlockDriver:
-    """The block-by-block GPTQ sweep, shared by every quantizer that runs GPTQ's error feedback
-    (integer grids: :class:`GPTQQuantizer`; fp8: :class:`~quantkern.api.smoothquant.FP8Quantizer`
-    with ``weight_method="gptq"``). Block ``i`` is calibrated on the outputs of blocks ``0..i-1``
-    already quantized, and only one block's activations are held at a time. Subclasses set
-    ``blocks_name``, ``blocks``, ``plan`` and implement :meth:`_quantize_layer`."""
+    """GPTQ's :class:`~quantkern.calibration.loop.BlockProcessor`, shared by every quantizer that runs
+    GPTQ's error feedback (integer grids: :class:`GPTQQuantizer`; fp8:
+    :class:`~quantkern.api.smoothquant.FP8Quantizer` with ``weight_method="gptq"``). It returns no
+    outputs, so block ``i`` is calibrated on the outputs of blocks ``0..i-1`` already quantized.
+    Subclasses set ``blocks_name``, ``blocks``, ``plan`` and implement :meth:`_quantize_layer`; GPTQ
+    losses go to ``report["gptq_losses"]``."""
 
-    def run_gptq_blocks(self, inputs: list[BlockInput], desc: str = "GPTQ blocks") -> dict[str, float]:
-        """Quantize every block and swap the quantized modules in; returns the GPTQ losses."""
-        device = self.calibration_device()
-        losses: dict[str, float] = {}
-        for i in tqdm(range(len(self.blocks)), desc=desc, disable=not self.verbose):
-            inputs, done = self.quantize_block(i, inputs, device, losses)
-            for name, q in done.items():
-                self.replace_module(name, q)
-        return losses
-
-    def quantize_block(self, i: int, inputs: list[BlockInput], device, losses: dict[str, float]
-                       ) -> tuple[list[BlockInput], dict[str, QuantLinear]]:
-        """Quantize the planned Linears of block ``i`` (weights materialised) on ``inputs`` and return
-        the block's outputs as the next block's inputs (on the inputs' device) and ``{full name:
-        QuantLinear}``, not yet swapped in: the block's Linears hold the dequantized weights meanwhile.
-        GPTQ losses are added to ``losses``. Needs :meth:`plan_blocks`."""
-        block = self.blocks[i]
-        device = block_device(block, device)  # a block placed by an accelerate device map runs where it is
-        prefix = f"{self.blocks_name}.{i}."
-        targets = {n[len(prefix):]: m for n, m in self.plan.quantize.items() if n.startswith(prefix)}
-        experts = {n[len(prefix):]: s for n, s in self.plan.experts.items() if n.startswith(prefix)}
-        done: dict[str, QuantLinear] = {}
-        if targets or experts:
-            check_finite_inputs(inputs, prefix[:-1], f"{self.blocks_name}.{i - 1}" if i else None)
+    def process_block(self, block, prefix: str, targets: dict[str, nn.Module], experts: dict[str, ExpertsSite],
+                      inputs: list[BlockInput], device) -> tuple[dict[str, nn.Module], None]:
+        """Quantize the block's planned Linears (stage by stage, see :meth:`_stages`), then its experts
+        modules, calibrated on the outputs of the already quantized stages. Until the block is swapped,
+        its Linears hold exactly the dequantized weights the quantized modules compute with."""
+        losses = self.report.setdefault("gptq_losses", {})
+        done: dict[str, nn.Module] = {}
         if targets:
             for stage, shared_input in self._stages(block, targets, inputs[0]):
                 losses.update(self._quantize_stage(block, prefix, stage, inputs, device, done, shared_input))
         for name, site in experts.items():  # after the block's Linears: calibrated on their quantized outputs
             losses.update(self._quantize_experts(block, prefix + name, site, inputs, device, done))
-        outputs = run_block(block, inputs, device)
-        return [BlockInput(h, inp.kwargs, inp.token_mask) for inp, h in zip(inputs, outputs)], done
+        return done, None
 
     def _quantize_stage(self, block, prefix, stage, inputs, device, done: dict, shared_input: bool = False
                         ) -> dict[str, float]:
@@ -298,17 +279,37 @@ class RTNQuantizer(BaseQuantizer):
                                  layer_config=c.for_layer)
         _warn_if_no_gpu(self.use_triton)
 
+    def plan_blocks(self) -> None:
+        """The plan inside the decoder blocks only (what the streaming driver quantizes; the in-memory
+        :meth:`_prepare` plans the whole model)."""
+        c = self.config
+        self.blocks_name, self.blocks = find_decoder_blocks(self.model)
+        self.plan = plan_targets(self.model, c.skip_layers, c.bits, c.group_size, within=self.blocks_name,
+                                 experts=True, layer_config=c.for_layer)
+
     def _convert(self) -> None:
-        for name, lin in tqdm(list(self.plan.quantize.items()), desc="RTN", disable=not self.verbose, leave=False):
+        done, _ = self.process_block(None, "", self.plan.quantize, self.plan.experts, None, None)
+        for name, q in done.items():
+            self.replace_module(name, q)
+
+    def process_block(self, block, prefix, targets, experts, inputs, device):
+        """RTN of ``targets`` / ``experts`` (names relative to ``prefix``; data-free, ``inputs`` unused):
+        ``({full name: QuantLinear / QuantExperts}, None)``. The in-memory path calls it once for the
+        whole plan (``prefix=""``), the streaming driver once per block."""
+        done: dict[str, nn.Module] = {}
+        for n, lin in tqdm(list(targets.items()), desc="RTN", disable=not self.verbose, leave=False):
+            name = prefix + n
             c = self.config.for_layer(name)
             with naming_layer(name):
                 qw = quantize_rtn(lin.weight, c.scheme(), c.torch_scale_dtype, mse=c.mse)
-            self.replace_module(name, self.make_quant_linear(lin, qw, name))
-        for name, site in self.plan.experts.items():
+            done[name] = self.make_quant_linear(lin, qw, name)
+        for n, site in experts.items():
+            name = prefix + n
             c = self.config.for_layer(name)
             gate_up, down = rtn_experts(site, name, c.scheme(), c.torch_scale_dtype, c.mse)
-            self.replace_module(name, QuantExperts.from_quantized(site.module, site.layout, gate_up, down,
-                                                                  dtype=c.torch_scale_dtype, name=name))
+            done[name] = QuantExperts.from_quantized(site.module, site.layout, gate_up, down,
+                                                     dtype=c.torch_scale_dtype, name=name)
+        return done, None
 
 
 @register_quantizer(GPTQConfig)
@@ -341,7 +342,9 @@ class GPTQQuantizer(GPTQBlockDriver, BaseQuantizer):
                                  experts=True, layer_config=c.for_layer)
 
     def _convert(self) -> None:
-        self.report["gptq_losses"] = self.run_gptq_blocks(self.take_inputs())
+        self.report["gptq_losses"] = {}
+        run_blocks(self, self.blocks, self.take_inputs(), self.calibration_device(), self.replace_module,
+                   desc="GPTQ blocks", verbose=self.verbose)
 
     def _quantize_layer(self, g: GPTQ, mod: nn.Linear, name: str):
         c = self.config.for_layer(name)

@@ -32,6 +32,13 @@ class TargetPlan:
     block_params: int = 0  # floating-point parameters of >= 2 dims in the decoder blocks
     quantized_params: int = 0  # of those, the ones quantized
 
+    def in_block(self, prefix: str) -> tuple[dict[str, nn.Linear], dict[str, "ExpertsSite"]]:
+        """The Linears and experts modules planned inside the block at ``prefix`` (``"model.layers.3."``),
+        keyed by their names relative to it."""
+        def inside(d):
+            return {n[len(prefix):]: v for n, v in d.items() if n.startswith(prefix)}
+        return inside(self.quantize), inside(self.experts)
+
     @property
     def quantized_share(self) -> float | None:
         """The quantized share of the decoder blocks' (>= 2-D, floating-point) parameters."""

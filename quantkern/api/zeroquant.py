@@ -25,17 +25,17 @@ class ZeroQuantQuantizer(W8A8Quantizer):
     def new_observer(self, name: str):
         return MinMaxObserver()
 
-    def _prepare(self) -> None:
-        super()._prepare()
+    def plan_blocks(self) -> None:
+        super().plan_blocks()
         for name, lin in self.plan.quantize.items():
             g = self.config.for_layer(name).w_group_size
             if g != -1 and g > lin.in_features:
                 raise ValueError(f"w_group_size={g} > in_features={lin.in_features} of {name}")
 
-    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "") -> nn.Module:
+    def make_module(self, lin: nn.Linear, act_amax: torch.Tensor | None, name: str = "", observer=None
+                    ) -> nn.Module:
         c = self.config.for_layer(name)
         act_range = None
         if c.act_static:
-            obs = self.observers.observers[name]
-            act_range = obs.range() if obs.count else (0.0, 0.0)
+            act_range = observer.range() if observer is not None and observer.count else (0.0, 0.0)
         return ZeroQuantLinear.from_linear(lin, act_range=act_range, **c.scheme_kwargs())

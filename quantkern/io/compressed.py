@@ -65,10 +65,30 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
 
     What the format cannot hold (ragged groups, a permuted ``g_idx``) is refused before this runs, by
     :func:`~quantkern.io.export_rules.check_exportable` in ``save_quantized``."""
-    from ..nn import QuantLinear
-    from .compressed_act import act_layers, act_scheme
+    sd, groups, expert_targets = compressed_tensors_of(model)
+    return sd, compressed_config(groups, expert_targets, dense_linears(model)), {}
 
-    from .experts import expert_prefix, expert_weights, quant_experts, rename, routers, stacked_keys
+
+def dense_linears(model: nn.Module, quantized=()) -> list[str]:
+    """The checkpoint names of ``model``'s Linears that stay dense (every plain ``nn.Linear`` not named in
+    ``quantized``, and the MoE routers): compressed-tensors' ``ignore`` list."""
+    from .experts import quant_experts, rename, routers
+
+    experts = quant_experts(model)
+    renames = next(iter(experts.values())).layout.checkpoint_renames if experts else ()
+    dense = [rename(n, renames) for n, m in model.named_modules() if type(m) is nn.Linear and n not in quantized]
+    return dense + [rename(n, renames) for n in routers(model)]  # kept dense, Linears in the original checkpoints
+
+
+def compressed_tensors_of(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[tuple, list[str]], dict[tuple, list[str]]]:
+    """The compressed-tensors state dict of ``model`` and how its quantized layers group:
+    ``(state dict, {scheme key: layer names}, {scheme key: per-expert target regexes})``. The keys are
+    what :func:`compressed_config` turns into config groups; a model streamed block by block merges the
+    groups of its blocks."""
+    from ..nn import QuantLinear
+    from .compressed_act import act_layers
+
+    from .experts import expert_prefix, expert_weights, quant_experts, rename, stacked_keys
 
     QuantizationArgs, QuantizationScheme, QuantizationConfig, pack_to_int32, _ = _ct()
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -110,8 +130,17 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
             expert_targets[key].append(rf"re:^{re.escape(expert_prefix(name, m.layout))}\.\d+\.({names})$")
     for name, (fmt, act) in others.items():
         groups[(fmt, act)].append(name)
-    dense = [rename(n, renames) for n, m in model.named_modules() if type(m) is nn.Linear]
-    dense += [rename(n, renames) for n in routers(model)]  # kept dense, Linears in the original checkpoints
+    return sd, dict(groups), dict(expert_targets)
+
+
+def compressed_config(groups: dict[tuple, list[str]], expert_targets: dict[tuple, list[str]], dense: list[str]
+                      ) -> dict:
+    """The ``quantization_config`` of a compressed-tensors checkpoint whose quantized layers group as
+    ``groups`` / ``expert_targets`` (see :func:`compressed_tensors_of`) and whose ``dense`` Linears
+    stay unquantized: one group targets "Linear" and ignores the dense ones; several name their layers."""
+    from .compressed_act import act_scheme
+
+    QuantizationArgs, QuantizationScheme, QuantizationConfig, _, _ = _ct()
     config_groups = {}
     for i, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
         targets = ["Linear"] if len(groups) == 1 else names + expert_targets.get(key, [])
@@ -127,9 +156,8 @@ def compressed_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, 
                                  quantization_status="compressed", ignore=dense if len(groups) == 1 else [])
     import compressed_tensors
 
-    qc = {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors", "sparsity_config": {},
-          "transform_config": {}, **qconfig.model_dump(exclude=["quant_method"])}
-    return sd, qc, {}
+    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors", "sparsity_config": {},
+            "transform_config": {}, **qconfig.model_dump(exclude=["quant_method"])}
 
 
 def parse_compressed_config(qc: dict):

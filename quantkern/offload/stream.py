@@ -32,12 +32,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..algorithms import quantize_rtn
 from ..api import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer
-from ..api.quantizers import rtn_experts
 from ..api.targets import set_module
 from ..arch import architecture_for
 from ..calibration import BlockInput, InputCatcher, group_batches, normalize_calibration_data
+from ..calibration.loop import calibrate_block
 from ..io.files import SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_FILES, check_destination, parse_size
 from ..io.load import build_skeleton
 from ..io.hf import dense_state_dict, hf_config_dict, write_side_files
@@ -149,11 +148,15 @@ def _block_tensors(model: nn.Module, path: str, block: nn.Module, quantized: boo
     return sd
 
 
-def _block_report(q, prefix: str, losses: dict) -> dict:
-    """The report entries of the block at ``prefix`` (GPTQ losses, MoE expert tokens / fallbacks)."""
-    out = {"gptq_losses": {k: v for k, v in losses.items() if k.startswith(prefix)}}
-    for key in ("expert_tokens", "expert_fallbacks"):
-        out[key] = {k: v for k, v in q.report.get(key, {}).items() if k.startswith(prefix)}
+def _block_report(q, prefix: str) -> dict:
+    """The report entries of the block at ``prefix``: what the method's ``process_block`` wrote to
+    ``q.report`` (GPTQ losses, AWQ errors, smoothed norms, MoE expert tokens / fallbacks), by name."""
+    out = {}
+    for key, entries in q.report.items():
+        if isinstance(entries, dict):
+            out[key] = {k: v for k, v in entries.items() if k.startswith(prefix)}
+        elif isinstance(entries, list):
+            out[key] = [k for k in entries if str(k).startswith(prefix)]
     return out
 
 
@@ -232,7 +235,7 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
     q = (GPTQQuantizer(model, config, use_triton=False, verbose=False) if use_gptq
          else RTNQuantizer(model, config, verbose=False))
     # RTN plans like GPTQ here (within the blocks): the output head is written dense either way
-    GPTQQuantizer.plan_blocks(q)  # validates every Linear's shape on the skeleton, before any data is read
+    q.plan_blocks()  # validates every Linear's shape on the skeleton, before any data is read
     blocks, bname, n_blocks = q.blocks, q.blocks_name, len(q.blocks)
     # the in-memory save renames every key (Mixtral: .mlp. -> .block_sparse_moe.) once experts are quantized
     renames = next(iter(q.plan.experts.values())).layout.checkpoint_renames if q.plan.experts else ()
@@ -287,19 +290,19 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
         block = blocks[i]
         prefix = f"{bname}.{i}."
         _materialise(block, load_block(sources[i], source, cdtype), device, f"block {i}")
-        losses: dict[str, float] = {}
         with torch.no_grad():
             if use_gptq:
-                inputs, done = q.quantize_block(i, inputs, device, losses)
+                inputs, done = calibrate_block(q, i, block, inputs, device)
             else:
-                done = _rtn_block(q, config, prefix)
+                targets, experts = q.plan.in_block(prefix)
+                done, _ = q.process_block(block, prefix, targets, experts, None, device)
         for name, ql in done.items():
             set_module(model, name, ql)
         sd = _block_tensors(model, prefix[:-1], block, bool(done), fmt, renames)
         last = i == n_blocks - 1
         state.commit_block(i, shard[len(rest) + i], sd,
                            [inp.hidden for inp in inputs] if use_gptq and not last else None,
-                           _block_report(q, prefix, losses))
+                           _block_report(q, prefix))
         # release the block: its modules (QuantLinears / QuantExperts now, kept as meta placeholders)
         # and the dense modules they replaced, which the plan still references
         block.to("meta")
@@ -320,23 +323,6 @@ def quantize_streaming(model_dir_or_id, config: GPTQConfig | RTNConfig, calibrat
         tqdm.write(q.experts_summary())
     _finish_files(model, q, config, fmt, source, state, tokenizer, use_gptq)
     return state.finish(out_dir, overwrite)
-
-
-def _rtn_block(q, config, prefix: str) -> dict[str, nn.Module]:
-    """RTN of the block at ``prefix`` (materialised), as ``RTNQuantizer`` does: ``{name: QuantLinear /
-    QuantExperts}``, not yet swapped in."""
-    done: dict[str, nn.Module] = {}
-    for n, m in q.plan.quantize.items():
-        if n.startswith(prefix):
-            lc = config.for_layer(n)
-            done[n] = q.make_quant_linear(m, quantize_rtn(m.weight, lc.scheme(), lc.torch_scale_dtype, mse=lc.mse), n)
-    for n, site in q.plan.experts.items():
-        if n.startswith(prefix):
-            lc = config.for_layer(n)
-            gate_up, down = rtn_experts(site, n, lc.scheme(), lc.torch_scale_dtype, lc.mse)
-            done[n] = QuantExperts.from_quantized(site.module, site.layout, gate_up, down, dtype=lc.torch_scale_dtype,
-                                                  name=n)
-    return done
 
 
 def _merge_reports(q, state, n_blocks: int, use_gptq: bool, report: dict | None) -> None:

@@ -287,13 +287,13 @@ def test_awq_next_block_inputs(tiny_llama, token_data, propagate):
     seen = []
     ref = copy.deepcopy(tiny_llama)
     q = qk.AWQQuantizer(tiny_llama, bits=3, group_size=32, propagate_quantized=propagate, verbose=False)
-    orig = q._quantize_block
+    orig = q.process_block
 
-    def spy(block, prefix, targets, inputs, *args):
+    def spy(block, prefix, targets, experts, inputs, device):
         seen.append(inputs[0].hidden.clone())
-        return orig(block, prefix, targets, inputs, *args)
+        return orig(block, prefix, targets, experts, inputs, device)
 
-    q._quantize_block = spy
+    q.process_block = spy
     q.quantize(token_data[:1])
     with torch.no_grad():
         h_float = ref.model.layers[0](seen[0], **{k: v for k, v in q_kwargs(ref, token_data[0]).items()})
