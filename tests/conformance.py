@@ -293,17 +293,23 @@ class GroupedConformance(Skippable):
 class FormatConformance:
     """The checks every integer checkpoint format passes: subclass it as ``TestXxxFormat`` with
     ``format`` and the schemes it stores (``STORABLE``: ``(bits, group_size, sym, actorder,
-    static_groups)``) and refuses (``REFUSED``: scheme -> a substring of the reason).
+    static_groups)``), refuses (``REFUSED``: scheme -> a substring of the reason) and stores re-quantized
+    (``REQUANTIZED``: scheme -> the tensor type ``inspect`` reports for every quantized layer). How a
+    file is read back is the format's: :meth:`read_back` (the weights), :meth:`logits_back` (a forward),
+    :meth:`quantized_bytes`; the defaults are :func:`quantkern.load_quantized` and ``inspect``.
 
-    - every storable scheme saves from a tiny Llama, ``inspect`` finds it consistent (with the bytes
-      :func:`quantkern.formats.sizes.stored_bytes` predicts, for the sized formats), and it loads back
-      bit-identically: the same codes, scales, zeros and group map, the same forward;
-    - every refused scheme raises ``ValueError`` naming the reason, and nothing is written.
+    - every storable scheme saves from a tiny Llama, ``inspect`` finds it consistent, with nothing
+      re-quantized (and the bytes :func:`quantkern.formats.sizes.stored_bytes` predicts, for the
+      formats it sizes), and it reads back bit-identically: every quantized layer's dequantized weight
+      (:meth:`assert_same_weight`), the same forward (to :meth:`logits_tolerance`, 0 by default);
+    - every refused scheme raises ``ValueError`` naming the reason, and nothing is written;
+    - every re-quantized scheme saves, and ``inspect`` names every quantized layer as re-quantized.
     """
 
     format: str = ""
     STORABLE: tuple = ()
     REFUSED: dict = {}
+    REQUANTIZED: dict = {}
 
     @staticmethod
     def quantize(model, scheme):
@@ -319,31 +325,69 @@ class FormatConformance:
             qk.RTNQuantizer(model, bits=bits, group_size=gs, sym=sym, verbose=False).quantize()
         return model
 
+    @staticmethod
+    def quantized_layers(model) -> dict:
+        import quantkern as qk
+
+        return {n: m for n, m in model.named_modules() if isinstance(m, qk.QuantLinear)}
+
+    # -- how the format reads its file back (the defaults: quantkern's own loader) -----------------
+    def read_back(self, path, model) -> dict:
+        """``{layer name: dequantized weight [out, in] fp32}`` of ``model``'s quantized layers, as the
+        file at ``path`` gives them back."""
+        import quantkern as qk
+
+        back = qk.load_quantized(path, backend="reference")
+        return {n: back.get_submodule(n).to_quantized().dequantize(torch.float32) for n in self.quantized_layers(model)}
+
+    def logits_back(self, path, x):
+        """The logits of ``x`` from the model the file at ``path`` loads as."""
+        import quantkern as qk
+
+        with torch.no_grad():
+            return qk.load_quantized(path, backend="reference")(x).logits
+
+    def quantized_bytes(self, path, info) -> int:
+        """The bytes the file stores for its quantized layers (``info``: its inspection)."""
+        return info["quantized_bytes"]
+
+    def assert_same_weight(self, scheme, name, layer, weight):
+        """``weight`` (read back) is ``layer``'s dequantized weight, bit for bit."""
+        assert torch.equal(layer.to_quantized().dequantize(torch.float32), weight), (scheme, name)
+
+    def logits_tolerance(self, scheme) -> float:
+        """rtol = atol of the forward read back against the quantized model's (reference backend)."""
+        return 0.0
+
+    # -- the checks --------------------------------------------------------------------------------
     def test_storable_schemes_round_trip_bit_identically(self, tiny_llama, tmp_path):
         import copy
 
         import quantkern as qk
-        from quantkern.formats.sizes import SIZED_FORMATS, stored_bytes
+        from quantkern.formats.sizes import STORED_BYTES_FORMATS, stored_bytes
         from quantkern.io.inspect import inspect_checkpoint
 
         x = torch.randint(0, 256, (1, 12))
         for i, scheme in enumerate(self.STORABLE):
             model = self.quantize(copy.deepcopy(tiny_llama), scheme)
-            path = tmp_path / f"ck{i}"
-            qk.save_quantized(model, path, format=self.format)
+            path = qk.save_quantized(model, tmp_path / f"ck{i}", format=self.format)
             info = inspect_checkpoint(path)
             assert info["consistent"], (scheme, info["problems"])
-            layers = {n: m for n, m in model.named_modules() if isinstance(m, qk.QuantLinear)}
-            if self.format in SIZED_FORMATS:
+            assert not info.get("requantized"), (scheme, info["requantized"])
+            layers = self.quantized_layers(model)
+            if self.format in STORED_BYTES_FORMATS:
                 want = sum(stored_bytes(self.format, m.scheme, m.in_features, m.out_features) for m in layers.values())
-                assert info["quantized_bytes"] == want, scheme
-            back = qk.load_quantized(path, backend="reference")
+                assert self.quantized_bytes(path, info) == want, scheme
+            back = self.read_back(path, model)
+            assert set(back) == set(layers), scheme
             for name, m in layers.items():
-                a, b = m.to_quantized(), back.get_submodule(name).to_quantized()
-                assert torch.equal(a.dequantize(), b.dequantize()), (scheme, name)
+                self.assert_same_weight(scheme, name, m, back[name])
             model.apply(lambda mod: setattr(mod, "backend", "reference") if isinstance(mod, qk.QuantLinear) else None)
             with torch.no_grad():
-                assert torch.equal(model(x).logits, back(x).logits), scheme
+                ref = model(x).logits
+            tol = self.logits_tolerance(scheme)
+            torch.testing.assert_close(self.logits_back(path, x), ref, rtol=tol, atol=tol,
+                                       msg=lambda why: f"{scheme}: {why}")
 
     def test_refused_schemes_write_nothing(self, tiny_llama, tmp_path):
         import copy
@@ -357,6 +401,20 @@ class FormatConformance:
             with pytest.raises(ValueError, match=reason):
                 qk.save_quantized(model, tmp_path / f"ck{i}", format=self.format)
             assert not (tmp_path / f"ck{i}").exists()
+
+    def test_requantized_schemes_are_reported(self, tiny_llama, tmp_path):
+        import copy
+
+        import quantkern as qk
+        from quantkern.io.inspect import inspect_checkpoint
+
+        for i, (scheme, stored_as) in enumerate(self.REQUANTIZED.items()):
+            model = self.quantize(copy.deepcopy(tiny_llama), scheme)
+            info = inspect_checkpoint(qk.save_quantized(model, tmp_path / f"ck{i}", format=self.format))
+            assert info["consistent"], (scheme, info["problems"])
+            layers = self.quantized_layers(model)
+            assert sorted(info["requantized"]) == sorted(layers), scheme
+            assert info["tensor_types"].get(stored_as) == len(layers), (scheme, info["tensor_types"])
 
 
 def family_module(kind: str, backend: str):

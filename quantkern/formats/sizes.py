@@ -11,9 +11,17 @@ from __future__ import annotations
 
 from ..core import WeightScheme
 from .bitpack import packed_length
+from .gguf import BLOCK as GGUF_BLOCK
 
-#: formats whose integer-layer cost this module knows
+#: formats whose integer-layer cost this module knows and the size-budget planner plans for
 SIZED_FORMATS = ("gptq", "compressed-tensors")
+#: every format :func:`stored_bytes` sizes: the above, and GGUF, which the planner does not plan for
+#: (its 2-, 3- and 4-bit layers cost the same 4.5 bits a weight, and it writes dense tensors at its own
+#: dtypes, norms in F32 whatever the model's)
+STORED_BYTES_FORMATS = SIZED_FORMATS + ("gguf",)
+
+#: bytes per 32-weight GGUF block: fp16 d + 16 nibble bytes (Q4_0), + fp16 m (Q4_1), fp16 d + 32 int8 (Q8_0)
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -29,6 +37,11 @@ def stored_bytes(fmt: str, scheme: WeightScheme, in_features: int, out_features:
     - ``compressed-tensors`` (pack-quantized): ``weight_packed`` int32 ``[N, K*b/32]``, ``weight_scale``
       ``[N, G]``, and ``weight_zero_point`` int32 ``[N*b/32, G]`` for asymmetric schemes only; no
       ``g_idx`` (quantkern writes groups in column order).
+    - ``gguf``: ``in_features / 32`` blocks a row of the type the scheme maps to (:data:`GGUF_BLOCK_BYTES`):
+      bits <= 4 symmetric -> ``Q4_0``, bits <= 4 asymmetric -> ``Q4_1``, bits 5..8 -> ``Q8_0``, as
+      :mod:`quantkern.io.gguf_export` writes them, exact or re-quantized alike; the block scale is fp16
+      whatever ``scale_bytes``. (A layer whose asymmetric zeros all happen to be ``2**(b-1)`` is
+      written exactly as ``Q4_0``, 2 bytes a block less.) ``in_features`` must be a multiple of 32.
     """
     k, n, b = in_features, out_features, scheme.bits
     g = num_groups(k, scheme.group_size)
@@ -37,7 +50,12 @@ def stored_bytes(fmt: str, scheme: WeightScheme, in_features: int, out_features:
     if fmt == "compressed-tensors":
         zeros = 0 if scheme.sym else 4 * packed_length(n, b) * g
         return 4 * n * packed_length(k, b) + scale_bytes * g * n + zeros
-    raise ValueError(f"no size model for format {fmt!r}; sized formats: {SIZED_FORMATS}")
+    if fmt == "gguf":
+        if k % GGUF_BLOCK:
+            raise ValueError(f"GGUF blocks hold {GGUF_BLOCK} columns: in_features {k} is not a multiple of {GGUF_BLOCK}")
+        qtype = "Q8_0" if b > 4 else "Q4_0" if scheme.sym else "Q4_1"
+        return GGUF_BLOCK_BYTES[qtype] * (k // GGUF_BLOCK) * n
+    raise ValueError(f"no size model for format {fmt!r}; sized formats: {STORED_BYTES_FORMATS}")
 
 
 def overhead_bytes(fmt: str) -> int:
