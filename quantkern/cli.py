@@ -9,7 +9,6 @@ import sys
 
 
 METHODS = ("gptq", "rtn", "awq", "fp8", "w8a8", "smoothquant")
-STREAMING_METHODS = ("gptq", "rtn")
 
 
 def _config(a):
@@ -167,7 +166,7 @@ def cmd_quantize(a) -> int:
     import torch
 
     from . import save_quantized
-    from .api.registry import quantizer_for
+    from .api.registry import needs_data, quantizer_for
     from .calibration import load_text, sample_windows
     from .eval import tokenize_text
     from .io.save import check_save_destination
@@ -181,9 +180,6 @@ def cmd_quantize(a) -> int:
     if getattr(a, "rotate", False) and getattr(a, "offload", "none") != "none":
         raise ValueError("--rotate needs the whole model in memory; it does not combine with --offload")
     if getattr(a, "offload", "none") != "none":  # stream block by block from the files, resumable
-        if a.method not in STREAMING_METHODS:
-            raise ValueError(f"--offload streams {' and '.join(STREAMING_METHODS)}; --method {a.method} runs in "
-                             "memory (or over several GPUs with --device-map)")
         if device_map is not None:
             raise ValueError("--offload streams one block at a time through --device; it does not take --device-map")
         from .offload.cli import run_streaming_from_args
@@ -201,7 +197,7 @@ def cmd_quantize(a) -> int:
 
         model = dispatch(model, device_map)
     data = None
-    if quantizer_for(config).needs_data or planner is not None:
+    if needs_data(config) or planner is not None:
         ids = tokenize_text(tok, load_text(a.calib_text, "calibration"))
         data = sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed)
     if planner is not None:

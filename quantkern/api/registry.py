@@ -28,3 +28,11 @@ def quantizer_for(config) -> type:
 
 def registered_configs() -> list[type]:
     return list(_QUANTIZERS)
+
+
+def needs_data(config) -> bool:
+    """Whether quantizing with ``config`` takes calibration data (a property for some methods:
+    W8A8 only with static scales, FP8 only with GPTQ weights or static scales)."""
+    from torch import nn
+
+    return bool(quantizer_for(config)(nn.Module(), config, verbose=False).needs_data)

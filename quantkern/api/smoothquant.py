@@ -150,7 +150,7 @@ class W8A8Quantizer(BlockwiseQuantizer):
                 scale_input_channels(m.weight.data, s.to(m.weight.device))
             for n in g.linears:  # the inputs these Linears now see (for static scales)
                 amax[n] = amax[n] / s.to(amax[n].device)
-            self.report["smoothed"].append(prefix + g.prev)
+            self.report.setdefault("smoothed", []).append(prefix + g.prev)
 
 
 @register_quantizer(SmoothQuantConfig)

@@ -33,22 +33,25 @@ def _progress(info: dict) -> None:
 
 def run_streaming_from_args(a, config) -> int:
     """Run the ``quantize`` command with ``--offload cpu|disk``. Raises ``ValueError`` for settings the
-    streaming path does not take (a GGUF model, a format other than gptq)."""
+    streaming path does not take (a GGUF model, a format other than gptq or compressed-tensors)."""
     import torch
 
+    from ..api.registry import needs_data
     from .source import resolve_model_dir
     from .stream import quantize_streaming
 
     if a.offload not in ("cpu", "disk"):
         raise ValueError(f"run_streaming_from_args needs --offload cpu or disk, got {a.offload!r}")
-    if a.format != "gptq":
-        raise ValueError(f"--offload writes GPTQ checkpoints only, got --format {a.format}")
+    if a.format not in ("gptq", "compressed-tensors"):
+        raise ValueError(f"--offload writes gptq or compressed-tensors checkpoints, got --format {a.format}")
+    if a.format == "compressed-tensors" and a.checkpoint_format is not None:
+        raise ValueError(f"--checkpoint-format applies to --format gptq only, got {a.checkpoint_format!r}")
     if a.model in ("smollm2", "default") or str(a.model).endswith(".gguf"):
         raise ValueError("--offload needs a directory (or Hugging Face id) with safetensors weights, "
                          f"not {a.model!r}")
     path = resolve_model_dir(a.model)
     data, tok = None, None
-    if a.method != "rtn":
+    if needs_data(config):
         from transformers import AutoTokenizer
 
         from ..calibration import load_text, sample_windows
@@ -57,12 +60,14 @@ def run_streaming_from_args(a, config) -> int:
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as e:
-            raise ValueError(f"GPTQ calibration needs the model's tokenizer in {path}: {e}") from None
+            raise ValueError(f"{a.method} calibration needs the model's tokenizer in {path}: {e}") from None
         torch.manual_seed(a.seed)
         ids = tokenize_text(tok, load_text(a.calib_text, "calibration"))
         data = sample_windows(ids, a.nsamples, a.seq_len, seed=a.seed)
     out = quantize_streaming(path, config, data, a.out, device=a.device, offload=a.offload, resume=a.resume,
-                             max_memory=a.max_memory, checkpoint_format=a.checkpoint_format, verbose=False,
+                             max_memory=a.max_memory, verbose=False,
+                             checkpoint_format="compressed-tensors" if a.format == "compressed-tensors"
+                             else a.checkpoint_format,
                              callback=_progress, overwrite=getattr(a, "overwrite", False))
     print(f"wrote {out}")
     return 0

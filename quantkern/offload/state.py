@@ -75,7 +75,8 @@ def atomic_save_safetensors(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]
             if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
                 raise ValueError(f"{name}: got {t.dtype} {tuple(t.shape)}, announced {specs[name]}")
             if t.numel():
-                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                # flat first: a contiguous [N, 1] may keep a stride of N in its last dim
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             del t
         f.flush()
         os.fsync(f.fileno())

@@ -125,8 +125,15 @@ def test_bad_arguments_fail_before_any_work(src, tmp_path):
     cfg = GPTQConfig(bits=4, group_size=64)
     with pytest.raises(ValueError, match="offload must be one of"):
         quantize_streaming(src, cfg, calib(), tmp_path / "o", offload="gpu", verbose=False)
-    with pytest.raises(TypeError, match="GPTQConfig or an RTNConfig"):
-        quantize_streaming(src, qk.AWQConfig(), calib(), tmp_path / "o", verbose=False)
+    for other in (qk.ZeroQuantConfig(), qk.FP4Config()):  # layers no streamed format holds: named, with what streams
+        with pytest.raises(TypeError, match=rf"{type(other).__name__} .*streamed configs: AWQConfig, FP8Config, "
+                                            "GPTQConfig, PTQConfig, RTNConfig, SmoothQuantConfig, W8A8Config"):
+            quantize_streaming(src, other, calib(), tmp_path / "o", verbose=False)
+    with pytest.raises(ValueError, match="only checkpoint_format='compressed-tensors' holds, got 'gptq'"):
+        quantize_streaming(src, qk.W8A8Config(), None, tmp_path / "o", checkpoint_format="gptq", verbose=False)
+    with pytest.raises(ValueError, match="act-order"):  # what the format cannot hold, before any data is read
+        quantize_streaming(src, GPTQConfig(bits=4, group_size=64, actorder=True), calib(), tmp_path / "o",
+                           checkpoint_format="compressed-tensors", verbose=False)
     with pytest.raises(ValueError, match="checkpoint_format must be"):
         quantize_streaming(src, cfg, calib(), tmp_path / "o", checkpoint_format="v3", verbose=False)
     with pytest.raises(ValueError, match="calibration data is required"):
@@ -322,7 +329,13 @@ def test_cli_options(tmp_path, capsys):
     assert main(["quantize", "--offload", "disk", "--out", "x"]) == 2
     assert "safetensors weights" in capsys.readouterr().err
     assert main(["quantize", "--model", str(path), "--offload", "disk", "--format", "awq", "--out", "x"]) == 2
-    assert "GPTQ checkpoints only" in capsys.readouterr().err
+    assert "gptq or compressed-tensors checkpoints, got --format awq" in capsys.readouterr().err
+    # a W8A8 method streams to compressed-tensors (its default format), calibrated from the built-in text
+    assert main(["quantize", "--model", str(path), "--method", "smoothquant", "--nsamples", "4", "--seq-len", "16",
+                 "--offload", "disk", "--out", str(tmp_path / "s")]) == 0
+    qc = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
+    assert type(qk.load_quantized(tmp_path / "s").model.layers[0].mlp.down_proj).__name__ == "W8A8Linear"
     with pytest.raises(ValueError, match="needs --offload cpu or disk"):
         run_streaming_from_args(_quantize_parser().parse_args(["--model", str(path), "--out", "x"]), None)
     with pytest.raises(SystemExit):

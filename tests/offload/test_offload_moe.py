@@ -322,18 +322,18 @@ def test_budget_counts_experts_and_per_expert_hessians(sources):
     q = GPTQQuantizer(skel, cfg, use_triton=False, verbose=False)
     GPTQQuantizer.plan_blocks(q)
     e, h, i = 4, 64, 32
-    need0, _ = _block_need(q, 0, None, 4, True)
-    need1, what = _block_need(q, 1, None, 4, True)
+    need0, _ = _block_need(q, 0, None, 4, "gptq")
+    need1, what = _block_need(q, 1, None, 4, "gptq")
     weights1 = 4 * sum(p.numel() for p in model.model.layers[1].parameters())
     assert weights1 > 4 * 3 * e * h * i  # the fused experts' parameters are counted
     assert need1 >= weights1 + 4 * (e + 1) * h * h
-    assert need1 > need0 and _largest_need(q, None, 4, True)[1].startswith("block 1:")
+    assert need1 > need0 and _largest_need(q, None, 4, "gptq")[1].startswith("block 1:")
     assert f"{e} experts: {4 * (e + 1) * h * h / 2**20:.1f} MiB of {h}^2 gate/up Hessians" in what
     assert f"{4 * e * i * i / 2**20:.1f} MiB of {i}^2 down Hessians" in what
     with pytest.raises(ValueError, match=r"one decoder block needs about .*\(block 1: weights"):
-        _check_budget(q, None, 4, torch.device("cpu"), (need0 + need1) // 2, True)
-    _check_budget(q, None, 4, torch.device("cpu"), need1, True)
-    rtn, _ = _block_need(q, 1, None, 4, False)
+        _check_budget(q, None, 4, torch.device("cpu"), (need0 + need1) // 2, "gptq")
+    _check_budget(q, None, 4, torch.device("cpu"), need1, "gptq")
+    rtn, _ = _block_need(q, 1, None, 4, "rtn")
     assert weights1 + 4 * 3 * e * h * i <= rtn < need1  # RTN: the experts' int32 codes, no Hessians
 
 
