@@ -31,7 +31,7 @@ from ..nn import QuantLinear
 from .config import BaseConfig
 from .registry import quantizer_for
 from .restore import ModelSnapshot
-from .targets import TargetPlan, set_module
+from .targets import TargetPlan, check_overrides_apply, set_module
 
 logger = logging.getLogger("quantkern")
 _MISSING = object()
@@ -116,6 +116,8 @@ class BaseQuantizer:
         self._forward_before = self.model.__dict__.get("forward", _MISSING)
         try:
             self._prepare()
+            if self.plan is not None:
+                check_overrides_apply(self.config, self.plan)
             self.sites = self.site_plan()
             if export_format is not None:
                 self.check_export(export_format)

@@ -18,6 +18,29 @@ def matches(name: str, patterns) -> bool:
     return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def check_overrides_apply(config, plan: "TargetPlan") -> None:
+    """Raise ``ValueError`` before calibration for a per-layer override that would change nothing:
+    its pattern matches no planned layer or experts module (a typo, a regex where a glob is expected,
+    a skipped layer), or only ones an earlier pattern takes (the first match wins)."""
+    overrides = getattr(config, "overrides", ()) or ()
+    if not overrides:
+        return
+    names = list(plan.quantize) + list(plan.experts)
+    used = set()
+    for name in names:
+        first = next((p for p, _ in overrides if matches(name, [p])), None)
+        if first is not None:
+            used.add(first)
+    unused = [p for p, _ in overrides if p not in used]
+    if unused:
+        shadowed = [p for p in unused if any(matches(n, [p]) for n in names)]
+        why = "; ".join([f"{p!r} matches no quantized layer" for p in unused if p not in shadowed]
+                        + [f"{p!r} only layers an earlier pattern takes (the first match wins)" for p in shadowed])
+        raise ValueError(f"overrides that change nothing: {why}. Patterns are fnmatch globs or dotted "
+                         f"suffixes of module names (e.g. '*.down_proj', 'model.layers.0.mlp.down_proj'); "
+                         f"planned layers include {names[:3]}")
+
+
 # A group of decoder-block tensors (one name across the blocks) at least this share of the blocks'
 # parameters must be quantized or skipped by a rule: left dense unnoticed it is how fused MoE experts
 # (transformers 5 stores them as 3-D parameters, most of the model) were silently lost.

@@ -45,6 +45,25 @@ def test_an_override_that_cannot_pack_is_refused_before_calibration(tiny_llama):
     assert {m.group_size for m in tiny_llama.modules() if isinstance(m, qk.QuantLinear)} == {64}
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "w8a8"])
+def test_an_override_that_changes_nothing_is_refused_before_calibration(method, tiny_llama):
+    """A pattern that matches no quantized layer (a regex where a glob is expected, a typo, a skipped
+    layer) or only layers an earlier pattern takes would be silently ignored: refused in prepare, naming it."""
+    cls = {"rtn": qk.RTNQuantizer, "gptq": qk.GPTQQuantizer, "awq": qk.AWQQuantizer, "w8a8": qk.W8A8Quantizer}[method]
+    key = {"w8a8": {"act_static": True}}.get(method, {"bits": 8})
+    base = {} if method == "w8a8" else {"group_size": 32}
+    before = {n: t.clone() for n, t in tiny_llama.state_dict().items()}
+    for overrides, what in [({r"model\.layers\.0\.mlp\.down_proj": key}, "matches no quantized layer"),
+                            ({"*.down_prj": key}, "'\\*.down_prj' matches no quantized layer"),
+                            ({"lm_head": key}, "'lm_head' matches no quantized layer"),
+                            ({"*.mlp.*": key, "*.down_proj": key}, "'\\*.down_proj' only layers an earlier pattern")]:
+        with pytest.raises(ValueError, match=what):
+            cls(tiny_llama, overrides=overrides, verbose=False, **base).prepare()
+    assert all(torch.equal(t, before[n]) for n, t in tiny_llama.state_dict().items())  # nothing changed
+    q = cls(tiny_llama, overrides={"model.layers.0.mlp.down_proj": key}, verbose=False, **base)  # exact names apply
+    q.prepare()
+
+
 def test_override_keys_are_per_method():
     with pytest.raises(ValueError, match=r"RTNConfig cannot override \['actorder'\] per layer"):
         qk.RTNConfig(overrides={"*": {"actorder": True}})
