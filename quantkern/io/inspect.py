@@ -70,13 +70,20 @@ def _field_value(reader, key):
         return None
 
 
+_GGUF_DENSE_TYPES = frozenset({"F64", "F32", "F16", "BF16", "I8", "I16", "I32", "I64"})  # stored as is
+
+
 def _inspect_gguf(path: Path) -> dict:
     reader = read_gguf(path)
     arch = _field_value(reader, "general.architecture")
     types = Counter(t.tensor_type.name for t in reader.tensors)
+    quantized = [t for t in reader.tensors if t.tensor_type.name not in _GGUF_DENSE_TYPES]
+    total = int(sum(int(t.n_bytes) for t in reader.tensors))
+    qbytes = int(sum(int(t.n_bytes) for t in quantized))
     info = {"path": str(path), "format": "gguf", "architecture": arch, "tensor_types": dict(types),
-            "num_tensors": len(reader.tensors), "total_bytes": int(sum(int(t.n_bytes) for t in reader.tensors)),
-            "file_bytes": os.path.getsize(path), "problems": []}
+            "num_tensors": len(reader.tensors), "num_quantized_layers": len(quantized), "total_bytes": total,
+            "quantized_bytes": qbytes, "dense_bytes": total - qbytes, "file_bytes": os.path.getsize(path),
+            "problems": []}
     blocks = _field_value(reader, f"{arch}.block_count")
     info["num_layers"] = blocks
     names = {t.name for t in reader.tensors}

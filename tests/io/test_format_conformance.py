@@ -94,12 +94,6 @@ class TestGGUFFormat(FormatConformance):
         with torch.no_grad():
             return hf(x).logits
 
-    def quantized_bytes(self, path, info) -> int:
-        # inspect's GGUF summary has no quantized_bytes: every block tensor but the embeddings
-        # (token_embd, output), which quantkern counts with the dense tensors
-        return sum(int(t.n_bytes) for name, t in self._tensors(path).items()
-                   if t.tensor_type.name not in ("F32", "F16") and not name.startswith(("token_embd.", "output.")))
-
     def assert_same_weight(self, scheme, name, layer, weight):
         qw = layer.to_quantized()
         assert qw.scales.dtype == torch.float16, (scheme, name)  # the block scale d is fp16: exact

@@ -38,8 +38,11 @@ def test_other_formats(tmp_path, fmt, expect):
     assert info["format"] == expect and info["consistent"], info["problems"]
     if fmt == "gguf":
         assert info["tensor_types"] == {"Q4_1": 14, "F32": 6} and info["num_layers"] == 2
-    else:
-        assert info["num_quantized_layers"] == 14
+        # 14 Q4_1 matrices of 64 x 64 / 64 x 128: 20 bytes per 32 weights; the F32 rest is dense
+        weights = sum(q.in_features * q.out_features for q in m.modules() if type(q).__name__ == "QuantLinear")
+        assert info["quantized_bytes"] == weights // 32 * 20
+        assert info["dense_bytes"] == info["total_bytes"] - info["quantized_bytes"] > 0
+    assert info["num_quantized_layers"] == 14
     assert f"format:     {expect}" in format_inspection(info)
 
 
