@@ -156,8 +156,16 @@ def test_opcheck_and_fake(isas):
 
 # --- a whole model ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_quantized_qwen3_moe_on_cpu_matches_the_reference(isas, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_qwen3_moe_on_cpu_matches_the_reference(isas, dtype):
+    """A whole quantized Qwen3-MoE runs its experts on the CPU kernel. fp32: logits as the reference's.
+    bf16: each experts call (the same inputs and routing) within the reference's own bf16 error of the
+    fp32 result; the whole model's logits are not compared in bf16, since top-k routing is
+    discontinuous and two valid bf16 roundings send near-tied tokens to different experts (measured on
+    a Zen 1 AVX2 CPU: per call the kernel is closer to fp32 than the reference, 0.42% vs 0.49%, while
+    the logits differ by 8%)."""
+    import copy
+
     import quantkern as qk
     from api.test_moe import ids, tiny_moe
     from quantkern.nn.quant_experts import QuantExperts
@@ -168,6 +176,20 @@ def test_quantized_qwen3_moe_on_cpu_matches_the_reference(isas, dtype, tol):
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
     assert experts
     x = ids()
+    calls = []
+
+    def check_call(mod, args, kwargs, out):  # this call again through the reference, in dtype and fp32
+        if mod.backend != "cpu":
+            return
+        mod.backend = "reference"
+        ref = mod(*args, **kwargs)
+        ref32 = copy.deepcopy(mod).float()(*[a.float() if a.is_floating_point() else a for a in args], **kwargs)
+        mod.backend = "cpu"
+        calls.append((rel(out, ref32), rel(ref, ref32), rel(out, ref)))
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
     with torch.no_grad():
         got = model(x).logits  # backend AUTO on CPU tensors
         prepared = {type(k) for m in experts for p in (m.gate_up_proj, m.down_proj) for k in p._kernels.prepared()}
@@ -178,5 +200,16 @@ def test_quantized_qwen3_moe_on_cpu_matches_the_reference(isas, dtype, tol):
         for m in experts:
             m.backend = "cpu"
         assert torch.equal(model(x).logits, got)
-    err = float((got.float() - want.float()).norm() / want.float().norm())
-    assert err < tol, err
+        if dtype == torch.float32:
+            err = rel(got, want)
+            assert err < 1e-4, err
+            return
+        hooks = [m.register_forward_hook(check_call, with_kwargs=True) for m in experts]
+        try:
+            model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+    assert len(calls) == len(experts)
+    for ours, ref_err, between in calls:
+        assert ours <= 1.5 * ref_err + 1e-3 and between < 3e-2, (ours, ref_err, between)
