@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..api.awq import AWQQuantizer
 from ..api.quantizers import GPTQBlockDriver
 from ..api.registry import quantizer_for, registered_configs
-from ..api.targets import set_module
+from ..api.targets import check_overrides_apply, set_module
 from ..arch import architecture_for
 from ..calibration import BlockInput, InputCatcher, group_batches
 from ..calibration.loop import calibrate_block
@@ -287,9 +287,12 @@ def quantize_streaming(model_dir_or_id, config, calibration_data=None, out_dir=N
     q = _quantizer(cls, model, config)
     calibrated = bool(q.needs_data)
     if calibrated:
-        batches = group_batches(q.calibration_items(calibration_data, tokenizer), q.calibration_batch_size())
+        items = q.calibration_items(calibration_data, tokenizer)
+        q.check_calibration_ids(items)  # ids outside the embedding, named, before any block is read
+        batches = group_batches(items, q.calibration_batch_size())
     # RTN plans like GPTQ here (within the blocks): the output head is written dense either way
     q.plan_blocks()  # validates every Linear's shape on the skeleton, before any data is read
+    check_overrides_apply(config, q.plan)
     if checkpoint_format is None:
         checkpoint_format = ("gptq" if config.sym else "gptq_v2") if q.produces == "QuantLinear" \
             else "compressed-tensors"

@@ -129,6 +129,12 @@ def test_bad_arguments_fail_before_any_work(src, tmp_path):
         with pytest.raises(TypeError, match=rf"{type(other).__name__} .*streamed configs: AWQConfig, FP8Config, "
                                             "GPTQConfig, PTQConfig, RTNConfig, SmoothQuantConfig, W8A8Config"):
             quantize_streaming(src, other, calib(), tmp_path / "o", verbose=False)
+    with pytest.raises(ValueError, match="'\\*.down_prj' matches no quantized layer"):
+        quantize_streaming(src, GPTQConfig(bits=4, group_size=64, overrides={"*.down_prj": {"bits": 8}}), calib(),
+                           tmp_path / "o", verbose=False)
+    with pytest.raises(ValueError, match=f"calibration item 1.* id {VOCAB}"):  # outside the embedding, named
+        quantize_streaming(src, cfg, [torch.arange(8), torch.arange(VOCAB - 3, VOCAB + 1)], tmp_path / "o",
+                           verbose=False)
     with pytest.raises(ValueError, match="only checkpoint_format='compressed-tensors' holds, got 'gptq'"):
         quantize_streaming(src, qk.W8A8Config(), None, tmp_path / "o", checkpoint_format="gptq", verbose=False)
     with pytest.raises(ValueError, match="act-order"):  # what the format cannot hold, before any data is read
