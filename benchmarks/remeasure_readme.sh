@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Re-measure the README's kernel and quality tables in one run, on one machine, one after the other:
-#   1. CPU kernels + SmolLM2 decode (README "Kernels"):        bench_cpu.py --threads 2
+#   1. CPU kernels + SmolLM2 decode (README "Kernels"):        bench_cpu.py --threads 2 (writes
+#      cpu_*_2t_wall.*: on another CPU than the README table's, rename them with the machine, as
+#      cpu_*_2t_wall_zen1_avx2.* were)
 #   2. AWQ / SmoothQuant / W8A8 / FP8 (README "AWQ, SmoothQuant, W8A8, FP8"): quality_algorithms.py
 #   3. RTN / GPTQ / GPTQ act-order grid (README "Quality on SmolLM2-135M-Instruct"): quality_smollm2.py,
 #      one thread, 32 x 512 calibration tokens, as the table states. QUALITY_ONLY="w4g64s w3g64a" and
