@@ -176,9 +176,8 @@ def _streamed_names() -> str:
     names = []
     for cfg in registered_configs():
         cls = quantizer_for(cfg())
-        produces = cls.produces  # a property where the config decides (PTQ: W8A8 or FP8), checked per run
-        if hasattr(cls, "process_block") and hasattr(cls, "plan_blocks") and (
-                isinstance(produces, property) or produces in STREAMED_LAYERS):
+        if hasattr(cls, "process_block") and hasattr(cls, "plan_blocks") and \
+                _quantizer(cls, nn.Module(), cfg()).produces in STREAMED_LAYERS:  # (the config decides it)
             names.append(cfg.__name__)
     return ", ".join(sorted(names))
 

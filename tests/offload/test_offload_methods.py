@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import quantkern as qk
-from offload.test_offload import calib, make_llama, tensors_of
+from offload.test_offload import assert_same_checkpoint, calib, make_llama
 from quantkern.api.registry import quantizer_for
 from quantkern.offload import quantize_streaming
 
@@ -39,22 +39,6 @@ def src(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("src") / "llama"
     make_llama(path)
     return path
-
-
-def assert_same_files(a: Path, b: Path) -> None:
-    """Every tensor bit-identical (names, dtypes, values) and the same config files."""
-    ta, tb = tensors_of(a), tensors_of(b)
-    assert sorted(ta) == sorted(tb), sorted(set(ta) ^ set(tb))[:8]
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
-    ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
-    ca.pop("_name_or_path", None)
-    cb.pop("_name_or_path", None)
-    assert ca == cb
-    assert (a / "quantize_config.json").is_file() == (b / "quantize_config.json").is_file()
-    if (a / "quantize_config.json").is_file():
-        assert json.loads((a / "quantize_config.json").read_text()) == \
-            json.loads((b / "quantize_config.json").read_text())
 
 
 def in_memory(path: Path, config, data, out: Path, fmt: str, checkpoint_format=None):
@@ -100,7 +84,7 @@ def test_streaming_equals_in_memory(src, tmp_path, case):
     save_fmt = fmt or ("gptq" if qlayer == "QuantLinear" else "compressed-tensors")
     ckpt = None if save_fmt != "gptq" else ("gptq" if config.sym else "gptq_v2")
     model, ref, ref_report = in_memory(src, config, data, tmp_path / "ref", save_fmt, ckpt)
-    assert_same_files(out, ref)
+    assert_same_checkpoint(out, ref)
     assert set(report) == keys
     assert all(report[k] == ref_report[k] for k in keys) and all(ref_report[k] for k in keys)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -138,7 +122,7 @@ def test_interrupted_run_resumes_to_the_same_files(src, tmp_path, case):
     whole = {}
     ref = quantize_streaming(src, config, data, tmp_path / "whole", checkpoint_format=fmt, verbose=False,
                              report=whole)
-    assert_same_files(out, ref)
+    assert_same_checkpoint(out, ref)
     (key,) = keys
     def as_json(x):  # block 0's entries come from the manifest: JSON values (lists for tuples)
         return json.loads(json.dumps(x))
@@ -155,7 +139,7 @@ def test_mixed_compressed_groups_merge_across_blocks(src, tmp_path):
     data = calib()
     out = quantize_streaming(src, config, data, tmp_path / "s", checkpoint_format="compressed-tensors", verbose=False)
     _, ref, _ = in_memory(src, config, data, tmp_path / "ref", "compressed-tensors")
-    assert_same_files(out, ref)
+    assert_same_checkpoint(out, ref)
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
     eight = next(g for g in groups.values() if g["weights"]["num_bits"] == 8)
     assert eight["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
@@ -178,7 +162,7 @@ def test_streaming_moe_awq_equals_in_memory(tmp_path, family):
     q = qk.AWQQuantizer(model, config, verbose=False)
     q.quantize(data)
     ref = qk.save_quantized(model, tmp_path / "ref", checkpoint_format="gptq" if config.sym else "gptq_v2")
-    assert_same_files(out, ref)
+    assert_same_checkpoint(out, ref)
     assert "awq_errors" in report and all(report[k] == q.report[k] for k in report)
     assert set(report) == {k for k in q.report if k in ("awq_errors", "expert_tokens", "expert_fallbacks")}
     x = ids()

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import quantkern as qk
 from api.test_moe import calib, ids, tiny_moe
+from offload.test_offload import assert_same_checkpoint, tensors_of
 from quantkern import GPTQConfig, GPTQQuantizer, RTNConfig, RTNQuantizer
 from quantkern.offload import quantize_streaming
 
@@ -33,26 +34,6 @@ HF_NAMES = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 METHODS = {"gptq": lambda **kw: GPTQConfig(bits=4, group_size=32, actorder=True, batch_size=4, **kw),
            "rtn": lambda **kw: RTNConfig(bits=4, group_size=32, sym=False, **kw)}
 DATA = calib(8)
-
-
-def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    """Every tensor bit-identical (same names, dtypes, values) and the same configs."""
-    ta, tb = tensors_of(a), tensors_of(b)
-    assert sorted(ta) == sorted(tb), (sorted(set(ta) ^ set(tb)))[:8]
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
-    ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
-    ca.pop("_name_or_path", None)
-    cb.pop("_name_or_path", None)
-    assert ca == cb
-    assert json.loads((a / "quantize_config.json").read_text()) == json.loads((b / "quantize_config.json").read_text())
 
 
 def write_source(model, path: Path, per_expert: bool) -> Path:
