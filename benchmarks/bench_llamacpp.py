@@ -11,7 +11,9 @@ run, interleaved where it matters, with ``--threads`` threads (default 2):
       model keeps its lm_head dense), quantkern with its lm_head dense fp32;
   (b) llama.cpp's own Q4_0 (``llama-quantize --allow-requantize`` of the source file), quantkern with
       its output layer quantized too (W8 g32 = Q8_0, tied embeddings kept tied);
-  (c) W8 against llama.cpp's Q8_0.
+  (c) W8 against llama.cpp's Q8_0;
+  (b) and (c) once more with ``int8_activations`` (activations quantized per block of 32 as llama.cpp
+      does for these types, integer dot-product kernels).
 - prefill tokens/s of a ``--prompt`` (512) token prompt against ``llama-bench -p 512 -n 0``;
 - transformers' eager ``generate`` on the W4 model for reference;
 - GB/s: bytes of weights a decode step reads (packed codes + scales; for llama.cpp the tensors of the
@@ -268,18 +270,23 @@ def main(argv=None) -> int:
             if not own[t].exists():
                 subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(src), str(own[t]), t],
                                check=True, capture_output=True, timeout=1200)
-    # (label, bits, quantized head, the llama.cpp files measured interleaved with it)
-    configs = [("W4 g32, lm_head fp32", 4, False, [("llama.cpp on quantkern's export (Q4_0, F32 embd)", "q4_f32")]),
-               ("W4 g32, lm_head W8", 4, True, [("llama.cpp own Q4_0 (llama-quantize)", "own_Q4_0"),
-                                                 ("llama.cpp on quantkern's export (Q4_0, Q8_0 embd)", "q4_q8")]),
-               ("W8 g32, lm_head W8", 8, True, [("llama.cpp own Q8_0 (llama-quantize)", "own_Q8_0"),
-                                                 ("llama.cpp on quantkern's export (Q8_0)", "q8")])]
+    # (label, bits, quantized head, int8 activations, the llama.cpp files measured interleaved with it)
+    configs = [("W4 g32, lm_head fp32", 4, False, False,
+                [("llama.cpp on quantkern's export (Q4_0, F32 embd)", "q4_f32")]),
+               ("W4 g32, lm_head W8", 4, True, False, [("llama.cpp own Q4_0 (llama-quantize)", "own_Q4_0"),
+                                                        ("llama.cpp on quantkern's export (Q4_0, Q8_0 embd)", "q4_q8")]),
+               ("W4 g32, lm_head W8, int8 activations", 4, True, True,
+                [("llama.cpp own Q4_0 (llama-quantize)", "own_Q4_0")]),
+               ("W8 g32, lm_head W8", 8, True, False, [("llama.cpp own Q8_0 (llama-quantize)", "own_Q8_0"),
+                                                        ("llama.cpp on quantkern's export (Q8_0)", "q8")]),
+               ("W8 g32, lm_head W8, int8 activations", 8, True, True,
+                [("llama.cpp own Q8_0 (llama-quantize)", "own_Q8_0")])]
     exports = {f"own_{k}": v for k, v in own.items()}
-    for label, bits, head, llama_runs in configs:
+    for label, bits, head, int8, llama_runs in configs:
         model, tok = load_model("smollm2")
         # fp16 scales: the GGUF export is then exact (Q4_0 / Q8_0 hold one fp16 scale per 32 weights)
         qk.RTNQuantizer(model, bits=bits, group_size=32, sym=True, scale_dtype="float16", verbose=False).quantize()
-        if bits == 4 and not head:  # the export of exactly these weights (Q4_0 blocks, F32 embeddings)
+        if bits == 4 and not head and not int8:  # the export of exactly these weights (Q4_0 blocks, F32 embeddings)
             exports["q4_f32"] = qk.save_quantized(model, work / "qk_q4_0_f32.gguf", tokenizer=tok, format="gguf",
                                                   source_gguf=src, overwrite=True)
             exports["q4_q8"] = qk.save_quantized(model, work / "qk_q4_0_q8emb.gguf", tokenizer=tok, format="gguf",
@@ -296,13 +303,13 @@ def main(argv=None) -> int:
                 (work / "eval.txt").write_text(text)
                 ids = tokenize_text(tok, text)
                 exports["ppl_qk"] = llamacpp_style_perplexity(model, ids, a.ppl_ctx, a.ppl_chunks)
-        if bits == 8:
+        if bits == 8 and not int8:
             exports["q8"] = qk.save_quantized(model, work / "qk_q8_0.gguf", tokenizer=tok, format="gguf",
                                               source_gguf=src, gguf_embedding_type="Q8_0", overwrite=True)
         if head:
             quantize_output(model, bits=8, group_size=32, scale_dtype=torch.float16)
         t = time.perf_counter()
-        dec = FastDecoder(model, max_len=max_len, compile=True)
+        dec = FastDecoder(model, max_len=max_len, compile=True, int8_activations=int8)
         r = time_decoder(dec, model.config.vocab_size, a.depth, a.tokens, a.prompt, reps=1)
         compile_s = time.perf_counter() - t
         best = {"qk": r}

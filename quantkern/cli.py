@@ -301,6 +301,9 @@ def _add_generate(sub):
                         "uses transformers, with a message saying why")
     p.add_argument("--quantize-head", choices=["none", "w8", "w4"], default="none",
                    help="quantize a dense lm_head (RTN g32 sym; tied embeddings stay tied) before generating")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="fast / eager decode on CPU: quantize activations to int8 per block of 32 (as llama.cpp "
+                        "does for Q4_0 / Q8_0) and use the integer dot-product kernels")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -317,7 +320,8 @@ def cmd_generate(a) -> int:
         quantize_output(model, bits=int(a.quantize_head[1:]), group_size=32)
     stats = DecodeStats()
     print(generate(model, tok, a.prompt, a.max_new_tokens, decode=a.decode, do_sample=a.sample,
-                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stats=stats))
+                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stats=stats,
+                   int8_activations=a.int8_activations))
     if a.decode != "transformers" and stats.new_tokens:
         print(f"[{a.decode} decode: prefill {stats.prompt_tokens} tokens {stats.prefill_s:.2f} s, "
               f"{stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)

@@ -230,11 +230,18 @@ class FastDecoder:
     ``ValueError`` with :func:`unsupported_reason` for a model it cannot run. ``compile`` may be
     True (inductor; CUDA graphs on GPU), False (eager: the same code, for checks) or a
     ``torch.compile`` mode string. The model's modules are used as they are (not copied) except the
-    fused q/k/v and gate/up projections, which are built once here.
+    fused q/k/v and gate/up projections, which are built once here. ``int8_activations``: the C++ CPU
+    kernels quantize each activation row per block of 32 to int8 and use integer dot products
+    (llama.cpp's Q8_0 activations; faster where the fp32 kernels are compute-bound, a slightly different
+    result: :func:`quantkern.kernels.cpu.ops.gemm`); other kernels are unaffected. The setting is made on
+    the model's own quantized modules (the decoder does not copy them), so it holds for the model until
+    a decoder with the other setting is built or :func:`quantkern.kernels.cpu.backend.int8_activations`
+    switches it back.
     """
 
     def __init__(self, model, max_len: int = 1024, batch_size: int = 1, compile=True, fuse: bool = True,
-                 dtype: torch.dtype | None = None, cpp_wrapper: bool = True, skip_guards: bool = True):
+                 dtype: torch.dtype | None = None, cpp_wrapper: bool = True, skip_guards: bool = True,
+                 int8_activations: bool = False):
         why = unsupported_reason(model)
         if why:
             raise ValueError(f"FastDecoder cannot run this model: {why}")
@@ -267,9 +274,14 @@ class FastDecoder:
         self.fused = fused
         from .nn import QuantLinear
 
+        self.int8_activations = bool(int8_activations)
         for mod in self._linears():  # choose and build (repack) the kernels now, outside any graph
             if isinstance(mod, QuantLinear):
                 mod.build_kernels(self.device, self.dtype, self.batch_size * self.max_len)
+                if self.device.type == "cpu":  # either way: the modules may be shared with an earlier decoder
+                    from .kernels.cpu.backend import int8_activations as use_int8
+
+                    use_int8(mod, self.int8_activations)
         self.q_dim, self.kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.gqa = bool(self.n_kv != self.n_heads)
         with torch.no_grad():  # RoPE table from the model's own module: the numbers transformers uses
@@ -502,26 +514,30 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 _DECODERS: dict = {}
 
 
-def decoder_for(model, max_len: int, batch_size: int = 1, compile=True) -> FastDecoder:
-    """A cached :class:`FastDecoder` for ``model`` (rebuilt when it needs more room or another batch size)."""
+def decoder_for(model, max_len: int, batch_size: int = 1, compile=True, int8_activations: bool = False) -> FastDecoder:
+    """A cached :class:`FastDecoder` for ``model`` (rebuilt when it needs more room, another batch size or
+    another activation mode)."""
     key = id(model)
     d = _DECODERS.get(key)
-    if d is None or d.model is not model or d.max_len < max_len or d.batch_size != batch_size or d.compiled != bool(compile):
+    if (d is None or d.model is not model or d.max_len < max_len or d.batch_size != batch_size
+            or d.compiled != bool(compile) or d.int8_activations != bool(int8_activations)):
         if d is not None:
             torch._dynamo.reset()
-        d = FastDecoder(model, max_len=max(max_len, 256), batch_size=batch_size, compile=compile)
+        d = FastDecoder(model, max_len=max(max_len, 256), batch_size=batch_size, compile=compile,
+                        int8_activations=int8_activations)
         _DECODERS.clear()
         _DECODERS[key] = d
     return d
 
 
 def generate_ids(model, input_ids: torch.Tensor, attention_mask=None, max_new_tokens: int = 32, fast: bool = True,
-                 compile=True, stats: DecodeStats | None = None, **kw) -> torch.Tensor:
+                 compile=True, stats: DecodeStats | None = None, int8_activations: bool = False, **kw) -> torch.Tensor:
     """Generate with the fast path when it can run ``model`` (else transformers' ``generate``, after one
-    logged message saying why). ``kw``: do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id."""
+    logged message saying why). ``kw``: do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id.
+    ``int8_activations``: see :class:`FastDecoder` (the fast path only)."""
     why = unsupported_reason(model) if fast else "the fast path was turned off"
     if why is None:
-        d = decoder_for(model, input_ids.shape[1] + max_new_tokens, input_ids.shape[0], compile)
+        d = decoder_for(model, input_ids.shape[1] + max_new_tokens, input_ids.shape[0], compile, int8_activations)
         return d.generate(input_ids, max_new_tokens, attention_mask=attention_mask, stats=stats, **kw)
     if fast:
         logger.warning("quantkern: using transformers' generate (the fast decode path cannot run this model: %s)", why)

@@ -160,3 +160,52 @@ def test_unsupported_reasons():
     assert unsupported_reason(m) is None
     m.config.hidden_act = "gelu"
     assert "hidden_act" in unsupported_reason(m)
+
+
+def test_int8_activations_run_the_q8_kernels_and_match_transformers_with_them():
+    """``int8_activations``: every C++ CPU kernel the decoder runs is switched to int8 activations; the
+    decode then equals transformers' greedy generate over the same switched kernels, and its logits
+    differ from the fp32-activation decoder's by the int8 rounding only."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the C++ CPU kernels are x86-64 only")
+    from quantkern.kernels.cpu.backend import CpuKernel, int8_activations
+    from quantkern.nn import build_kernels
+
+    m = _tiny()
+    qk.RTNQuantizer(m, bits=4, group_size=32, sym=True, verbose=False).quantize()
+    ids = _prompts(t=6)
+    ref = _hf(m, ids, 16)
+    exact = FastDecoder(m, max_len=48, compile=False)
+    la = exact.prefill(ids)[0]
+    q8 = FastDecoder(m, max_len=48, compile=False, int8_activations=True)  # switches the shared o / down too
+    kernels = [k for mod in q8._linears() if isinstance(mod, qk.QuantLinear) for k in mod._kernels.prepared()]
+    assert kernels and all(isinstance(k, CpuKernel) and k.int8_activations for k in kernels)
+    lb = q8.prefill(ids)[0]
+    rel = ((la - lb).norm() / la.norm()).item()
+    assert 0 < rel < 0.05, rel
+    out = q8.generate(ids, 16)
+    build_kernels(m, dtype=torch.float32)
+    assert int8_activations(m) > 0
+    assert torch.equal(out, _hf(m, ids, 16))
+    # a decoder without int8 activations switches the shared modules back
+    assert torch.equal(FastDecoder(m, max_len=48, compile=False).generate(ids, 16), ref)
+
+
+def test_generate_ids_rebuilds_the_cached_decoder_for_another_activation_mode():
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the C++ CPU kernels are x86-64 only")
+    from quantkern import generation
+
+    m = _tiny()
+    qk.RTNQuantizer(m, bits=4, group_size=32, sym=True, verbose=False).quantize()
+    ids = _prompts(t=5)
+    generate_ids(m, ids, max_new_tokens=4, compile=False)
+    first = generation._DECODERS[id(m)]
+    generate_ids(m, ids, max_new_tokens=4, compile=False, int8_activations=True)
+    d = generation._DECODERS[id(m)]
+    assert d is not first and d.int8_activations
+    assert all(k.int8_activations for k in m.model.layers[0].mlp.down_proj._kernels.prepared())

@@ -21,6 +21,18 @@
 // Per group the kernels accumulate acc = sum_k q[k] * x[k] in fp32 and then add
 // s * acc - z*s * sum_k x[k]  (== sum_k (q - z) * s * x), so the zero point costs two FMAs per group
 // instead of one subtraction per weight.
+//
+// Int8 activations (the "q8" kernels, quantkern_cpu::gemm with int8_act): each row of x is quantized per
+// call, in the padded k order, in blocks of 32 k positions that start at each group's first word row
+// (a group's last block may be shorter): d = max|x| / 127 over the block, q = round(x / d) as int8
+// (round half to even; d = 0 gives q = 0). Within a word row the int8 values are stored in the order the
+// kernels unpack the codes, so one broadcast 32-bit load feeds a byte dot product (vpmaddubsw) with the
+// codes of 8 columns: plane s of a word is (w >> s*CB) & mask per byte (planes 0 .. 8/CB - 1; for CB = 8
+// the low and the high nibble), and the activation of byte p of plane s is the one at k offset j with
+// code_shift(CB, j) = 8p + s*CB (for CB = 8: the same four bytes for both nibbles). Per block the codes x
+// int8 products are summed exactly in int16 / int32 (at most 8 byte-pair sums of <= 2*15*127 per int16
+// lane, so no saturation), converted to fp32 and scaled by d; xsum then holds per group the sum of
+// d * q, so the result is exactly dequant(W) @ xhat with xhat = d * q, up to fp32 summation order.
 #pragma once
 #include <cstdint>
 
@@ -39,7 +51,14 @@ struct GemmArgs {
   const int32_t* gptr;  // [G + 1]
   float* y;             // [M, Np], zero-initialised; accumulated into
   int64_t M, Kp, KW, G, Np;
+  const int8_t* xq = nullptr;  // [M, Kp] int8 activations, word rows in the unpack order (q8 kernels only)
+  const float* xd = nullptr;   // [M, KW] block scale d at each block's first word row (q8 kernels only)
 };
+
+// Byte position inside a word row of int8 activations for k offset j (see "Int8 activations" above).
+constexpr int q8_position(int cb, int j) {
+  return cb == 8 ? code_shift(8, j) / 8 : (code_shift(cb, j) % 8) / cb * 4 + code_shift(cb, j) / 8;
+}
 
 // Computes y[m0:m1, b*16 : b*16+16] (one column block, a few rows; the ops schedule the blocks:
 // op_common.h, ops.cpp, moe.cpp).
@@ -51,5 +70,7 @@ BlockFn block_fn_scalar(int cb);
 BlockFn block_fn_avx2(int cb);
 BlockFn block_fn_avx512(int cb);
 BlockFn block_fn_avx512bf16(int cb);  // bf16 activations (a.xh), CB = 2 or 4
+BlockFn block_fn_q8_scalar(int cb);   // int8 activations (a.xq, a.xd)
+BlockFn block_fn_q8_avx2(int cb);     // int8 activations with AVX2 byte dot products
 
 }  // namespace quantkern_cpu

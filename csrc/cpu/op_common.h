@@ -11,7 +11,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "gemm_kernels.h"
 
@@ -155,6 +157,57 @@ PaddedActivations padded_activations(const at::Tensor& x_in, bool bf16, bool in_
     a.x = d;
   }
   return a;
+}
+
+// round(v) to the nearest integer, ties to even, for |v| <= 2^22 (the fp32 add puts the integer in the
+// low mantissa bits; the default rounding mode is the tie rule torch.round uses), vectorisable.
+inline int32_t round_even(float v) {
+  const float t = v + 12582912.f;  // 1.5 * 2^23
+  int32_t bits;
+  std::memcpy(&bits, &t, 4);
+  return bits - 0x4B400000;
+}
+
+// The int8 activations of the q8 kernels (gemm_kernels.h, "Int8 activations") from M rows of Kp fp32
+// values already in the padded k order: xq [M, Kp], xd [M, KW] (each block's d at its first word row),
+// xs [M, G] (per group the sum of d * q). A block with a non-finite value gets q = 0 and d = NaN, so its
+// rows come out NaN as in the fp32 kernels. Parallel over rows.
+inline void quantize_rows_q8(const float* x, int64_t M, int64_t Kp, int64_t KW, int64_t G, int64_t cb,
+                             const int32_t* gp, int8_t* xq, float* xd, float* xs) {
+  const int64_t vpw = 32 / cb, bw = cb;
+  int pos[16];
+  for (int j = 0; j < vpw; ++j) pos[j] = q8_position(static_cast<int>(cb), j);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(Kp, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* xr = x + i * Kp;
+      int8_t* qr = xq + i * Kp;
+      for (int64_t g = 0; g < G; ++g) {
+        float gs = 0.f;
+        for (int64_t rb = gp[g]; rb < gp[g + 1]; rb += bw) {
+          const int64_t k0 = rb * vpw, k1 = std::min<int64_t>(rb + bw, gp[g + 1]) * vpw;
+          float amax = 0.f;
+          for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+          if (!std::isfinite(amax)) {
+            std::memset(qr + k0, 0, k1 - k0);
+            xd[i * KW + rb] = NAN;
+            gs = NAN;
+            continue;
+          }
+          const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+          int32_t qs = 0;
+          for (int64_t k = k0; k < k1; k += vpw)
+            for (int64_t j = 0; j < vpw; ++j) {
+              const int32_t q = std::min(127, std::max(-127, round_even(xr[k + j] * id)));
+              qr[k + pos[j]] = static_cast<int8_t>(q);
+              qs += q;
+            }
+          xd[i * KW + rb] = d;
+          gs += d * static_cast<float>(qs);
+        }
+        xs[i * G + g] = gs;
+      }
+    }
+  });
 }
 
 // Cache blocking. Rows are taken 8 at a time (one register tile); the column blocks are grouped into

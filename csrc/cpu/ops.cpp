@@ -1,7 +1,7 @@
 // torch.library binding of the CPU kernels: namespace quantkern_cpu.
 //
 //   quantkern_cpu::gemm(Tensor x, Tensor w, Tensor scales, Tensor zs, Tensor gptr, Tensor? src,
-//                       int cb, int n, Tensor? bias, int isa) -> Tensor
+//                       int cb, int n, Tensor? bias, int isa, bool int8_act=False) -> Tensor
 //       x      [M, K] fp32 / bf16 / fp16 (any float dtype; computed in fp32)
 //       w, scales, zs, gptr: the packed layout of gemm_kernels.h (from quantkern/kernels/cpu/layout.py)
 //       src    int64 [Kp]: source column of x for each padded k position (K = a zero column); None
@@ -10,6 +10,10 @@
 //       isa    0 = best available, 1 = portable, 2 = AVX2, 3 = AVX-512, 4 = AVX-512 + BF16 dot products
 //              for bf16 activations with 2- / 4-bit containers (other inputs: the AVX-512 kernel);
 //              a level this CPU lacks raises
+//       int8_act  quantize each row of x to int8 per block of 32 k positions (llama.cpp's Q8_0 for its
+//              Q4_0 / Q8_0 dot products) and run the integer dot-product kernels (gemm_q8.cpp: AVX2 for
+//              isa >= 2, else portable): a different, documented result (gemm_kernels.h), not the same
+//              product faster
 //     returns [M, n] in x's dtype; accumulation in fp32.
 //   quantkern_cpu::best_isa() -> int   the ISA level `isa=0` resolves to on this CPU.
 //
@@ -32,8 +36,10 @@ constexpr const char* kOp = "quantkern_cpu::gemm";
 
 at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zs,
                 const at::Tensor& gptr, const std::optional<at::Tensor>& src, int64_t cb, int64_t n,
-                const std::optional<at::Tensor>& bias, int64_t isa) {
-  const BlockKernel kern = choose_kernel(resolve_isa(isa, kOp), x_in.scalar_type(), cb, kOp);
+                const std::optional<at::Tensor>& bias, int64_t isa, bool int8_act) {
+  const int64_t level = resolve_isa(isa, kOp);
+  BlockKernel kern = choose_kernel(level, x_in.scalar_type(), cb, kOp);
+  if (int8_act) kern = {level >= 2 ? block_fn_q8_avx2(static_cast<int>(cb)) : block_fn_q8_scalar(static_cast<int>(cb)), false};
   TORCH_CHECK(x_in.dim() == 2 && x_in.is_floating_point(), kOp, ": x must be a 2-D float tensor, got ", x_in.dim(),
               "-D ", x_in.scalar_type());
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 16 && w.scalar_type() == at::kInt && w.is_contiguous(), kOp,
@@ -64,8 +70,17 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s
   const PaddedActivations act = padded_activations(x_in, kern.bf16, sp == nullptr, 0, M, Kp, G, vpw,
                                                    [&](int64_t i) { return RowSource{i, sp, gp}; });
   at::Tensor y = at::zeros({M, Np}, x_in.options().dtype(at::kFloat));
-  const GemmArgs args{act.x, act.xh, act.xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(),
-                      zs.data_ptr<float>(), gp, y.data_ptr<float>(), M, Kp, KW, G, Np};
+  GemmArgs args{act.x, act.xh, act.xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(),
+                zs.data_ptr<float>(), gp, y.data_ptr<float>(), M, Kp, KW, G, Np};
+  at::Tensor xq, xd;
+  if (int8_act) {  // act.xsum is overwritten with the sums of the quantized values
+    xq = at::empty({M, Kp}, x_in.options().dtype(at::kChar));
+    xd = at::empty({M, KW}, x_in.options().dtype(at::kFloat));
+    quantize_rows_q8(act.x, M, Kp, KW, G, cb, gp, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
+                     act.xsum.data_ptr<float>());
+    args.xq = xq.data_ptr<int8_t>();
+    args.xd = xd.data_ptr<float>();
+  }
   // panels of column blocks are the parallel tasks (op_common.h: panel_blocks)
   const int64_t panel = panel_blocks(KW, NB, at::get_num_threads());
   const int64_t panels = (NB + panel - 1) / panel;
@@ -81,7 +96,7 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s
 
 TORCH_LIBRARY(quantkern_cpu, m) {
   m.def("gemm(Tensor x, Tensor w, Tensor scales, Tensor zs, Tensor gptr, Tensor? src, int cb, int n, "
-        "Tensor? bias, int isa) -> Tensor");
+        "Tensor? bias, int isa, bool int8_act=False) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
 }
 

@@ -50,7 +50,7 @@ def perplexity(model, token_ids: torch.Tensor, seq_len: int = 512, batch_size: i
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = True, decode: str = "transformers",
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, stats=None) -> str:
+             seed: int | None = None, stats=None, int8_activations: bool = False) -> str:
     """Continuation of ``prompt`` (through the chat template when the tokenizer has one); greedy unless
     ``do_sample``.
 
@@ -58,7 +58,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool
     static KV cache, the step under ``torch.compile``; compiling takes a while, then each token is
     cheap) or ``"eager"`` (the same static-cache code uncompiled). A model the fast path cannot run
     falls back to transformers with one logged message saying why. ``stats``: a
-    :class:`quantkern.generation.DecodeStats` filled with timings (fast / eager)."""
+    :class:`quantkern.generation.DecodeStats` filled with timings (fast / eager). ``int8_activations``
+    (fast / eager): the C++ CPU kernels quantize activations to int8 per block of 32
+    (:class:`quantkern.generation.FastDecoder`)."""
     if decode not in ("transformers", "fast", "eager"):
         raise ValueError(f"decode must be 'transformers', 'fast' or 'eager', got {decode!r}")
     if chat and getattr(tokenizer, "chat_template", None):
@@ -84,5 +86,6 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool
         from ..generation import generate_ids
 
         out = generate_ids(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                           compile=decode == "fast", eos_token_id=eos, pad_token_id=pad, stats=stats, **sampling)
+                           compile=decode == "fast", eos_token_id=eos, pad_token_id=pad, stats=stats,
+                           int8_activations=int8_activations, **sampling)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -39,6 +39,10 @@ class CpuKernel(QuantKernel):
         return True, None
 
     owns_weights = True
+    #: quantize activations to int8 per block of 32 per call and run the integer dot-product kernels
+    #: (faster where the fp32 decode is compute-bound, e.g. AVX2; a different result: ``xhat @ W``, see
+    #: :func:`~.ops.gemm`). Set by :func:`int8_activations`, off by default.
+    int8_activations = False
 
     def __init__(self, tensors, dtype=None, isa: str | int | None = None):
         """Repack ``tensors`` once. ``isa`` forces a kernel variant (``portable``, ``avx2``, ``avx512``;
@@ -55,4 +59,18 @@ class CpuKernel(QuantKernel):
         self._bias = t.bias
 
     def apply(self, x):
-        return self._op(x, *self._args, self._bias, self.isa)
+        return self._op(x, *self._args, self._bias, self.isa, self.int8_activations)
+
+
+def int8_activations(model, enabled: bool = True) -> int:
+    """Switch the prepared C++ CPU kernels (:class:`CpuKernel`) of every quantized module of ``model``
+    to int8 activations (``enabled``) or back; returns how many kernels were switched. Prepare the
+    kernels first (:func:`quantkern.nn.build_kernels`): kernels prepared later start with the default."""
+    n = 0
+    for mod in model.modules():
+        cache = getattr(mod, "_kernels", None)
+        for k in cache.prepared() if cache is not None else ():
+            if isinstance(k, CpuKernel):
+                k.int8_activations = bool(enabled)
+                n += 1
+    return n

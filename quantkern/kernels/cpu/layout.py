@@ -134,6 +134,37 @@ def unpack_cpu(p: CpuPackedWeight) -> torch.Tensor:
     return out[:, : p.out_features].t().to(torch.int32).contiguous()
 
 
+def q8_activations_reference(x: torch.Tensor, p: CpuPackedWeight) -> torch.Tensor:
+    """What the int8-activation kernels (``quantkern_cpu::gemm`` with ``int8_act``; csrc/cpu/gemm_kernels.h)
+    multiply ``W`` with: ``x [M, K]`` (fp32) gathered into ``p``'s padded k order, quantized per block of
+    32 positions that start at each group's first word row (``d = max|x| / 127``, ``q = round(x / d)``,
+    ties to even; a block with a non-finite value gives NaN), and scattered back to ``[M, K]`` as
+    ``d * q``. The kernels compute ``xhat @ W`` from the same integers, so they agree with
+    ``F.linear(xhat, W)`` up to fp32 summation order."""
+    x = x.float()
+    m, k = x.shape
+    src = p.src if p.src is not None else torch.arange(k)
+    xp = torch.cat([x, x.new_zeros(m, 1)], 1)[:, src]  # padding slots read column K: zero
+    vpw = p.vpw
+    bounds = []
+    gptr = p.gptr.tolist()
+    for g in range(len(gptr) - 1):
+        for rb in range(gptr[g], gptr[g + 1], p.cb):  # cb word rows = 32 positions
+            bounds.append((rb * vpw, min(rb + p.cb, gptr[g + 1]) * vpw))
+    out = torch.empty_like(xp)
+    for k0, k1 in bounds:
+        blk = xp[:, k0:k1]
+        d = blk.abs().amax(1, keepdim=True) / 127.0
+        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        q = torch.round(blk * inv).clamp(-127, 127)
+        q = torch.where(torch.isfinite(d), q, torch.zeros_like(q))
+        d = torch.where(torch.isfinite(d), d, torch.full_like(d, float("nan")))
+        out[:, k0:k1] = q * d
+    xhat = x.new_zeros(m, k + 1)
+    xhat[:, src] = out  # padding slots all land in the dropped column K
+    return xhat[:, :k]
+
+
 @dataclass
 class CpuPackedExperts(CpuPackedWeight):
     """The layout of :class:`CpuPackedWeight` stacked over ``E`` experts of one shape (the grouped op

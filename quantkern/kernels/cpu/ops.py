@@ -18,7 +18,7 @@ def register_fakes() -> None:
         return
 
     @torch.library.register_fake("quantkern_cpu::gemm")
-    def _gemm_fake(x, w, scales, zs, gptr, src, cb, n, bias, isa):
+    def _gemm_fake(x, w, scales, zs, gptr, src, cb, n, bias, isa, int8_act=False):
         return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("quantkern_cpu::moe_gemm")
@@ -46,11 +46,16 @@ def best_isa() -> str:
     return {v: k for k, v in ISA_LEVELS.items()}[level]
 
 
-def gemm(x: torch.Tensor, packed, bias: torch.Tensor | None = None, isa: str | int | None = None) -> torch.Tensor:
-    """``x [M, K] @ W (+ bias) -> [M, N]`` in ``x.dtype`` for a :class:`~.layout.CpuPackedWeight`."""
+def gemm(x: torch.Tensor, packed, bias: torch.Tensor | None = None, isa: str | int | None = None,
+         int8_act: bool = False) -> torch.Tensor:
+    """``x [M, K] @ W (+ bias) -> [M, N]`` in ``x.dtype`` for a :class:`~.layout.CpuPackedWeight`.
+
+    ``int8_act``: quantize ``x`` per call to int8 in blocks of 32 (llama.cpp's Q8_0) and use the
+    integer dot-product kernels; the result is ``xhat @ W`` with ``xhat`` from
+    :func:`~.layout.q8_activations_reference`."""
     p = packed
     return torch.ops.quantkern_cpu.gemm(x, p.w, p.scales, p.zs, p.gptr, p.src, p.cb, p.out_features, bias,
-                                        isa_level(isa))
+                                        isa_level(isa), int8_act)
 
 
 def moe_gemm(x: torch.Tensor, rows: torch.Tensor | None, offsets: torch.Tensor, packed,
