@@ -236,12 +236,16 @@ class FastDecoder:
     result: :func:`quantkern.kernels.cpu.ops.gemm`); other kernels are unaffected. The setting is made on
     the model's own quantized modules (the decoder does not copy them), so it holds for the model until
     a decoder with the other setting is built or :func:`quantkern.kernels.cpu.backend.int8_activations`
-    switches it back.
+    switches it back. ``fused_step``: run each decode step as one C++ call through every block
+    (:class:`quantkern.kernels.cpu.decode.FusedDecodeStep`: one parallel region, no fork/join per GEMM)
+    instead of the compiled graph; ``None`` (default) does where it can when compiling on CPU (quantized
+    fp32 models on the C++ CPU kernels; :attr:`fused_reason` says why not otherwise), ``True`` requires
+    it (``ValueError`` where it cannot run), ``False`` never. Prefill always runs the graph.
     """
 
     def __init__(self, model, max_len: int = 1024, batch_size: int = 1, compile=True, fuse: bool = True,
                  dtype: torch.dtype | None = None, cpp_wrapper: bool = True, skip_guards: bool = True,
-                 int8_activations: bool = False):
+                 int8_activations: bool = False, fused_step: bool | None = None):
         why = unsupported_reason(model)
         if why:
             raise ValueError(f"FastDecoder cannot run this model: {why}")
@@ -296,6 +300,25 @@ class FastDecoder:
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
         self.key_valid = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=self.device)
         self.slots = torch.arange(self.max_len, device=self.device)
+        # decode steps as one C++ call (quantkern_cpu::llama_decode) where the model allows it
+        self.fused_step = None
+        self.fused_reason = None
+        if fused_step is None:
+            fused_step = bool(compile) and self.device.type == "cpu"
+            required = False
+        else:
+            required = bool(fused_step)
+        if fused_step:
+            from .kernels.cpu import decode as cpu_decode
+
+            self.fused_reason = cpu_decode.unsupported_reason(self)
+            if self.fused_reason is None:
+                self.fused_step = cpu_decode.FusedDecodeStep(self)
+            elif required:
+                raise ValueError(f"fused_step=True, but the fused C++ decode step cannot run: {self.fused_reason}")
+            else:
+                logger.info("quantkern: decode steps run the compiled graph (the fused C++ step cannot: %s)",
+                            self.fused_reason)
         if compile is True:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
         else:
@@ -420,6 +443,11 @@ class FastDecoder:
         s = self._t
         self.key_valid[:, s] = True
         self._pos = self._pos + 1
+        if self.fused_step is not None:
+            x = self.fused_step.embed(tok)
+            logits = self.head(self.fused_step(x, s, self._pos.contiguous())).float()
+            self._t = s + 1
+            return logits, logits.argmax(-1)
         args = (tok.view(-1, 1), self.slots[s:s + 1], self._pos.view(-1, 1), self.key_valid)
         if self._skip_guards and self._steps_run >= 2:
             # the decode graph has one cache entry, always called with tensors of the same shapes: its

@@ -51,8 +51,8 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0) {
       word<CB, MT, NACC>(w0, w1, x0 + r * VPW, a.Kp, acc, std::make_integer_sequence<int, VPW>{});
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 s = _mm256_loadu_ps(a.scales + g * a.Np + b * 16 + 8 * h);
-      const __m256 z = _mm256_loadu_ps(a.zs + g * a.Np + b * 16 + 8 * h);
+      const __m256 s = _mm256_loadu_ps(a.scales + (b * a.G + g) * 16 + 8 * h);
+      const __m256 z = _mm256_loadu_ps(a.zs + (b * a.G + g) * 16 + 8 * h);
       for (int m = 0; m < MT; ++m) {
         __m256 sum = acc[m][0][h];
         for (int i = 1; i < NACC; ++i) sum = _mm256_add_ps(sum, acc[m][i][h]);

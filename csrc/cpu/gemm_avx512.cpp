@@ -69,8 +69,8 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0) {
       const __m512i w = _mm512_loadu_si512(wb + r * 16);
       word<CB, MT, NACC>(w, x0 + r * VPW, a.Kp, lut, acc, std::make_integer_sequence<int, VPW>{});
     }
-    const __m512 s = _mm512_loadu_ps(a.scales + g * a.Np + b * 16);
-    const __m512 z = _mm512_loadu_ps(a.zs + g * a.Np + b * 16);
+    const __m512 s = _mm512_loadu_ps(a.scales + (b * a.G + g) * 16);
+    const __m512 z = _mm512_loadu_ps(a.zs + (b * a.G + g) * 16);
     for (int m = 0; m < MT; ++m) {
       __m512 sum = acc[m][0];
       for (int i = 1; i < NACC; ++i) sum = _mm512_add_ps(sum, acc[m][i]);

@@ -10,8 +10,11 @@
 //                              the pair (j, j+1) in the two halves of a lane, as a bf16 dot product
 //                              wants it. One column block is one contiguous stream, so a thread owning
 //                              a block reads memory linearly.
-//   scales float [G, NB*16]    per group and column (fp32 copies of the layer's scales)
-//   zs     float [G, NB*16]    zero * scale, per group and column
+//   scales float [NB, G, 16]   per column block, group and column (fp32 copies of the layer's scales):
+//                              block-major, so a thread streaming a block's words also reads its
+//                              scales as one contiguous run (a [G, N] table would be G strided lines per
+//                              block; at M = 1 those misses cost about a fifth of a decode step)
+//   zs     float [NB, G, 16]   zero * scale, the same order
 //   gptr   int32 [G + 1]       group g covers word rows gptr[g] .. gptr[g+1]-1
 //
 // K is reordered at load so that every group is one contiguous run (act-order: sorted by g_idx) and
@@ -46,8 +49,8 @@ struct GemmArgs {
   const uint16_t* xh;   // [M, Kp] the same as bf16 bits (only for the BF16 kernels, else nullptr)
   const float* xsum;    // [M, G] per-row, per-group sums of x
   const int32_t* w;     // [NB, KW, 16]
-  const float* scales;  // [G, Np]
-  const float* zs;      // [G, Np]
+  const float* scales;  // [NB, G, 16]
+  const float* zs;      // [NB, G, 16]
   const int32_t* gptr;  // [G + 1]
   float* y;             // [M, Np], zero-initialised; accumulated into
   int64_t M, Kp, KW, G, Np;

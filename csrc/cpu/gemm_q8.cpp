@@ -37,8 +37,8 @@ void block_q8_scalar(const GemmArgs& a, int64_t b, int64_t m0, int64_t m1) {
         }
         for (int c = 0; c < 16; ++c) acc[c] += static_cast<float>(iacc[c]) * dm[rb];
       }
-      const float* s = a.scales + g * a.Np + b * 16;
-      const float* z = a.zs + g * a.Np + b * 16;
+      const float* s = a.scales + (b * a.G + g) * 16;
+      const float* z = a.zs + (b * a.G + g) * 16;
       const float xs = a.xsum[m * a.G + g];
       for (int c = 0; c < 16; ++c) ym[c] += s[c] * acc[c] - z[c] * xs;
     }
@@ -120,8 +120,8 @@ void tile_q8(const GemmArgs& a, int64_t b, int64_t m0) {
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 s = _mm256_loadu_ps(a.scales + g * a.Np + b * 16 + 8 * h);
-      const __m256 z = _mm256_loadu_ps(a.zs + g * a.Np + b * 16 + 8 * h);
+      const __m256 s = _mm256_loadu_ps(a.scales + (b * a.G + g) * 16 + 8 * h);
+      const __m256 z = _mm256_loadu_ps(a.zs + (b * a.G + g) * 16 + 8 * h);
       for (int m = 0; m < MT; ++m) {
         yv[m][h] = _mm256_fmadd_ps(acc[m][h], s, yv[m][h]);
         yv[m][h] = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.xsum[(m0 + m) * a.G + g]), yv[m][h]);

@@ -26,8 +26,8 @@ void block_scalar(const GemmArgs& a, int64_t b, int64_t m0, int64_t m1) {
           }
         }
       }
-      const float* s = a.scales + g * a.Np + b * 16;
-      const float* z = a.zs + g * a.Np + b * 16;
+      const float* s = a.scales + (b * a.G + g) * 16;
+      const float* z = a.zs + (b * a.G + g) * 16;
       const float xs = a.xsum[m * a.G + g];
       for (int c = 0; c < 16; ++c) ym[c] += s[c] * acc[c] - z[c] * xs;
     }

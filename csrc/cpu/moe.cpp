@@ -59,9 +59,9 @@ at::Tensor moe_gemm(const at::Tensor& x_in, const std::optional<at::Tensor>& row
               kOp, ": gptr must be contiguous int32 [E=", E, ", G+1], got ", gptr.sizes(), " ", gptr.scalar_type());
   const int64_t G = gptr.size(1) - 1;
   for (const at::Tensor* t : {&scales, &zs})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == E &&
-                    t->size(1) == G && t->size(2) == Np,
-                kOp, ": scales / zs must be contiguous fp32 [", E, ", ", G, ", ", Np, "], got ", t->sizes(), " ",
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == E &&
+                    t->size(1) == NB && t->size(2) == G && t->size(3) == 16,
+                kOp, ": scales / zs must be contiguous fp32 [", E, ", ", NB, ", ", G, ", 16], got ", t->sizes(), " ",
                 t->scalar_type());
   const int32_t* gp = gptr.data_ptr<int32_t>();
   for (int64_t e = 0; e < E; ++e) check_gptr(gp + e * (G + 1), G, KW, kOp, "every row of gptr");

@@ -46,9 +46,11 @@ struct BlockKernel {
 
 // The block kernel for a resolved ISA level, the activation dtype and the container width. BF16 dot
 // products only where they are exact: bf16 activations, codes < 128 (2- / 4-bit containers).
-inline BlockKernel choose_kernel(int64_t isa, at::ScalarType dtype, int64_t cb, const char* op) {
+// `int8_act`: the q8 kernels (AVX2 from level 2 up, else portable), whatever the activation dtype.
+inline BlockKernel choose_kernel(int64_t isa, at::ScalarType dtype, int64_t cb, const char* op, bool int8_act = false) {
   TORCH_CHECK(cb == 2 || cb == 4 || cb == 8, op, ": container bits must be 2, 4 or 8, got ", cb);
   const int c = static_cast<int>(cb);
+  if (int8_act) return {isa >= 2 ? block_fn_q8_avx2(c) : block_fn_q8_scalar(c), false};
   if (isa == 4 && dtype == at::kBFloat16 && cb != 8) return {block_fn_avx512bf16(c), true};
   return {isa >= 3 ? block_fn_avx512(c) : isa == 2 ? block_fn_avx2(c) : block_fn_scalar(c), false};
 }
@@ -168,45 +170,47 @@ inline int32_t round_even(float v) {
   return bits - 0x4B400000;
 }
 
-// The int8 activations of the q8 kernels (gemm_kernels.h, "Int8 activations") from M rows of Kp fp32
-// values already in the padded k order: xq [M, Kp], xd [M, KW] (each block's d at its first word row),
-// xs [M, G] (per group the sum of d * q). A block with a non-finite value gets q = 0 and d = NaN, so its
-// rows come out NaN as in the fp32 kernels. Parallel over rows.
-inline void quantize_rows_q8(const float* x, int64_t M, int64_t Kp, int64_t KW, int64_t G, int64_t cb,
-                             const int32_t* gp, int8_t* xq, float* xd, float* xs) {
+// The int8 activations of the q8 kernels (gemm_kernels.h, "Int8 activations") of one row of Kp fp32
+// values already in the padded k order: qr [Kp], dr [KW] (each block's d at its first word row), xs [G]
+// (per group the sum of d * q). A block with a non-finite value gets q = 0 and d = NaN, so its row comes
+// out NaN as in the fp32 kernels.
+inline void quantize_row_q8(const float* xr, int64_t G, int64_t cb, const int32_t* gp, int8_t* qr, float* dr,
+                            float* xs) {
   const int64_t vpw = 32 / cb, bw = cb;
   int pos[16];
   for (int j = 0; j < vpw; ++j) pos[j] = q8_position(static_cast<int>(cb), j);
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(Kp, 1)), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* xr = x + i * Kp;
-      int8_t* qr = xq + i * Kp;
-      for (int64_t g = 0; g < G; ++g) {
-        float gs = 0.f;
-        for (int64_t rb = gp[g]; rb < gp[g + 1]; rb += bw) {
-          const int64_t k0 = rb * vpw, k1 = std::min<int64_t>(rb + bw, gp[g + 1]) * vpw;
-          float amax = 0.f;
-          for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
-          if (!std::isfinite(amax)) {
-            std::memset(qr + k0, 0, k1 - k0);
-            xd[i * KW + rb] = NAN;
-            gs = NAN;
-            continue;
-          }
-          const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-          int32_t qs = 0;
-          for (int64_t k = k0; k < k1; k += vpw)
-            for (int64_t j = 0; j < vpw; ++j) {
-              const int32_t q = std::min(127, std::max(-127, round_even(xr[k + j] * id)));
-              qr[k + pos[j]] = static_cast<int8_t>(q);
-              qs += q;
-            }
-          xd[i * KW + rb] = d;
-          gs += d * static_cast<float>(qs);
-        }
-        xs[i * G + g] = gs;
+  for (int64_t g = 0; g < G; ++g) {
+    float gs = 0.f;
+    for (int64_t rb = gp[g]; rb < gp[g + 1]; rb += bw) {
+      const int64_t k0 = rb * vpw, k1 = std::min<int64_t>(rb + bw, gp[g + 1]) * vpw;
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      if (!std::isfinite(amax)) {
+        std::memset(qr + k0, 0, k1 - k0);
+        dr[rb] = NAN;
+        gs = NAN;
+        continue;
       }
+      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      int32_t qs = 0;
+      for (int64_t k = k0; k < k1; k += vpw)
+        for (int64_t j = 0; j < vpw; ++j) {
+          const int32_t q = std::min(127, std::max(-127, round_even(xr[k + j] * id)));
+          qr[k + pos[j]] = static_cast<int8_t>(q);
+          qs += q;
+        }
+      dr[rb] = d;
+      gs += d * static_cast<float>(qs);
     }
+    xs[g] = gs;
+  }
+}
+
+// quantize_row_q8 for M rows: xq [M, Kp], xd [M, KW], xs [M, G]. Parallel over rows.
+inline void quantize_rows_q8(const float* x, int64_t M, int64_t Kp, int64_t KW, int64_t G, int64_t cb,
+                             const int32_t* gp, int8_t* xq, float* xd, float* xs) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(Kp, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) quantize_row_q8(x + i * Kp, G, cb, gp, xq + i * Kp, xd + i * KW, xs + i * G);
   });
 }
 

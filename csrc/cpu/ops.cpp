@@ -38,8 +38,7 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s
                 const at::Tensor& gptr, const std::optional<at::Tensor>& src, int64_t cb, int64_t n,
                 const std::optional<at::Tensor>& bias, int64_t isa, bool int8_act) {
   const int64_t level = resolve_isa(isa, kOp);
-  BlockKernel kern = choose_kernel(level, x_in.scalar_type(), cb, kOp);
-  if (int8_act) kern = {level >= 2 ? block_fn_q8_avx2(static_cast<int>(cb)) : block_fn_q8_scalar(static_cast<int>(cb)), false};
+  const BlockKernel kern = choose_kernel(level, x_in.scalar_type(), cb, kOp, int8_act);
   TORCH_CHECK(x_in.dim() == 2 && x_in.is_floating_point(), kOp, ": x must be a 2-D float tensor, got ", x_in.dim(),
               "-D ", x_in.scalar_type());
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 16 && w.scalar_type() == at::kInt && w.is_contiguous(), kOp,
@@ -50,9 +49,9 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s
   TORCH_CHECK(gptr.scalar_type() == at::kInt && gptr.dim() == 1 && G >= 1 && gptr.is_contiguous(), kOp,
               ": gptr must be contiguous int32 [G+1]");
   for (const at::Tensor* t : {&scales, &zs})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == G &&
-                    t->size(1) == Np,
-                kOp, ": scales / zs must be contiguous fp32 [", G, ", ", Np, "], got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == NB &&
+                    t->size(1) == G && t->size(2) == 16,
+                kOp, ": scales / zs must be contiguous fp32 [", NB, ", ", G, ", 16], got ", t->sizes());
   const int32_t* gp = gptr.data_ptr<int32_t>();
   check_gptr(gp, G, KW, kOp);
   if (bias) TORCH_CHECK(bias->numel() == n, kOp, ": bias has ", bias->numel(), " elements, expected ", n);

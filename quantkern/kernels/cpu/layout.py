@@ -35,7 +35,8 @@ def code_shift(cb: int, j: int) -> int:
 
 @dataclass
 class CpuPackedWeight:
-    """``w`` int32 [NB, KW, 16]; ``scales`` / ``zs`` (= zero * scale) fp32 [G, NB*16]; ``gptr`` int32
+    """``w`` int32 [NB, KW, 16]; ``scales`` / ``zs`` (= zero * scale) fp32 [NB, G, 16] (column block
+    major: :meth:`scale_table` gives them as [G, N]); ``gptr`` int32
     [G+1] (group g spans word rows gptr[g]..gptr[g+1]-1); ``src`` int64 [KW*vpw] or None; ``cb``
     container bits."""
 
@@ -51,6 +52,11 @@ class CpuPackedWeight:
     @property
     def vpw(self) -> int:
         return 32 // self.cb
+
+    def scale_table(self, which: str = "scales") -> torch.Tensor:
+        """``scales`` or ``zs`` as a [G, N] table (N = out_features), the canonical orientation."""
+        t = getattr(self, which)
+        return t.transpose(-3, -2).reshape(*t.shape[:-3], t.shape[-2], -1)[..., : self.out_features]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w, self.scales, self.zs, self.gptr)
@@ -106,6 +112,7 @@ def pack_cpu(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
     s[:, :n] = scales.float().cpu()
     zs = torch.zeros(ng, npad, dtype=torch.float32)
     zs[:, :n] = zeros.float().cpu() * s[:, :n]
+    s, zs = (t.view(ng, nb, BLOCK_N).transpose(0, 1).contiguous() for t in (s, zs))  # [NB, G, 16]
     gptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(padded // vpw, 0)]).to(torch.int32)
     return CpuPackedWeight(w=w, scales=s, zs=zs, gptr=gptr, src=None if identity else src, cb=cb,
                            in_features=k, out_features=n)
@@ -169,7 +176,7 @@ def q8_activations_reference(x: torch.Tensor, p: CpuPackedWeight) -> torch.Tenso
 class CpuPackedExperts(CpuPackedWeight):
     """The layout of :class:`CpuPackedWeight` stacked over ``E`` experts of one shape (the grouped op
     ``quantkern_cpu::moe_gemm``, csrc/cpu/moe.cpp): ``w`` int32 [E, NB, KW, 16]; ``scales`` / ``zs``
-    fp32 [E, G, NB*16]; ``gptr`` int32 [E, G+1] (each expert its own group boundaries); ``src`` int64
+    fp32 [E, NB, G, 16]; ``gptr`` int32 [E, G+1] (each expert its own group boundaries); ``src`` int64
     [E, KW*vpw] or None (None only when every expert's padded order is the identity)."""
 
     @property

@@ -1,4 +1,5 @@
-"""Python face of the ``quantkern_cpu`` torch.library ops (defined in csrc/cpu/ops.cpp and csrc/cpu/moe.cpp).
+"""Python face of the ``quantkern_cpu`` torch.library ops (defined in csrc/cpu/ops.cpp, csrc/cpu/moe.cpp and
+csrc/cpu/decode.cpp).
 
 Call :func:`quantkern.kernels.cpu.build.load` first; it registers the fake (meta) implementations
 below once the C++ schemas exist, so the ops trace under ``torch.compile`` / FakeTensor mode.
@@ -24,6 +25,15 @@ def register_fakes() -> None:
     @torch.library.register_fake("quantkern_cpu::moe_gemm")
     def _moe_gemm_fake(x, rows, offsets, w, scales, zs, gptr, src, cb, n, bias, isa):
         return x.new_empty(rows.shape[0] if rows is not None else x.shape[0], n)
+
+    @torch.library.register_fake("quantkern_cpu::llama_decode")
+    def _llama_decode_fake(x, params, cbs, k_cache, v_cache, cos, sin, pos, slot, key_valid, final_norm, n_heads,
+                           n_kv, inter, eps, scaling, isa, int8_act):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("quantkern_cpu::packed_columns")
+    def _packed_columns_fake(ids, w, scales, zs, gptr, src, cb, n, K):
+        return scales.new_empty(ids.shape[0], K)
 
     _registered = True
 
