@@ -444,8 +444,8 @@ class FastDecoder:
         self.key_valid[:, s] = True
         self._pos = self._pos + 1
         if self.fused_step is not None:
-            x = self.fused_step.embed(tok)
-            logits = self.head(self.fused_step(x, s, self._pos.contiguous())).float()
+            out = self.fused_step(self.fused_step.embed(tok), s, self._pos.contiguous())
+            logits = out if self.fused_step.has_head else self.head(out).float()
             self._t = s + 1
             return logits, logits.argmax(-1)
         args = (tok.view(-1, 1), self.slots[s:s + 1], self._pos.view(-1, 1), self.key_valid)

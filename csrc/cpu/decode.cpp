@@ -3,7 +3,8 @@
 //
 //   llama_decode(Tensor x, Tensor[] params, int[] cbs, Tensor[] k_cache, Tensor[] v_cache, Tensor cos,
 //                Tensor sin, Tensor pos, int slot, Tensor key_valid, Tensor final_norm, int n_heads,
-//                int n_kv, int inter, float eps, float scaling, int isa, bool[] int8_act) -> Tensor
+//                int n_kv, int inter, float eps, float scaling, int isa, bool[] int8_act, Tensor[] head,
+//                int head_cb, int head_n, bool head_int8) -> Tensor
 //     x          [B, H] fp32: the embedded new tokens (row b: batch row b)
 //     params     26 tensors per layer, in order: ln1 [H], ln2 [H], then for qkv (q, k, v fused; K = H,
 //                n = (n_heads + 2 n_kv) D), o (K = n_heads D, n = H), gate_up (gate, up fused; K = H,
@@ -17,7 +18,9 @@
 //     final_norm fp32 [H]; n_heads / n_kv query / KV heads (D = the caches' last dim); inter: the MLP width I
 //     eps: RMSNorm's epsilon; scaling: the attention score scale; isa: as quantkern_cpu::gemm; int8_act: per
 //                projection (4 L flags, the order of cbs) whether it runs with int8 activations (quantkern_cpu::gemm)
-//     returns [B, H] fp32: the final RMSNorm of the last block's output (the lm_head's input)
+//     head       the output layer: [] (none), [W] a dense fp32 [head_n, H] weight, or the six tensors of a
+//                packed one (as a projection above; head_cb its container bits, head_int8 its mode)
+//     returns fp32 [B, head_n] logits, or without a head [B, H]: the final RMSNorm of the last block's output
 //
 //   packed_columns(Tensor ids, Tensor w, Tensor scales, Tensor zs, Tensor gptr, Tensor? src, int cb, int n,
 //                  int K) -> Tensor
@@ -47,6 +50,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "decode_kernels.h"
@@ -76,8 +80,9 @@ Linear check_linear(const std::vector<at::Tensor>& p, int64_t first, int64_t K, 
                     int64_t level, bool int8_act, int64_t layer, const char* what) {
   const at::Tensor &w = p[first], &scales = p[first + 1], &zs = p[first + 2], &gptr = p[first + 3],
                    &src = p[first + 4], &bias = p[first + 5];
+  const std::string where = layer >= 0 ? "layer " + std::to_string(layer) + " " + what : std::string(what);
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 16 && w.scalar_type() == at::kInt && w.is_contiguous(), kOp,
-              ": layer ", layer, " ", what, ": w must be contiguous int32 [NB, KW, 16], got ", w.sizes(), " ",
+              ": ", where, ": w must be contiguous int32 [NB, KW, 16], got ", w.sizes(), " ",
               w.scalar_type());
   Linear L{};
   L.cb = cb;
@@ -91,29 +96,27 @@ Linear check_linear(const std::vector<at::Tensor>& p, int64_t first, int64_t K, 
   L.K = K;
   L.n = n;
   L.G = gptr.numel() - 1;
-  TORCH_CHECK(n > L.Np - 16 && n <= L.Np, kOp, ": layer ", layer, " ", what, ": ", n, " output features do not ",
+  TORCH_CHECK(n > L.Np - 16 && n <= L.Np, kOp, ": ", where, ": ", n, " output features do not ",
               "match ", L.NB, " column blocks");
-  TORCH_CHECK(gptr.scalar_type() == at::kInt && gptr.dim() == 1 && L.G >= 1 && gptr.is_contiguous(), kOp, ": layer ",
-              layer, " ", what, ": gptr must be contiguous int32 [G+1]");
+  TORCH_CHECK(gptr.scalar_type() == at::kInt && gptr.dim() == 1 && L.G >= 1 && gptr.is_contiguous(), kOp, ": ",
+              where, ": gptr must be contiguous int32 [G+1]");
   for (const at::Tensor* t : {&scales, &zs})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == L.NB &&
                     t->size(1) == L.G && t->size(2) == 16,
-                kOp, ": layer ", layer, " ", what, ": scales / zs must be contiguous fp32 [", L.NB, ", ", L.G,
+                kOp, ": ", where, ": scales / zs must be contiguous fp32 [", L.NB, ", ", L.G,
                 ", 16], got ", t->sizes());
   L.gptr = gptr.data_ptr<int32_t>();
   check_gptr(L.gptr, L.G, L.KW, kOp);
   if (src.numel() > 0) {
-    TORCH_CHECK(src.scalar_type() == at::kLong && src.numel() == L.Kp && src.is_contiguous(), kOp, ": layer ", layer,
-                " ", what, ": src must be contiguous int64 [", L.Kp, "] or empty");
+    TORCH_CHECK(src.scalar_type() == at::kLong && src.numel() == L.Kp && src.is_contiguous(), kOp, ": ", where, ": src must be contiguous int64 [", L.Kp, "] or empty");
     L.src = src.data_ptr<int64_t>();
     check_src(L.src, L.Kp, K, kOp);
   } else {
-    TORCH_CHECK(L.Kp == K, kOp, ": layer ", layer, " ", what, ": the input has ", K,
+    TORCH_CHECK(L.Kp == K, kOp, ": ", where, ": the input has ", K,
                 " features but the packed weight expects ", L.Kp);
   }
   if (bias.numel() > 0) {
-    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == n && bias.is_contiguous(), kOp, ": layer ", layer,
-                " ", what, ": bias must be contiguous fp32 [", n, "] or empty");
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == n && bias.is_contiguous(), kOp, ": ", where, ": bias must be contiguous fp32 [", n, "] or empty");
     L.bias = bias.data_ptr<float>();
   }
   L.w = w.data_ptr<int32_t>();
@@ -230,6 +233,15 @@ float softmax_unnormalised(float* p, int64_t n, float mx) {
   return 1.f / sum;
 }
 
+void dense_rows_portable(const DenseArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t m = 0; m < a.B; ++m)
+    for (int64_t r = r0; r < r1; ++r) {
+      float dot = 0.f;
+      for (int64_t k = 0; k < a.K; ++k) dot += a.w[r * a.K + k] * a.x[m * a.K + k];
+      a.y[m * a.ldy + r] = dot;
+    }
+}
+
 void attend_portable(const HeadArgs& a) {
   const int64_t n = a.slot + 1, D = a.D;
   float mx = -std::numeric_limits<float>::infinity();
@@ -260,7 +272,8 @@ at::Tensor llama_decode(const at::Tensor& x, const std::vector<at::Tensor>& para
                         const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos, int64_t slot,
                         const at::Tensor& key_valid, const at::Tensor& final_norm, int64_t n_heads, int64_t n_kv,
-                        int64_t inter, double eps, double scaling, int64_t isa, const c10::List<bool>& int8_act) {
+                        int64_t inter, double eps, double scaling, int64_t isa, const c10::List<bool>& int8_act,
+                        const std::vector<at::Tensor>& head, int64_t head_cb, int64_t head_n, bool head_int8) {
   const int64_t level = resolve_isa(isa, kOp);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), kOp,
               ": x must be contiguous fp32 [B, H], got ", x.sizes(), " ", x.scalar_type());
@@ -302,6 +315,25 @@ at::Tensor llama_decode(const at::Tensor& x, const std::vector<at::Tensor>& para
                   key_valid.size(1) == S && key_valid.is_contiguous(),
               kOp, ": key_valid must be contiguous bool [", B, ", ", S, "]");
   check_vector(final_norm, H, "final_norm");
+  // the output layer: none (return the normed hidden state), dense fp32 [V, H], or packed (6 tensors)
+  TORCH_CHECK(head.empty() || head.size() == 1 || static_cast<int64_t>(head.size()) == kPerLinear, kOp,
+              ": head must hold no tensor, one dense fp32 [V, H] weight or the ", kPerLinear,
+              " tensors of a packed weight, got ", head.size());
+  const float* head_dense = nullptr;
+  Linear head_packed{};
+  const int64_t V = head.empty() ? 0 : head_n;
+  if (head.size() == 1) {
+    const at::Tensor& hw = head[0];
+    TORCH_CHECK(hw.scalar_type() == at::kFloat && hw.dim() == 2 && hw.size(0) == V && hw.size(1) == H &&
+                    hw.is_contiguous(),
+                kOp, ": a dense head must be contiguous fp32 [", V, ", ", H, "], got ", hw.sizes(), " ",
+                hw.scalar_type());
+    head_dense = hw.data_ptr<float>();
+  } else if (!head.empty()) {
+    TORCH_CHECK(head_cb == 2 || head_cb == 4 || head_cb == 8, kOp, ": head: container bits must be 2, 4 or 8, got ",
+                head_cb);
+    head_packed = check_linear(head, 0, H, V, head_cb, level, head_int8, -1, "head");
+  }
 
   // the projections, validated; scratch sizes
   const char* names[4] = {"qkv", "o", "gate_up", "down"};
@@ -327,6 +359,12 @@ at::Tensor llama_decode(const at::Tensor& x, const std::vector<at::Tensor>& para
     }
   }
 
+  if (head_packed.w != nullptr) {
+    maxKp = std::max(maxKp, head_packed.Kp);
+    maxG = std::max(maxG, head_packed.G);
+    maxKW = std::max(maxKW, head_packed.KW);
+  }
+
   // shared activations and one scratch area per thread
   int nt = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
   const int64_t ldq = lin[0].Np, ldo = lin[1].Np, ldg = lin[2].Np, ldd = lin[3].Np;
@@ -334,7 +372,8 @@ at::Tensor llama_decode(const at::Tensor& x, const std::vector<at::Tensor>& para
   const int64_t per = B * maxKp + B * maxG + B * maxKW + B * hw + 2 * D + S;
   at::Tensor xw = x.clone();
   at::Tensor shared = at::empty({B * (ldq + q_dim + ldo + ldg + ldd)}, x.options());
-  at::Tensor result = at::empty({B, H}, x.options());
+  const int64_t ldout = head_packed.w != nullptr ? head_packed.Np : head_dense != nullptr ? V : H;
+  at::Tensor result = at::empty({B, ldout}, x.options());
   at::Tensor fscratch = at::empty({nt * per}, x.options());
   at::Tensor qscratch = at::empty({nt * B * maxKp}, x.options().dtype(at::kChar));
   float* X = xw.data_ptr<float>();
@@ -351,6 +390,7 @@ at::Tensor llama_decode(const at::Tensor& x, const std::vector<at::Tensor>& para
     kcp[l] = k_cache[l].data_ptr<float>();
     vcp[l] = v_cache[l].data_ptr<float>();
   }
+  const DenseFn dense = level >= 3 ? dense_rows_avx512 : level >= 2 ? dense_rows_avx2 : dense_rows_portable;
   const AttendFn attend = level >= 3 && D % 16 == 0 ? attend_avx512 : level >= 2 && D % 8 == 0 ? attend_avx2
                                                                                         : attend_portable;
   Attn at_args{qkv, ldq, q_dim, kv_dim, n_heads, n_kv, D, S, slot, cos.data_ptr<float>(), sin.data_ptr<float>(), pp,
@@ -404,9 +444,19 @@ at::Tensor llama_decode(const at::Tensor& x, const std::vector<at::Tensor>& para
         for (int64_t c = lo * 16; c < std::min(hi * 16, H); ++c) X[m * H + c] += yd[m * ldd + c];
 #pragma omp barrier
     }
-    if (t == 0) rms_rows(X, fn, B, H, feps, out);
+    // the final norm (every thread, for its share of the output layer), then the output layer
+    rms_rows(X, fn, B, H, feps, s.h);
+    if (head_packed.w != nullptr) {
+      share(head_packed.NB, t, T, lo, hi);
+      gemm_share(head_packed, s.h, H, B, s, out, lo, hi);
+    } else if (head_dense != nullptr) {
+      share(V, t, T, lo, hi);
+      dense(DenseArgs{head_dense, s.h, out, B, H, V}, lo, hi);
+    } else if (t == 0) {
+      std::memcpy(out, s.h, sizeof(float) * B * H);
+    }
   }
-  return result;
+  return ldout == (head.empty() ? H : V) ? result : result.narrow(1, 0, V);
 }
 
 // Columns `ids` of a packed weight (gemm_kernels.h) as dense rows: out[t, k] = dequant(W)[ids[t], k], the
@@ -478,7 +528,8 @@ at::Tensor packed_columns(const at::Tensor& ids, const at::Tensor& w, const at::
 TORCH_LIBRARY_FRAGMENT(quantkern_cpu, m) {
   m.def("llama_decode(Tensor x, Tensor[] params, int[] cbs, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, "
         "Tensor cos, Tensor sin, Tensor pos, int slot, Tensor key_valid, Tensor final_norm, int n_heads, int n_kv, "
-        "int inter, float eps, float scaling, int isa, bool[] int8_act) -> Tensor");
+        "int inter, float eps, float scaling, int isa, bool[] int8_act, Tensor[] head, int head_cb, int head_n, "
+        "bool head_int8) -> Tensor");
   m.def("packed_columns(Tensor ids, Tensor w, Tensor scales, Tensor zs, Tensor gptr, Tensor? src, int cb, int n, "
         "int K) -> Tensor");
 }

@@ -1,11 +1,11 @@
-// AVX2 + FMA attention for the fused decode step (decode_kernels.h, decode_attend.h). Compiled for AVX2
+// AVX2 + FMA attention for the fused decode step (decode_kernels.h, decode_vec.h). Compiled for AVX2
 // through the target pragma only; decode.cpp calls it only at ISA level >= 2 and for D % 8 == 0.
 #include <immintrin.h>
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-#include "decode_attend.h"
+#include "decode_vec.h"
 
 namespace quantkern_cpu {
 namespace {
@@ -49,6 +49,7 @@ struct V256 {
 }  // namespace
 
 void attend_avx2(const HeadArgs& a) { attend_vec<V256>(a); }
+void dense_rows_avx2(const DenseArgs& a, int64_t r0, int64_t r1) { dense_rows_vec<V256>(a, r0, r1); }
 
 }  // namespace quantkern_cpu
 

@@ -1,11 +1,11 @@
-// AVX-512 attention for the fused decode step (decode_kernels.h, decode_attend.h). Compiled for AVX-512
+// AVX-512 attention for the fused decode step (decode_kernels.h, decode_vec.h). Compiled for AVX-512
 // through the target pragma only; decode.cpp calls it only at ISA level >= 3 and for D % 16 == 0.
 #include <immintrin.h>
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,fma,avx2")
 
-#include "decode_attend.h"
+#include "decode_vec.h"
 
 namespace quantkern_cpu {
 namespace {
@@ -44,6 +44,7 @@ struct V512 {
 }  // namespace
 
 void attend_avx512(const HeadArgs& a) { attend_vec<V512>(a); }
+void dense_rows_avx512(const DenseArgs& a, int64_t r0, int64_t r1) { dense_rows_vec<V512>(a, r0, r1); }
 
 }  // namespace quantkern_cpu
 

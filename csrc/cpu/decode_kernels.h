@@ -1,4 +1,5 @@
-// The attention of one query head over one KV head's cache for a decode step (csrc/cpu/decode.cpp):
+// The vector kernels of the fused decode step (csrc/cpu/decode.cpp). Attention of one query head over one
+// KV head's cache:
 // scores q . k_j * scaling for the positions j <= slot that `valid` allows (the new token's own position
 // always, its K / V passed apart), softmax in fp32, o = sum_j p_j v_j. One portable version and AVX2 /
 // AVX-512 versions (decode_avx2.cpp, decode_avx512.cpp: target pragmas, called only where the CPU has the
@@ -26,6 +27,20 @@ using AttendFn = void (*)(const HeadArgs&);
 void attend_portable(const HeadArgs& a);
 void attend_avx2(const HeadArgs& a);    // D % 8 == 0, AVX2 + FMA
 void attend_avx512(const HeadArgs& a);  // D % 16 == 0, AVX-512F
+
+// Dense rows of the output layer: y[m * ldy + r] = w[r] . x[m] for rows r0 .. r1-1 of w [R, K] (fp32).
+struct DenseArgs {
+  const float* w;  // [R, K]
+  const float* x;  // [B, K]
+  float* y;        // [B, ldy]
+  int64_t B, K, ldy;
+};
+
+using DenseFn = void (*)(const DenseArgs&, int64_t r0, int64_t r1);
+
+void dense_rows_portable(const DenseArgs& a, int64_t r0, int64_t r1);
+void dense_rows_avx2(const DenseArgs& a, int64_t r0, int64_t r1);
+void dense_rows_avx512(const DenseArgs& a, int64_t r0, int64_t r1);
 
 // softmax of p[0 .. n) in place, masked entries holding -inf; returns 1 / sum (p left unnormalised).
 float softmax_unnormalised(float* p, int64_t n, float mx);

@@ -75,5 +75,6 @@ BlockFn block_fn_avx512(int cb);
 BlockFn block_fn_avx512bf16(int cb);  // bf16 activations (a.xh), CB = 2 or 4
 BlockFn block_fn_q8_scalar(int cb);   // int8 activations (a.xq, a.xd)
 BlockFn block_fn_q8_avx2(int cb);     // int8 activations with AVX2 byte dot products
+BlockFn block_fn_q8_vnni(int cb);     // int8 activations with AVX-512 VNNI (vpdpbusd); same results as AVX2
 
 }  // namespace quantkern_cpu

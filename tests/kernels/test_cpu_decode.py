@@ -121,6 +121,7 @@ def test_batch_with_left_padding():
 def test_quantized_tied_head_and_generate_matches_transformers():
     m = _model()
     quantize_output(m, bits=8, group_size=32)
+    assert FastDecoder(m, max_len=16, compile=False, fused_step=True).fused_step.has_head  # the W8 head in the op
     ids = _prompt(t=7)
     with torch.no_grad():
         hf = m.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
@@ -182,12 +183,18 @@ def test_every_isa_level_agrees(head_dim):
     levels = range(1, ops.ISA_LEVELS[ops.best_isa()] + 1)
     outs = {}
     for lv in levels:
-        args = _op_args(d, torch.randn(1, 4 * head_dim, generator=torch.Generator().manual_seed(0)))
-        args[8], args[7], args[16] = 9, torch.tensor([9]), lv
-        outs[lv] = torch.ops.quantkern_cpu.llama_decode(*args)
-    best = outs[max(levels)]
-    for lv, y in outs.items():
-        assert ((y - best).abs().max() / best.abs().max()).item() < 1e-5, lv
+        for head in ("none", "dense"):
+            args = _op_args(d, torch.randn(1, 4 * head_dim, generator=torch.Generator().manual_seed(0)))
+            args[8], args[7], args[16] = 9, torch.tensor([9]), lv
+            if head == "dense":
+                args[18], args[20] = [m.lm_head.weight.detach()], 256
+            outs[lv, head] = torch.ops.quantkern_cpu.llama_decode(*args)
+    for (lv, head), y in outs.items():
+        best = outs[max(levels), head]
+        assert y.shape == (1, 256 if head == "dense" else 4 * head_dim)
+        assert ((y - best).abs().max() / best.abs().max()).item() < 1e-5, (lv, head)
+    hidden, logits = outs[max(levels), "none"], outs[max(levels), "dense"]
+    assert torch.allclose(logits, hidden @ m.lm_head.weight.detach().t(), rtol=1e-5, atol=1e-5)
 
 
 def test_detects_a_wrong_position():
@@ -226,7 +233,7 @@ def _op_args(d, x=None):
     x = torch.randn(d.batch_size, d.blocks[0].ln1.numel()) if x is None else x
     return [x, list(f.params), list(f.cbs), d.k_cache, d.v_cache, d.cos, d.sin, torch.zeros(d.batch_size, dtype=torch.long),
             3, d.key_valid, d.norm_w, d.n_heads, d.n_kv, f.inter, float(d.eps), float(d.scaling), 0,
-            [False] * len(f.cbs)]
+            [False] * len(f.cbs), [], 0, 0, False]
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -246,6 +253,10 @@ def _op_args(d, x=None):
     (lambda a: a[1].__setitem__(5, a[1][5] + 1), "gptr must run from 0"),
     (lambda a: a[1].__setitem__(2, a[1][2][:-1]), "column blocks"),  # layer 0 qkv w
     (lambda a: a[1].__setitem__(0, a[1][0][:-1]), "ln1 of layer 0"),
+    (lambda a: a.__setitem__(18, [torch.randn(256, 64)] * 2), "head must hold"),
+    (lambda a: (a.__setitem__(18, [torch.randn(255, 64)]), a.__setitem__(20, 256)), "dense head must be"),
+    (lambda a: (a.__setitem__(18, list(a[1][2:8])), a.__setitem__(19, 4), a.__setitem__(20, 500)),
+     "head: .* do not match"),  # layer 0's qkv as a head of the wrong width
 ])
 def test_bad_arguments_are_refused_before_any_work(bad, match):
     m = _model()

@@ -456,10 +456,18 @@ def test_a_young_lock_file_is_waited_for_then_cleared(tmp_path):
 # portable and the AVX2 versions; a second check bounds the int8 rounding against the exact product.
 
 
+def _has_vnni() -> bool:
+    return "avx512_vnni" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+
+
 @pytest.fixture(scope="session")
 def q8_isas():
+    """The q8 kernels this CPU runs, by the isa that selects them: portable, AVX2, and "avx512" (the
+    AVX-512 VNNI kernel, where the CPU has VNNI)."""
     build.load()
-    return ["portable"] + (["avx2"] if ops.best_isa() != "portable" else [])
+    best = ops.best_isa()
+    out = ["portable"] + (["avx2"] if best != "portable" else [])
+    return out + (["avx512"] if best in ("avx512", "avx512bf16") and _has_vnni() else [])
 
 
 def _kernel(qw, isa, dtype=torch.float16, bias=None):
@@ -545,8 +553,24 @@ def test_avx2_and_portable_q8_agree_to_rounding(q8_isas):
         pytest.skip("this CPU has no AVX2")
     qw = _quantized(224, 96, 3, 64, False, True)
     x = torch.randn(17, 224)
-    a, b = (_kernel(qw, isa).apply(x) for isa in q8_isas)
+    a, b = (_kernel(qw, isa).apply(x) for isa in q8_isas[:2])
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("bits,group,act_order", [(2, 32, False), (3, 64, True), (4, 32, False), (4, 128, True),
+                                                  (8, 32, False), (8, -1, True)])
+def test_vnni_q8_is_bit_identical_to_avx2(q8_isas, bits, group, act_order):
+    """The VNNI kernel sums the same integers exactly (vpdpbusd, int32) and scales them in the AVX2 kernel's
+    order: the outputs are equal bit for bit, for every M tile (1, 2, 4 rows) and ragged row counts."""
+    if "avx512" not in q8_isas:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    k, n = SHAPES[bits]
+    qw = _quantized(k, n, bits, group, False, act_order, seed=bits)
+    gen = torch.Generator().manual_seed(2)
+    vnni, avx2 = _kernel(qw, "avx512"), _kernel(qw, "avx2")
+    for m in (1, 2, 3, 5, 17, 129):
+        x = torch.randn(m, k, generator=gen) * 3
+        assert torch.equal(vnni.apply(x), avx2.apply(x)), m
 
 
 def test_int8_activations_switches_prepared_kernels_of_a_model(q8_isas):

@@ -4,8 +4,8 @@ csrc/cpu/decode.cpp).
 :class:`FusedDecodeStep` runs every block of a :class:`~quantkern.generation.FastDecoder` for one new
 token per row in a single OpenMP parallel region: the threads own column ranges of each GEMM and a share
 of the attention heads and meet at five barriers per layer, instead of a fork/join per GEMM and a
-dispatch per elementwise kernel. The lm_head after it stays an ordinary call (one GEMM); the embedding
-lookup before it is one call too (``quantkern_cpu::packed_columns`` for input embeddings tied to a
+dispatch per elementwise kernel. The lm_head runs in the same region (its packed layout on the C++
+kernel, or a dense fp32 weight streamed in row ranges); the embedding lookup before it is one call too (``quantkern_cpu::packed_columns`` for input embeddings tied to a
 quantized lm_head: the rows dequantized from the head's packed layout, as
 :class:`~quantkern.generation.TiedQuantEmbedding` computes them).
 
@@ -66,6 +66,8 @@ class FusedDecodeStep:
         why = unsupported_reason(dec)
         if why:
             raise ValueError(f"the fused C++ decode step cannot run this decoder: {why}")
+        from ...nn import QuantLinear
+
         self.dec = dec
         params, cbs, kernels = [], [], []
         empty = torch.empty(0)
@@ -91,6 +93,21 @@ class FusedDecodeStep:
         self.isa = isas.pop()
         self.params, self.cbs = params, cbs
         self.inter = dec.blocks[0].down.in_features
+        # the output layer inside the call where the op runs it: a packed head on the C++ kernel, or a dense
+        # fp32 weight without bias (streamed by the threads, row ranges each); else it stays a module call
+        head, self._head_kernel = dec.head, None
+        self._head = ([], 0, 0, False)
+        k = _kernel(head, dec) if isinstance(head, QuantLinear) else None
+        if isinstance(k, CpuKernel) and k.isa == self.isa:
+            p = k.packed
+            bias = k._bias.float().contiguous() if k._bias is not None else empty
+            self._head = ([p.w, p.scales, p.zs, p.gptr, p.src if p.src is not None else empty, bias], p.cb,
+                          p.out_features, False)
+            self._head_kernel = k
+        elif (type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32
+              and head.weight.is_contiguous()):
+            self._head = ([head.weight.detach()], 0, head.out_features, False)
+        self.has_head = bool(self._head[0])
         self._op = torch.ops.quantkern_cpu.llama_decode.default
         self._embed_args = self._tied_head(dec)
         self._fixed = (dec.n_heads, dec.n_kv, self.inter, float(dec.eps), float(dec.scaling), self.isa)
@@ -125,8 +142,11 @@ class FusedDecodeStep:
         return modes.pop() if len(modes) == 1 else None
 
     def __call__(self, x: torch.Tensor, slot: int, pos: torch.Tensor) -> torch.Tensor:
-        """The blocks and final norm for the new tokens' embeddings ``x [B, H]`` (fp32) written at cache
-        position ``slot`` with RoPE positions ``pos [B]``."""
+        """The blocks, the final norm and (where :attr:`has_head`) the lm_head for the new tokens'
+        embeddings ``x [B, H]`` (fp32) written at cache position ``slot`` with RoPE positions ``pos [B]``:
+        fp32 logits ``[B, V]``, or the lm_head's input ``[B, H]`` without the head."""
         d = self.dec
+        tensors, cb, n, _ = self._head
+        head_int8 = self._head_kernel.int8_activations if self._head_kernel is not None else False
         return self._op(x, self.params, self.cbs, d.k_cache, d.v_cache, d.cos, d.sin, pos, slot, d.key_valid,
-                        d.norm_w, *self._fixed, [k.int8_activations for k in self.kernels])
+                        d.norm_w, *self._fixed, [k.int8_activations for k in self.kernels], tensors, cb, n, head_int8)

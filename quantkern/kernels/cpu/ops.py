@@ -28,8 +28,8 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("quantkern_cpu::llama_decode")
     def _llama_decode_fake(x, params, cbs, k_cache, v_cache, cos, sin, pos, slot, key_valid, final_norm, n_heads,
-                           n_kv, inter, eps, scaling, isa, int8_act):
-        return torch.empty_like(x)
+                           n_kv, inter, eps, scaling, isa, int8_act, head, head_cb, head_n, head_int8):
+        return x.new_empty(x.shape[0], head_n) if head else torch.empty_like(x)
 
     @torch.library.register_fake("quantkern_cpu::packed_columns")
     def _packed_columns_fake(ids, w, scales, zs, gptr, src, cb, n, K):

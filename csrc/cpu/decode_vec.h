@@ -1,4 +1,4 @@
-// The vector attention of decode_kernels.h, written once over a small vector type V (decode_avx2.cpp,
+// The vector kernels of decode_kernels.h (attention, dense rows), written once over a small vector type V (decode_avx2.cpp,
 // decode_avx512.cpp include it inside their target pragmas). V: W floats per vector; zero, load, store,
 // set1, add, fma (a * b + c), sum (horizontal add) and exp (of x <= 0; x < -87.3, -inf included, gives 0).
 // D is a multiple of W.
@@ -61,6 +61,30 @@ inline void attend_vec(const HeadArgs& a) {
       for (int c = 0; c < nc; ++c) acc[c] = V::fma(bp, V::load(vj + c * W), acc[c]);
     }
     for (int c = 0; c < nc; ++c) V::store(a.o + (c0 + c) * W, acc[c]);
+  }
+}
+
+// y[m * ldy + r] = W[r] . x[m] for rows r in [r0, r1) of a dense [R, K] weight and B input rows.
+template <class V>
+inline void dense_rows_vec(const DenseArgs& a, int64_t r0, int64_t r1) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const int64_t K = a.K, kv = K / W * W;
+  for (int64_t m = 0; m < a.B; ++m) {
+    const float* xm = a.x + m * K;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* wr = a.w + r * K;
+      T acc0 = V::zero(), acc1 = V::zero();
+      int64_t k = 0;
+      for (; k + 2 * W <= kv; k += 2 * W) {
+        acc0 = V::fma(V::load(wr + k), V::load(xm + k), acc0);
+        acc1 = V::fma(V::load(wr + k + W), V::load(xm + k + W), acc1);
+      }
+      if (k < kv) acc0 = V::fma(V::load(wr + k), V::load(xm + k), acc0);
+      float dot = V::sum(V::add(acc0, acc1));
+      for (k = kv; k < K; ++k) dot += wr[k] * xm[k];
+      a.y[m * a.ldy + r] = dot;
+    }
   }
 }
 
