@@ -5,8 +5,8 @@ quantkern with RTN symmetric group 32: W4 (exactly GGUF Q4_0) and W8 (exactly Q8
 run, interleaved where it matters, with ``--threads`` threads (default 2):
 
 - decode tokens/s at a ``--depth`` (256) token context, ``--tokens`` (32) greedy steps:
-  quantkern's :class:`~quantkern.generation.FastDecoder` (static KV cache, the step under
-  ``torch.compile``) against ``llama-bench -p 0 -n 32 -d 256 -t 2`` on
+  quantkern's :class:`~quantkern.generation.FastDecoder` (static KV cache; on CPU each step one C++ call
+  through every block, :mod:`quantkern.kernels.cpu.decode`; prefill a compiled graph) against ``llama-bench -p 0 -n 32 -d 256 -t 2`` on
   (a) quantkern's own GGUF export of the same weights (F32 token embeddings / output, as quantkern's
       model keeps its lm_head dense), quantkern with its lm_head dense fp32;
   (b) llama.cpp's own Q4_0 (``llama-quantize --allow-requantize`` of the source file), quantkern with
@@ -28,7 +28,7 @@ Prints the ISA path quantkern's kernels ran (AVX2 / AVX-512 / AVX-512-BF16) and 
 installed, else it says so). Needs the llama.cpp tools (``/work/shared/tools/setup_llamacpp.sh DIR``
 builds them; ``--llamacpp DIR/bin``); without them only quantkern's side is measured.
 
-    python benchmarks/bench_llamacpp.py --threads 2 [--ppl] [--llamacpp ~/.cache/llamacpp/bin]
+    python benchmarks/bench_llamacpp.py --threads 2 [--ppl] [--decode-only] [--llamacpp ~/.cache/llamacpp/bin]
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def decoder_bytes(dec) -> int:
     return total
 
 
-def time_decoder(dec, vocab: int, depth: int, tokens: int, prompt: int, reps: int = 3, warm: bool = True) -> dict:
+def time_decoder(dec, vocab: int, depth: int, tokens: int, prompt: int, reps: int = 3, warm: bool = True,
+                 prefill: bool = True) -> dict:
     """Decode tokens/s after a ``depth``-token prefill and prefill tokens/s of ``prompt`` tokens (best of reps)."""
     from quantkern.generation import DecodeStats
 
@@ -126,15 +127,17 @@ def time_decoder(dec, vocab: int, depth: int, tokens: int, prompt: int, reps: in
     long = torch.randint(0, vocab, (1, prompt), generator=g)
     if warm:
         dec.generate(ctx, tokens + 1)  # compile (decode graph + prefill graph)
-        dec.generate(long, 2)
-    dec_tps, pre_tps = 0.0, 0.0
+        if prefill:
+            dec.generate(long, 2)
+    dec_tps, pre_tps = 0.0, float("nan")
     for _ in range(reps):
         st = DecodeStats()
         dec.generate(ctx, tokens + 1, stats=st)
         dec_tps = max(dec_tps, st.decode_tokens_per_s)
-        st = DecodeStats()
-        dec.generate(long, 1, stats=st)
-        pre_tps = max(pre_tps, prompt / st.prefill_s)
+        if prefill:
+            st = DecodeStats()
+            dec.generate(long, 1, stats=st)
+            pre_tps = max(0.0 if math.isnan(pre_tps) else pre_tps, prompt / st.prefill_s)
     return dict(decode_tps=dec_tps, prefill_tps=pre_tps)
 
 
@@ -226,6 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' eager generate")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--decode-only", action="store_true",
+                    help="decode only: no prefill graph is compiled (the fused step; prefill runs eagerly, "
+                         "untimed), no -p 512 runs, no export perplexity; writes llamacpp_<cpu>_decode.csv")
     a = ap.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -295,7 +301,7 @@ def main(argv=None) -> int:
                 tps = hf_decode_tps(model, model.config.vocab_size, a.depth, min(a.tokens, 16))
                 add(engine="transformers eager", weights=label, test=f"tg{a.tokens}@d{a.depth}", tokens_per_s=round(tps, 2),
                     step_mb=round(step_bytes(model) / 1e6, 1), gbps=round(step_bytes(model) * tps / 1e9, 2))
-            if a.ppl:
+            if a.ppl and not a.decode_only:
                 from quantkern.calibration import builtin_text
                 from quantkern.eval import tokenize_text
 
@@ -309,17 +315,21 @@ def main(argv=None) -> int:
         if head:
             quantize_output(model, bits=8, group_size=32, scale_dtype=torch.float16)
         t = time.perf_counter()
-        dec = FastDecoder(model, max_len=max_len, compile=True, int8_activations=int8)
-        r = time_decoder(dec, model.config.vocab_size, a.depth, a.tokens, a.prompt, reps=1)
+        if a.decode_only:
+            dec = FastDecoder(model, max_len=max_len, compile=False, fused_step=True, int8_activations=int8)
+        else:
+            dec = FastDecoder(model, max_len=max_len, compile=True, int8_activations=int8)
+        r = time_decoder(dec, model.config.vocab_size, a.depth, a.tokens, a.prompt, reps=1, prefill=not a.decode_only)
         compile_s = time.perf_counter() - t
         best = {"qk": r}
         runs = [(lab, Path(exports[key])) for lab, key in llama_runs] if have_llama else []
         for rep in range(a.reps):  # interleaved: a busy machine slows both alike
-            r = time_decoder(dec, model.config.vocab_size, a.depth, a.tokens, a.prompt, reps=1, warm=False)
+            r = time_decoder(dec, model.config.vocab_size, a.depth, a.tokens, a.prompt, reps=2 if a.decode_only else 1,
+                             warm=False, prefill=not a.decode_only)
             best["qk"] = {k: max(best["qk"][k], r[k]) for k in r}
             for lab, path in runs:
                 tg = llama_bench(bin_dir, path, a.threads, ["-p", "0", "-n", str(a.tokens), "-d", str(a.depth)])
-                pp = llama_bench(bin_dir, path, a.threads, ["-p", str(a.prompt), "-n", "0"])
+                pp = tg if a.decode_only else llama_bench(bin_dir, path, a.threads, ["-p", str(a.prompt), "-n", "0"])
                 old = best.get(lab)
                 if old is None or float(tg["avg_ts"]) > float(old[0]["avg_ts"]):
                     best[lab] = (tg, old[1] if old and float(old[1]["avg_ts"]) > float(pp["avg_ts"]) else pp)
@@ -330,7 +340,8 @@ def main(argv=None) -> int:
         add(engine="quantkern FastDecoder", weights=label, test=f"tg{a.tokens}@d{a.depth}",
             tokens_per_s=round(q["decode_tps"], 2), step_mb=round(nb / 1e6, 1),
             gbps=round(nb * q["decode_tps"] / 1e9, 2), note=f"build + compile {compile_s:.0f} s")
-        add(engine="quantkern FastDecoder", weights=label, test=f"pp{a.prompt}", tokens_per_s=round(q["prefill_tps"], 2))
+        if not a.decode_only:
+            add(engine="quantkern FastDecoder", weights=label, test=f"pp{a.prompt}", tokens_per_s=round(q["prefill_tps"], 2))
         for lab, path in runs:
             tg, pp = best[lab]
             nbytes, types = gguf_step_bytes(path)
@@ -339,12 +350,13 @@ def main(argv=None) -> int:
             add(engine="llama.cpp", weights=lab, test=f"tg{a.tokens}@d{a.depth}", tokens_per_s=round(tps, 2),
                 step_mb=round(nbytes / 1e6, 1), gbps=round(nbytes * tps / 1e9, 2),
                 ratio_qk_vs_this=round(q["decode_tps"] / tps, 3), note=note)
-            add(engine="llama.cpp", weights=lab, test=f"pp{a.prompt}", tokens_per_s=round(float(pp["avg_ts"]), 2),
-                ratio_qk_vs_this=round(q["prefill_tps"] / float(pp["avg_ts"]), 3))
+            if not a.decode_only:
+                add(engine="llama.cpp", weights=lab, test=f"pp{a.prompt}", tokens_per_s=round(float(pp["avg_ts"]), 2),
+                    ratio_qk_vs_this=round(q["prefill_tps"] / float(pp["avg_ts"]), 3))
         del dec, model
         torch._dynamo.reset()
 
-    if have_llama and a.ppl:
+    if have_llama and a.ppl and not a.decode_only:
         ppl_ll = llama_perplexity(bin_dir, Path(exports["q4_f32"]), work / "eval.txt", a.ppl_ctx, a.ppl_chunks,
                                   a.threads)
         ratio = ppl_ll / exports["ppl_qk"]
@@ -354,7 +366,8 @@ def main(argv=None) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^a-z0-9]+", "_", meta["cpu"].lower()).strip("_")[:32] + f"_{a.threads}t"
+    tag = re.sub(r"[^a-z0-9]+", "_", meta["cpu"].lower()).strip("_")[:32] + f"_{a.threads}t" + \
+        ("_decode" if a.decode_only else "")
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k in meta, k))
     with open(out / f"llamacpp_{tag}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -7,10 +7,13 @@ and runs it with
 
 - a static KV cache (``[batch, kv_heads, max_len, head_dim]`` tensors for K and V per layer,
   written in place with ``index_copy_``), so every decode step has the same shapes;
-- the whole step (embedding, every block, final norm, lm_head, greedy argmax) as one compiled graph:
-  inductor's C++ code on CPU, CUDA graphs (``mode="reduce-overhead"``) on GPU. The Python loop over
-  the layers runs only while tracing; a step then costs one call into the graph and no per-token
-  Python work that grows with the number of layers;
+- on CPU, each decode step as one C++ call through every block and the lm_head
+  (:class:`quantkern.kernels.cpu.decode.FusedDecodeStep`: one OpenMP region, no fork/join per GEMM)
+  where the model's projections run the C++ CPU kernels in fp32; otherwise, and for prefill, the whole
+  step (embedding, every block, final norm, lm_head, greedy argmax) as one compiled graph: inductor's
+  C++ code on CPU, CUDA graphs (``mode="reduce-overhead"``) on GPU. The Python loop over the layers runs
+  only while tracing; either way a step costs one call and no per-token Python work that grows with
+  the number of layers;
 - q / k / v and gate / up fused into one GEMM each where the layers allow (same kind, same scheme,
   same act-order permutation), SDPA attention with grouped-query heads, RoPE from a table computed
   once by the model's own rotary module (the same numbers transformers computes per step).

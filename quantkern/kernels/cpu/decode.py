@@ -141,12 +141,12 @@ class FusedDecodeStep:
         modes = {k.int8_activations for k in self.kernels}
         return modes.pop() if len(modes) == 1 else None
 
-    def __call__(self, x: torch.Tensor, slot: int, pos: torch.Tensor) -> torch.Tensor:
-        """The blocks, the final norm and (where :attr:`has_head`) the lm_head for the new tokens'
-        embeddings ``x [B, H]`` (fp32) written at cache position ``slot`` with RoPE positions ``pos [B]``:
-        fp32 logits ``[B, V]``, or the lm_head's input ``[B, H]`` without the head."""
+    def __call__(self, x: torch.Tensor, slot: int, pos: torch.Tensor, with_head: bool = True) -> torch.Tensor:
+        """The blocks, the final norm and (where :attr:`has_head` and ``with_head``) the lm_head for the
+        new tokens' embeddings ``x [B, H]`` (fp32) written at cache position ``slot`` with RoPE positions
+        ``pos [B]``: fp32 logits ``[B, V]``, or the lm_head's input ``[B, H]`` without the head."""
         d = self.dec
-        tensors, cb, n, _ = self._head
+        tensors, cb, n, _ = self._head if with_head else ([], 0, 0, False)
         head_int8 = self._head_kernel.int8_activations if self._head_kernel is not None else False
         return self._op(x, self.params, self.cbs, d.k_cache, d.v_cache, d.cos, d.sin, pos, slot, d.key_valid,
                         d.norm_w, *self._fixed, [k.int8_activations for k in self.kernels], tensors, cb, n, head_int8)
