@@ -296,8 +296,9 @@ def _add_generate(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--device-map", default=None, help="auto, balanced, sequential or a JSON {module: device}")
     p.add_argument("--decode", choices=["fast", "eager", "transformers"], default="fast",
-                   help="fast (default): static KV cache, the step under torch.compile (compiles first); eager: "
-                        "the same code uncompiled; transformers: model.generate. A model the fast path cannot run "
+                   help="fast (default): static KV cache, prefill under torch.compile (compiles first), each decode "
+                        "step one C++ call on CPU for quantized fp32 models (else the compiled step); eager: the "
+                        "same code uncompiled; transformers: model.generate. A model the fast path cannot run "
                         "uses transformers, with a message saying why")
     p.add_argument("--quantize-head", choices=["none", "w8", "w4"], default="none",
                    help="quantize a dense lm_head (RTN g32 sym; tied embeddings stay tied) before generating")

@@ -216,11 +216,14 @@ def test_when_it_runs():
 
     m = _model()
     assert FastDecoder(m, max_len=16, compile=False).fused_step is None  # eager: the reference, unless asked
+    assert FastDecoder(m, max_len=16).fused_step is not None  # the default (compiled, CPU): decode runs the op
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64)).eval()
     with pytest.raises(ValueError, match="not a quantized linear layer"):
         FastDecoder(dense, max_len=16, compile=False, fused_step=True)
+    d = FastDecoder(dense, max_len=16)  # the default falls back to the compiled graph and says why
+    assert d.fused_step is None and "not a quantized linear layer" in d.fused_reason
     with pytest.raises(ValueError, match="could not be fused"):
         FastDecoder(m, max_len=16, compile=False, fused_step=True, fuse=False)
     with pytest.raises(ValueError, match="fp32"):
