@@ -7,7 +7,7 @@
 //       rows     int64 [P]: the token (row of x) of each pair; None: x has one row per pair (T == P)
 //       offsets  int64 [E + 1], monotonic, offsets[E] <= P: expert e owns pairs offsets[e] .. offsets[e+1]-1;
 //                the other pairs' output rows are zero
-//       w        int32 [E, NB, KW, 16], scales / zs fp32 [E, G, Np], gptr int32 [E, G + 1], src int64
+//       w        int32 [E, NB, KW, 16], scales / zs fp32 [E, NB, G, 16], gptr int32 [E, G + 1], src int64
 //                [E, Kp] or None: the dense layout of gemm_kernels.h stacked over the experts
 //                (quantkern/kernels/cpu/layout.py: pack_cpu_experts); every expert has the same NB,
 //                KW and G, its own group boundaries and k order

@@ -5,15 +5,16 @@ csrc/cpu/decode.cpp).
 token per row in a single OpenMP parallel region: the threads own column ranges of each GEMM and a share
 of the attention heads and meet at five barriers per layer, instead of a fork/join per GEMM and a
 dispatch per elementwise kernel. The lm_head runs in the same region (its packed layout on the C++
-kernel, or a dense fp32 weight streamed in row ranges); the embedding lookup before it is one call too (``quantkern_cpu::packed_columns`` for input embeddings tied to a
-quantized lm_head: the rows dequantized from the head's packed layout, as
-:class:`~quantkern.generation.TiedQuantEmbedding` computes them).
+kernel, or a dense fp32 weight streamed in row ranges); the embedding lookup before it is one call too
+(``quantkern_cpu::packed_columns`` for input embeddings tied to a quantized lm_head: the rows
+dequantized from the head's packed layout, as :class:`~quantkern.generation.TiedQuantEmbedding`
+computes them).
 
 It takes what the decoder already holds: the prepared :class:`~.backend.CpuKernel` of each fused q/k/v,
 o, gate/up and down projection (the same packed tensors the compiled graph calls), the decoder's KV
 caches (written in place, so prefill through the compiled graph and decode here share them), its RoPE
 tables and key mask. Its reference is the decoder's own ``_forward`` (the pure-PyTorch code the
-compiled graph is traced from); tests/test_generation.py compares the two.
+compiled graph is traced from); tests/kernels/test_cpu_decode.py compares the two.
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ def unsupported_reason(dec) -> str | None:
             k = _kernel(mod, dec)
             if not isinstance(k, CpuKernel):
                 return f"block {i} {part} runs on {type(k).__name__}, not the C++ CPU kernel"
-    for t in (b.ln1 for b in dec.blocks):
-        if t.dtype != torch.float32:
-            return "a norm weight is not fp32"
+    if any(t.dtype != torch.float32 for b in dec.blocks for t in (b.ln1, b.ln2)) or dec.norm_w.dtype != torch.float32:
+        return "a norm weight is not fp32"
     return None
 
 
@@ -58,9 +58,10 @@ def _kernel(mod, dec):
 
 
 class FusedDecodeStep:
-    """``step(x [B, H] fp32, slot, pos [B] int64) -> [B, H]``: every block and the final norm for one
-    new token per row (see the module docstring); :meth:`embed` gives ``x`` for the new tokens. Build it after the decoder's kernels are prepared;
-    raises ``ValueError`` with :func:`unsupported_reason` where it cannot run."""
+    """``step(x [B, H] fp32, slot, pos [B] int64) -> logits [B, V]`` (or ``[B, H]`` without
+    :attr:`has_head`): every block, the final norm and the lm_head for one new token per row (see the
+    module docstring); :meth:`embed` gives ``x`` for the new tokens. Build it after the decoder's
+    kernels are prepared; raises ``ValueError`` with :func:`unsupported_reason` where it cannot run."""
 
     def __init__(self, dec):
         why = unsupported_reason(dec)
@@ -77,13 +78,7 @@ class FusedDecodeStep:
                 k = _kernel(getattr(b, part), dec)
                 p = k.packed
                 bias = k._bias.float().contiguous() if k._bias is not None else empty
-                import os
-                if os.environ.get("QK_AB") == "1":
-                    G, Np = p.scales.shape
-                    blk = lambda t: t.view(G, Np // 16, 16).transpose(0, 1).contiguous().view(G, Np)
-                    params += [p.w, blk(p.scales), blk(p.zs), p.gptr, p.src if p.src is not None else empty, bias]
-                else:
-                    params += [p.w, p.scales, p.zs, p.gptr, p.src if p.src is not None else empty, bias]
+                params += [p.w, p.scales, p.zs, p.gptr, p.src if p.src is not None else empty, bias]
                 cbs.append(p.cb)
                 kernels.append(k)
         self.kernels = kernels
@@ -96,17 +91,17 @@ class FusedDecodeStep:
         # the output layer inside the call where the op runs it: a packed head on the C++ kernel, or a dense
         # fp32 weight without bias (streamed by the threads, row ranges each); else it stays a module call
         head, self._head_kernel = dec.head, None
-        self._head = ([], 0, 0, False)
+        self._head = ([], 0, 0)  # (tensors, container bits, output features): none
         k = _kernel(head, dec) if isinstance(head, QuantLinear) else None
         if isinstance(k, CpuKernel) and k.isa == self.isa:
             p = k.packed
             bias = k._bias.float().contiguous() if k._bias is not None else empty
             self._head = ([p.w, p.scales, p.zs, p.gptr, p.src if p.src is not None else empty, bias], p.cb,
-                          p.out_features, False)
+                          p.out_features)
             self._head_kernel = k
         elif (type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32
               and head.weight.is_contiguous()):
-            self._head = ([head.weight.detach()], 0, head.out_features, False)
+            self._head = ([head.weight.detach()], 0, head.out_features)
         self.has_head = bool(self._head[0])
         self._op = torch.ops.quantkern_cpu.llama_decode.default
         self._embed_args = self._tied_head(dec)
@@ -146,7 +141,7 @@ class FusedDecodeStep:
         new tokens' embeddings ``x [B, H]`` (fp32) written at cache position ``slot`` with RoPE positions
         ``pos [B]``: fp32 logits ``[B, V]``, or the lm_head's input ``[B, H]`` without the head."""
         d = self.dec
-        tensors, cb, n, _ = self._head if with_head else ([], 0, 0, False)
+        tensors, cb, n = self._head if with_head else ([], 0, 0)
         head_int8 = self._head_kernel.int8_activations if self._head_kernel is not None else False
         return self._op(x, self.params, self.cbs, d.k_cache, d.v_cache, d.cos, d.sin, pos, slot, d.key_valid,
                         d.norm_w, *self._fixed, [k.int8_activations for k in self.kernels], tensors, cb, n, head_int8)
