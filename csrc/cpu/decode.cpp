@@ -54,6 +54,7 @@
 #include <vector>
 
 #include "decode_kernels.h"
+#include "decode_vec.h"
 #include "gemm_kernels.h"
 #include "op_common.h"
 
@@ -78,50 +79,18 @@ struct Linear {
 
 Linear check_linear(const std::vector<at::Tensor>& p, int64_t first, int64_t K, int64_t n, int64_t cb,
                     int64_t level, bool int8_act, int64_t layer, const char* what) {
-  const at::Tensor &w = p[first], &scales = p[first + 1], &zs = p[first + 2], &gptr = p[first + 3],
-                   &src = p[first + 4], &bias = p[first + 5];
-  const std::string where = layer >= 0 ? "layer " + std::to_string(layer) + " " + what : std::string(what);
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == 16 && w.scalar_type() == at::kInt && w.is_contiguous(), kOp,
-              ": ", where, ": w must be contiguous int32 [NB, KW, 16], got ", w.sizes(), " ",
-              w.scalar_type());
-  Linear L{};
-  L.cb = cb;
-  L.int8 = int8_act;
-  L.fn = choose_kernel(level, at::kFloat, cb, kOp, int8_act).fn;
-  const int64_t vpw = 32 / cb;
-  L.NB = w.size(0);
-  L.KW = w.size(1);
-  L.Np = L.NB * 16;
-  L.Kp = L.KW * vpw;
-  L.K = K;
-  L.n = n;
-  L.G = gptr.numel() - 1;
-  TORCH_CHECK(n > L.Np - 16 && n <= L.Np, kOp, ": ", where, ": ", n, " output features do not ",
-              "match ", L.NB, " column blocks");
-  TORCH_CHECK(gptr.scalar_type() == at::kInt && gptr.dim() == 1 && L.G >= 1 && gptr.is_contiguous(), kOp, ": ",
-              where, ": gptr must be contiguous int32 [G+1]");
-  for (const at::Tensor* t : {&scales, &zs})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == L.NB &&
-                    t->size(1) == L.G && t->size(2) == 16,
-                kOp, ": ", where, ": scales / zs must be contiguous fp32 [", L.NB, ", ", L.G,
-                ", 16], got ", t->sizes());
-  L.gptr = gptr.data_ptr<int32_t>();
-  check_gptr(L.gptr, L.G, L.KW, kOp);
-  if (src.numel() > 0) {
-    TORCH_CHECK(src.scalar_type() == at::kLong && src.numel() == L.Kp && src.is_contiguous(), kOp, ": ", where, ": src must be contiguous int64 [", L.Kp, "] or empty");
-    L.src = src.data_ptr<int64_t>();
-    check_src(L.src, L.Kp, K, kOp);
-  } else {
-    TORCH_CHECK(L.Kp == K, kOp, ": ", where, ": the input has ", K,
-                " features but the packed weight expects ", L.Kp);
-  }
+  const std::string where = std::string(kOp) + ": " +
+                            (layer >= 0 ? "layer " + std::to_string(layer) + " " + what : std::string(what));
+  const PackedWeight pw = check_packed(p[first], p[first + 1], p[first + 2], p[first + 3], &p[first + 4], cb, n, K,
+                                       where);
+  const at::Tensor& bias = p[first + 5];
+  Linear L{pw.w, pw.scales, pw.zs, pw.gptr, pw.src, nullptr, K, pw.Kp, pw.KW, pw.G, pw.NB, pw.Np, n, cb, int8_act,
+           choose_kernel(level, at::kFloat, cb, kOp, int8_act).fn};
   if (bias.numel() > 0) {
-    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == n && bias.is_contiguous(), kOp, ": ", where, ": bias must be contiguous fp32 [", n, "] or empty");
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == n && bias.is_contiguous(), where,
+                ": bias must be contiguous fp32 [", n, "] or empty");
     L.bias = bias.data_ptr<float>();
   }
-  L.w = w.data_ptr<int32_t>();
-  L.scales = scales.data_ptr<float>();
-  L.zs = zs.data_ptr<float>();
   return L;
 }
 
@@ -224,47 +193,25 @@ void attend_head(const Attn& a, AttendFn attend, int64_t b, int64_t h, const Scr
 
 }  // namespace
 
-float softmax_unnormalised(float* p, int64_t n, float mx) {
-  float sum = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = std::exp(p[j] - mx);
-    sum += p[j];
-  }
-  return 1.f / sum;
-}
+// The portable versions: the vector code over one float at a time.
+namespace {
+struct V1 {
+  using T = float;
+  static constexpr int W = 1;
+  static T zero() { return 0.f; }
+  static T load(const float* p) { return *p; }
+  static void store(float* p, T v) { *p = v; }
+  static T set1(float v) { return v; }
+  static T fma(T a, T b, T c) { return a * b + c; }
+  static T add(T a, T b) { return a + b; }
+  static T sub(T a, T b) { return a - b; }
+  static float sum(T v) { return v; }
+  static T exp(T x) { return std::exp(x); }
+};
+}  // namespace
 
-void dense_rows_portable(const DenseArgs& a, int64_t r0, int64_t r1) {
-  for (int64_t m = 0; m < a.B; ++m)
-    for (int64_t r = r0; r < r1; ++r) {
-      float dot = 0.f;
-      for (int64_t k = 0; k < a.K; ++k) dot += a.w[r * a.K + k] * a.x[m * a.K + k];
-      a.y[m * a.ldy + r] = dot;
-    }
-}
-
-void attend_portable(const HeadArgs& a) {
-  const int64_t n = a.slot + 1, D = a.D;
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    if (j != a.slot && !a.valid[j]) {
-      a.p[j] = -std::numeric_limits<float>::infinity();
-      continue;
-    }
-    const float* kj = j == a.slot ? a.knew : a.kc + j * D;
-    float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += a.q[d] * kj[d];
-    a.p[j] = dot * a.scaling;
-    mx = std::max(mx, a.p[j]);
-  }
-  const float inv = softmax_unnormalised(a.p, n, mx);
-  std::fill(a.o, a.o + D, 0.f);
-  for (int64_t j = 0; j < n; ++j) {
-    const float pj = a.p[j] * inv;
-    if (pj == 0.f) continue;
-    const float* vj = j == a.slot ? a.vnew : a.vc + j * D;
-    for (int64_t d = 0; d < D; ++d) a.o[d] += pj * vj[d];
-  }
-}
+void attend_portable(const HeadArgs& a) { attend_vec<V1>(a); }
+void dense_rows_portable(const DenseArgs& a, int64_t r0, int64_t r1) { dense_rows_vec<V1>(a, r0, r1); }
 
 namespace {
 
@@ -330,8 +277,6 @@ at::Tensor llama_decode(const at::Tensor& x, const std::vector<at::Tensor>& para
                 hw.scalar_type());
     head_dense = hw.data_ptr<float>();
   } else if (!head.empty()) {
-    TORCH_CHECK(head_cb == 2 || head_cb == 4 || head_cb == 8, kOp, ": head: container bits must be 2, 4 or 8, got ",
-                head_cb);
     head_packed = check_linear(head, 0, H, V, head_cb, level, head_int8, -1, "head");
   }
 
@@ -349,8 +294,6 @@ at::Tensor llama_decode(const at::Tensor& x, const std::vector<at::Tensor>& para
     ln[2 * l + 1] = params[base + 1].data_ptr<float>();
     for (int j = 0; j < 4; ++j) {
       const int64_t cb = cbs[4 * l + j];
-      TORCH_CHECK(cb == 2 || cb == 4 || cb == 8, kOp, ": layer ", l, " ", names[j],
-                  ": container bits must be 2, 4 or 8, got ", cb);
       Linear& P = lin[4 * l + j] = check_linear(params, base + 2 + j * kPerLinear, Ks[j], ns[j], cb, level,
                                                int8_act[4 * l + j], l, names[j]);
       maxKp = std::max(maxKp, P.Kp);
@@ -467,28 +410,11 @@ at::Tensor packed_columns(const at::Tensor& ids, const at::Tensor& w, const at::
                           const at::Tensor& gptr, const std::optional<at::Tensor>& src, int64_t cb, int64_t n,
                           int64_t K) {
   constexpr const char* op = "quantkern_cpu::packed_columns";
-  TORCH_CHECK(cb == 2 || cb == 4 || cb == 8, op, ": container bits must be 2, 4 or 8, got ", cb);
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == 16 && w.scalar_type() == at::kInt && w.is_contiguous(), op,
-              ": w must be contiguous int32 [NB, KW, 16], got ", w.sizes(), " ", w.scalar_type());
-  const int64_t NB = w.size(0), KW = w.size(1), Np = NB * 16, G = gptr.numel() - 1, vpw = 32 / cb, Kp = KW * vpw;
-  TORCH_CHECK(n > Np - 16 && n <= Np, op, ": n=", n, " does not match ", NB, " column blocks");
-  TORCH_CHECK(gptr.scalar_type() == at::kInt && gptr.dim() == 1 && G >= 1 && gptr.is_contiguous(), op,
-              ": gptr must be contiguous int32 [G+1]");
-  for (const at::Tensor* t : {&scales, &zs})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == NB &&
-                    t->size(1) == G && t->size(2) == 16,
-                op, ": scales / zs must be contiguous fp32 [", NB, ", ", G, ", 16], got ", t->sizes());
-  const int32_t* gp = gptr.data_ptr<int32_t>();
-  check_gptr(gp, G, KW, op);
-  const int64_t* sp = nullptr;
-  if (src) {
-    TORCH_CHECK(src->scalar_type() == at::kLong && src->numel() == Kp && src->is_contiguous(), op,
-                ": src must be contiguous int64 [", Kp, "]");
-    sp = src->data_ptr<int64_t>();
-    check_src(sp, Kp, K, op);
-  } else {
-    TORCH_CHECK(K == Kp, op, ": K=", K, " but the packed weight holds ", Kp, " positions");
-  }
+  const at::Tensor* src_t = src ? &*src : nullptr;
+  const PackedWeight pw = check_packed(w, scales, zs, gptr, src_t, cb, n, K, op, "K");
+  const int64_t KW = pw.KW, G = pw.G, vpw = 32 / cb;
+  const int32_t* gp = pw.gptr;
+  const int64_t* sp = pw.src;
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), op,
               ": ids must be contiguous int64 [T]");
   const int64_t T = ids.numel();
@@ -497,8 +423,8 @@ at::Tensor packed_columns(const at::Tensor& ids, const at::Tensor& w, const at::
     TORCH_CHECK(ip[i] >= 0 && ip[i] < n, op, ": ids[", i, "] = ", ip[i], " is outside [0, ", n, ")");
   at::Tensor out = at::zeros({T, K}, scales.options());
   float* o = out.data_ptr<float>();
-  const int32_t* wp = w.data_ptr<int32_t>();
-  const float *s = scales.data_ptr<float>(), *z = zs.data_ptr<float>();
+  const int32_t* wp = pw.w;
+  const float *s = pw.scales, *z = pw.zs;
   const uint32_t mask = (1u << cb) - 1u;
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t i = t0; i < t1; ++i) {

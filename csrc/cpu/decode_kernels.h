@@ -42,7 +42,4 @@ void dense_rows_portable(const DenseArgs& a, int64_t r0, int64_t r1);
 void dense_rows_avx2(const DenseArgs& a, int64_t r0, int64_t r1);
 void dense_rows_avx512(const DenseArgs& a, int64_t r0, int64_t r1);
 
-// softmax of p[0 .. n) in place, masked entries holding -inf; returns 1 / sum (p left unnormalised).
-float softmax_unnormalised(float* p, int64_t n, float mx);
-
 }  // namespace quantkern_cpu

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "gemm_kernels.h"
 
@@ -75,6 +76,55 @@ inline void check_gptr(const int32_t* gp, int64_t G, int64_t KW, const char* op,
 inline void check_src(const int64_t* src, int64_t Kp, int64_t K, const char* op) {
   for (int64_t k = 0; k < Kp; ++k)
     TORCH_CHECK(src[k] >= 0 && src[k] <= K, op, ": src[", k, "] = ", src[k], " is outside [0, ", K, "]");
+}
+
+// One packed weight (gemm_kernels.h) as the ops read it, checked by check_packed.
+struct PackedWeight {
+  const int32_t* w;
+  const float* scales;
+  const float* zs;
+  const int32_t* gptr;
+  const int64_t* src;  // nullptr: the padded order is the identity
+  int64_t NB, KW, Np, G, Kp;
+};
+
+// Checks w / scales / zs / gptr / src of one packed weight with cb-bit containers and n output features
+// against an input of K features (src: nullptr or an empty tensor for the identity order, whose Kp must
+// then be K) and returns its pointers and sizes. `where` starts every message; `input` names the input.
+inline PackedWeight check_packed(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zs,
+                                 const at::Tensor& gptr, const at::Tensor* src, int64_t cb, int64_t n, int64_t K,
+                                 const std::string& where, const char* input = "the input") {
+  TORCH_CHECK(cb == 2 || cb == 4 || cb == 8, where, ": container bits must be 2, 4 or 8, got ", cb);
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 16 && w.scalar_type() == at::kInt && w.is_contiguous(), where,
+              ": w must be contiguous int32 [NB, KW, 16], got ", w.sizes(), " ", w.scalar_type());
+  PackedWeight p{};
+  p.NB = w.size(0);
+  p.KW = w.size(1);
+  p.Np = p.NB * 16;
+  p.G = gptr.numel() - 1;
+  p.Kp = p.KW * (32 / cb);
+  TORCH_CHECK(n > p.Np - 16 && n <= p.Np, where, ": n=", n, " does not match ", p.NB, " column blocks (", n,
+              " output features do not match a packed width of ", p.Np, ")");
+  TORCH_CHECK(gptr.scalar_type() == at::kInt && gptr.dim() == 1 && p.G >= 1 && gptr.is_contiguous(), where,
+              ": gptr must be contiguous int32 [G+1]");
+  for (const at::Tensor* t : {&scales, &zs})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == p.NB &&
+                    t->size(1) == p.G && t->size(2) == 16,
+                where, ": scales / zs must be contiguous fp32 [", p.NB, ", ", p.G, ", 16], got ", t->sizes());
+  p.gptr = gptr.data_ptr<int32_t>();
+  check_gptr(p.gptr, p.G, p.KW, where.c_str());
+  if (src != nullptr && src->numel() > 0) {
+    TORCH_CHECK(src->scalar_type() == at::kLong && src->numel() == p.Kp && src->is_contiguous(), where,
+                ": src must be contiguous int64 [", p.Kp, "]");
+    p.src = src->data_ptr<int64_t>();
+    check_src(p.src, p.Kp, K, where.c_str());
+  } else {
+    TORCH_CHECK(K == p.Kp, where, ": ", input, " has ", K, " features but the packed weight expects ", p.Kp);
+  }
+  p.w = w.data_ptr<int32_t>();
+  p.scales = scales.data_ptr<float>();
+  p.zs = zs.data_ptr<float>();
+  return p;
 }
 
 // Where activation row i of a call comes from: row `row` of x, gathered by `src` (nullptr: the padded

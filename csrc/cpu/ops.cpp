@@ -41,36 +41,19 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s
   const BlockKernel kern = choose_kernel(level, x_in.scalar_type(), cb, kOp, int8_act);
   TORCH_CHECK(x_in.dim() == 2 && x_in.is_floating_point(), kOp, ": x must be a 2-D float tensor, got ", x_in.dim(),
               "-D ", x_in.scalar_type());
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == 16 && w.scalar_type() == at::kInt && w.is_contiguous(), kOp,
-              ": w must be contiguous int32 [NB, KW, 16], got ", w.sizes(), " ", w.scalar_type());
-  const int64_t M = x_in.size(0), K = x_in.size(1), NB = w.size(0), KW = w.size(1), Np = NB * 16;
-  const int64_t G = gptr.numel() - 1, vpw = 32 / cb, Kp = KW * vpw;
-  TORCH_CHECK(n > Np - 16 && n <= Np, kOp, ": n=", n, " does not match ", NB, " column blocks");
-  TORCH_CHECK(gptr.scalar_type() == at::kInt && gptr.dim() == 1 && G >= 1 && gptr.is_contiguous(), kOp,
-              ": gptr must be contiguous int32 [G+1]");
-  for (const at::Tensor* t : {&scales, &zs})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == NB &&
-                    t->size(1) == G && t->size(2) == 16,
-                kOp, ": scales / zs must be contiguous fp32 [", NB, ", ", G, ", 16], got ", t->sizes());
-  const int32_t* gp = gptr.data_ptr<int32_t>();
-  check_gptr(gp, G, KW, kOp);
+  const int64_t M = x_in.size(0), K = x_in.size(1), vpw = 32 / cb;
+  const at::Tensor* src_t = src ? &*src : nullptr;
+  const PackedWeight pw = check_packed(w, scales, zs, gptr, src_t, cb, n, K, kOp, "x");
+  const int64_t NB = pw.NB, KW = pw.KW, Np = pw.Np, G = pw.G, Kp = pw.Kp;
+  const int32_t* gp = pw.gptr;
+  const int64_t* sp = pw.src;
   if (bias) TORCH_CHECK(bias->numel() == n, kOp, ": bias has ", bias->numel(), " elements, expected ", n);
-  const int64_t* sp = nullptr;
-  if (src) {
-    TORCH_CHECK(src->scalar_type() == at::kLong && src->numel() == Kp && src->is_contiguous(), kOp,
-                ": src must be contiguous int64 [", Kp, "]");
-    sp = src->data_ptr<int64_t>();
-    check_src(sp, Kp, K, kOp);
-  } else {
-    TORCH_CHECK(K == Kp, kOp, ": x has ", K, " features but the packed weight expects ", Kp);
-  }
 
   // activations in the padded k order (read in place when they already are), per-group sums
   const PaddedActivations act = padded_activations(x_in, kern.bf16, sp == nullptr, 0, M, Kp, G, vpw,
                                                    [&](int64_t i) { return RowSource{i, sp, gp}; });
   at::Tensor y = at::zeros({M, Np}, x_in.options().dtype(at::kFloat));
-  GemmArgs args{act.x, act.xh, act.xs, w.data_ptr<int32_t>(), scales.data_ptr<float>(),
-                zs.data_ptr<float>(), gp, y.data_ptr<float>(), M, Kp, KW, G, Np};
+  GemmArgs args{act.x, act.xh, act.xs, pw.w, pw.scales, pw.zs, gp, y.data_ptr<float>(), M, Kp, KW, G, Np};
   at::Tensor xq, xd;
   if (int8_act) {  // act.xsum is overwritten with the sums of the quantized values
     xq = at::empty({M, Kp}, x_in.options().dtype(at::kChar));
